@@ -1,0 +1,62 @@
+"""The error hierarchy: every message says what went wrong and what to do next.
+
+Users see these in a notebook, so each one is written as one or two sentences a person can act on.
+`UserInputError` is the user's to fix (a name, an option, an empty frame); `ModelOutputError` is
+the model's (malformed or truncated output); `EndpointError` is the network's or the server's.
+"""
+
+from __future__ import annotations
+
+
+class ApwaError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ApwaWarning(UserWarning):
+    """Warnings this package emits (the test suite turns them into errors)."""
+
+
+class UserInputError(ApwaError, ValueError):
+    """Something the user gave us is wrong: an unknown variable, an empty table, a bad option."""
+
+
+class CapabilityError(ApwaError, TypeError):
+    """A tool was declared in a way we cannot turn into a JSON schema, or a name is taken."""
+
+
+class PlanError(ApwaError):
+    """The manager could not produce a valid plan; `last_attempt` holds what it said last."""
+
+    def __init__(
+        self, message: str, last_attempt: str | None = None, errors: list[str] | None = None
+    ):
+        super().__init__(message)
+        self.last_attempt = last_attempt
+        self.errors = errors or []
+
+
+class ModelOutputError(ApwaError):
+    """The model answered, but not with something we can use (malformed, truncated, off-schema)."""
+
+
+class EndpointError(ApwaError):
+    """The model endpoint could not be used: unreachable, refused the key, or an unknown model."""
+
+
+class TransientEndpointError(EndpointError):
+    """A failure worth retrying: rate limit (429), server error (5xx), timeout, lost connection.
+
+    `retry_after` carries the server's Retry-After hint in seconds when it sent one.
+    """
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ModelNotInstalledError(ApwaError):
+    """The embedded model's weights or runtime are not installed; the message gives the command."""
+
+
+class RunCancelled(ApwaError):
+    """The run was cancelled; finished subtasks are kept on the Run."""

@@ -1,0 +1,294 @@
+"""The plan: a small DAG of subtask templates, as pydantic models with a bounded JSON schema.
+
+Four stage kinds cover the APWA patterns:
+
+- `map` (data-parallel): one subtask per row, or per batch of rows, of a table or earlier stage.
+- `task` (task-parallel): a handful of distinct subtasks, each run once.
+- `replicate` (replication-parallel): the same subtask N times (per row, if it has a source),
+  aggregated by majority vote or merge.
+- `reduce`: combine an earlier stage's rows, per group if `group_by` is set, in rounds of `fan_in`
+  items when they do not fit one call (scene -> act -> book).
+
+Every list and string in the schema has a bound so that constrained decoding cannot run away, and
+`validate_plan` checks what a schema cannot: that sources, columns and tools exist and the stages
+form a DAG. Its messages are written for the model to repair its plan and for people to read.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,39}$")]
+FieldType = Literal["string", "integer", "number", "boolean", "string_list"]
+PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+MAX_STAGES = 6
+MAX_INSTRUCTION = 1000
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OutputField(_Strict):
+    """One typed field a subtask must return (a column of the stage's result)."""
+
+    name: Name
+    type: FieldType
+    description: str = Field(default="", max_length=200)
+    choices: list[Annotated[str, StringConstraints(max_length=60)]] = Field(
+        default_factory=list,
+        max_length=12,
+        description="Allowed values for a string field; empty for free text.",
+    )
+
+
+class _Stage(_Strict):
+    id: Name
+    instruction: str = Field(
+        max_length=MAX_INSTRUCTION,
+        description="What one subtask does; {column} placeholders are filled from its input row.",
+    )
+    tools: list[Name] = Field(
+        default_factory=list, max_length=6, description="Registered capabilities it may call."
+    )
+    outputs: list[OutputField] = Field(min_length=1, max_length=8)
+    depends_on: list[Name] = Field(
+        default_factory=list, max_length=MAX_STAGES, description="Stage ids that run first."
+    )
+
+
+class MapStage(_Stage):
+    """Data-parallel: the instruction runs once per row (or batch of rows) of `source`."""
+
+    kind: Literal["map"]
+    source: Name = Field(description="A table name or an earlier stage id.")
+    batch_size: int = Field(
+        default=1, ge=1, le=50, description="Rows per subtask; 1 unless rows are tiny."
+    )
+
+
+class TaskItem(_Strict):
+    """One distinct subtask of a task stage."""
+
+    id: Name
+    instruction: str = Field(max_length=MAX_INSTRUCTION)
+
+
+class TaskStage(_Stage):
+    """Task-parallel: distinct subtasks that each run once; `instruction` is their shared context."""
+
+    kind: Literal["task"]
+    tasks: list[TaskItem] = Field(min_length=1, max_length=16)
+
+
+class ReplicateStage(_Stage):
+    """Replication-parallel: the same subtask `replicas` times, then one aggregated answer."""
+
+    kind: Literal["replicate"]
+    source: Name | None = Field(
+        default=None, description="Replicate per row of this table/stage, or null."
+    )
+    replicas: int = Field(ge=2, le=9)
+    aggregate: Literal["vote", "merge"] = Field(
+        default="vote",
+        description="vote: most common value per field; merge: union of lists, mean of numbers.",
+    )
+
+
+class ReduceStage(_Stage):
+    """Combine the rows of `source` into one row (per `group_by` value), hierarchically."""
+
+    kind: Literal["reduce"]
+    source: Name
+    group_by: Name | None = Field(
+        default=None, description="Column to group by (one result per value), or null."
+    )
+    fan_in: int = Field(default=10, ge=2, le=50, description="Most items one call combines.")
+
+
+Stage = Annotated[MapStage | TaskStage | ReplicateStage | ReduceStage, Field(discriminator="kind")]
+
+
+class Plan(_Strict):
+    """A manager's plan: what it will do, in stages; `output` names the stage whose rows are the result."""
+
+    summary: str = Field(max_length=300)
+    stages: list[Stage] = Field(min_length=1, max_length=MAX_STAGES)
+    output: Name
+
+    def stage(self, stage_id: str) -> MapStage | TaskStage | ReplicateStage | ReduceStage:
+        """The stage with this id (KeyError if none)."""
+        for stage in self.stages:
+            if stage.id == stage_id:
+                return stage
+        raise KeyError(stage_id)
+
+    def order(self) -> list[str]:
+        """Stage ids in a dependency-respecting order (assumes a validated plan)."""
+        return topological_order({s.id: dependencies(s) for s in self.stages})
+
+
+def dependencies(stage: _Stage) -> list[str]:
+    """Stages this one waits for: its `depends_on` plus its source when that is a stage."""
+    deps = list(stage.depends_on)
+    source = getattr(stage, "source", None)
+    if source is not None and source not in deps:
+        deps.append(source)
+    return deps
+
+
+def topological_order(graph: Mapping[str, Iterable[str]]) -> list[str]:
+    """Kahn's algorithm over {node: dependencies}; raises ValueError naming a cycle's members."""
+    deps = {node: [d for d in ds if d in graph] for node, ds in graph.items()}
+    order: list[str] = []
+    ready = [n for n, ds in deps.items() if not ds]
+    remaining = {n: set(ds) for n, ds in deps.items() if ds}
+    while ready:
+        node = ready.pop(0)
+        order.append(node)
+        for other, ds in list(remaining.items()):
+            ds.discard(node)
+            if not ds:
+                del remaining[other]
+                ready.append(other)
+    if remaining:
+        raise ValueError(f"stages {sorted(remaining)} depend on each other in a cycle")
+    return order
+
+
+def plan_json_schema() -> dict[str, Any]:
+    """The plan's JSON schema in the strict form structured-output servers accept.
+
+    Every property is required and additional properties are forbidden (OpenAI strict mode);
+    pydantic's `oneOf` for the stage union becomes `anyOf`, which strict mode and llama.cpp's
+    grammar converter both take.
+    """
+    return strict_schema(Plan.model_json_schema())
+
+
+def strict_schema(schema: Any) -> Any:
+    """Rewrite a pydantic JSON schema for strict structured output (recursively)."""
+    if isinstance(schema, list):
+        return [strict_schema(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict_schema(v) for k, v in schema.items() if k not in ("default", "discriminator")}
+    if "oneOf" in out:
+        out["anyOf"] = out.pop("oneOf")
+    if out.get("type") == "object" and "properties" in out:
+        out["required"] = list(out["properties"])
+        out["additionalProperties"] = False
+    return out
+
+
+def stage_columns(plan: Plan, table_columns: Mapping[str, list[str]]) -> dict[str, list[str]]:
+    """The columns each stage's result will have, for placeholder checks and chaining."""
+    columns: dict[str, list[str]] = {}
+    known = dict(table_columns)
+    try:
+        order = plan.order()
+    except ValueError:
+        order = [s.id for s in plan.stages]
+    for stage_id in order:
+        stage = plan.stage(stage_id)
+        outputs = [f.name for f in stage.outputs]
+        source_cols = known.get(getattr(stage, "source", None) or "", [])
+        if isinstance(stage, MapStage) or (isinstance(stage, ReplicateStage) and stage.source):
+            cols = source_cols + outputs
+        elif isinstance(stage, TaskStage):
+            cols = ["task", *outputs]
+        elif isinstance(stage, ReduceStage) and stage.group_by:
+            cols = [stage.group_by, *outputs]
+        else:
+            cols = outputs
+        columns[stage_id] = cols
+        known[stage_id] = cols
+    return columns
+
+
+def validate_plan(
+    plan: Plan, table_columns: Mapping[str, list[str]], tools: Iterable[str]
+) -> list[str]:
+    """Check what the schema cannot; return a list of problems (empty means valid)."""
+    problems: list[str] = []
+    tool_names = set(tools)
+    ids = [s.id for s in plan.stages]
+    for dup in sorted({i for i in ids if ids.count(i) > 1}):
+        problems.append(f"stage id {dup!r} is used twice; give each stage its own id")
+    for clash in sorted(set(ids) & set(table_columns)):
+        problems.append(f"stage id {clash!r} is also a table name; rename the stage")
+    known_sources = set(table_columns) | set(ids)
+    graph = {s.id: dependencies(s) for s in plan.stages}
+    for stage in plan.stages:
+        where = f"stage {stage.id!r}"
+        for dep in stage.depends_on:
+            if dep not in ids:
+                problems.append(f"{where} depends on {dep!r}, which is not a stage id {ids}")
+        source = getattr(stage, "source", None)
+        if source is not None and source not in known_sources:
+            problems.append(
+                f"{where} reads source {source!r}, which is neither a table "
+                f"{sorted(table_columns)} nor a stage {ids}"
+            )
+        for tool in stage.tools:
+            if tool not in tool_names:
+                available = sorted(tool_names) or "none are registered"
+                problems.append(
+                    f"{where} uses tool {tool!r}, which is not registered ({available})"
+                )
+        names = [f.name for f in stage.outputs]
+        for dup in sorted({n for n in names if names.count(n) > 1}):
+            problems.append(f"{where} declares output {dup!r} twice")
+        for fld in stage.outputs:
+            if fld.choices and fld.type != "string":
+                problems.append(f"{where} output {fld.name!r}: choices only apply to string fields")
+    if plan.output not in ids:
+        problems.append(f"output {plan.output!r} is not a stage id {ids}")
+    try:
+        topological_order(graph)
+    except ValueError as exc:
+        problems.append(str(exc))
+        return problems
+    columns = stage_columns(plan, table_columns)
+    for stage in plan.stages:
+        problems.extend(_check_placeholders(stage, columns, table_columns))
+    return problems
+
+
+def _check_placeholders(
+    stage: Any, columns: Mapping[str, list[str]], table_columns: Mapping[str, list[str]]
+) -> list[str]:
+    where = f"stage {stage.id!r}"
+    problems: list[str] = []
+    source = getattr(stage, "source", None)
+    available = dict(table_columns) | dict(columns)
+    source_cols = available.get(source, []) if source else []
+    used = set(PLACEHOLDER.findall(stage.instruction))
+    if isinstance(stage, TaskStage):
+        for task in stage.tasks:
+            used |= set(PLACEHOLDER.findall(task.instruction))
+    if isinstance(stage, ReduceStage):
+        allowed = {stage.group_by} if stage.group_by else set()
+        if stage.group_by and stage.group_by not in source_cols:
+            problems.append(
+                f"{where} groups by {stage.group_by!r}, not a column of {source!r} {source_cols}"
+            )
+    else:
+        allowed = set(source_cols)
+    for name in sorted(used - allowed):
+        hint = f"columns of {source!r} are {source_cols}" if source else "this stage has no source"
+        problems.append(f"{where} uses placeholder {{{name}}}, but {hint}")
+    if isinstance(stage, (MapStage, ReplicateStage)) and source:
+        upstream = available.get(source, [])
+        for fld in stage.outputs:
+            if fld.name in upstream:
+                problems.append(
+                    f"{where} output {fld.name!r} would overwrite input column {fld.name!r}; "
+                    "choose another name"
+                )
+    return problems
