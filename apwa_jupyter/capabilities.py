@@ -1,0 +1,225 @@
+"""The capability registry: typed Python functions become tools that workers may call.
+
+    @capability
+    def word_count(text: str) -> int:
+        '''Count the words in a text.
+
+        Args:
+            text: The text to count.
+        '''
+        return len(text.split())
+
+The JSON schema comes from the type hints (through pydantic) and the descriptions from the
+docstring's Args section. A declaration we could not describe to a model (a parameter without a
+type hint, no docstring, an undocumented argument, `*args`) fails right here, at registration, with
+a message naming the fix, rather than later inside a worker. A worker is handed only the tools its
+stage names: nothing in the data can add one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import keyword
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, get_type_hints
+
+import docstring_parser
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from .errors import CapabilityError
+
+MAX_RESULT_CHARS = 4_000
+
+
+@dataclass(frozen=True)
+class Capability:
+    """A registered tool: the function, its name, and what the model is told about it."""
+
+    name: str
+    description: str
+    function: Callable[..., Any]
+    arguments: type[BaseModel]
+
+    @property
+    def parameters_schema(self) -> dict[str, Any]:
+        """JSON schema of the arguments object."""
+        schema = self.arguments.model_json_schema()
+        schema.pop("title", None)
+        for prop in schema.get("properties", {}).values():
+            prop.pop("title", None)
+        return schema
+
+    def openai_tool(self) -> dict[str, Any]:
+        """The OpenAI tools-API definition of this capability."""
+        return {
+            "type": "function",
+            "function": {
+                "name": self.name,
+                "description": self.description,
+                "parameters": self.parameters_schema,
+            },
+        }
+
+    async def call(self, arguments_json: str) -> str:
+        """Validate the model's arguments, run the function, return a JSON string for the model.
+
+        Bad arguments and exceptions become an error string the model can read and correct; they
+        never escape to crash the worker.
+        """
+        try:
+            raw = json.loads(arguments_json or "{}")
+            args = self.arguments.model_validate(raw)
+        except json.JSONDecodeError as exc:
+            return json.dumps({"error": f"arguments for {self.name} are not JSON: {exc}"})
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'arguments'}: {e['msg']}" for e in exc.errors()
+            )
+            return json.dumps({"error": f"invalid arguments for {self.name}: {problems}"})
+        try:
+            result = self.function(**dict(args))
+            if inspect.isawaitable(result):
+                result = await result
+        except Exception as exc:
+            return json.dumps({"error": f"{self.name} failed: {type(exc).__name__}: {exc}"})
+        text = json.dumps(result, default=str)
+        return text if len(text) <= MAX_RESULT_CHARS else text[:MAX_RESULT_CHARS] + "…"
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def describe_function(function: Callable[..., Any], name: str | None = None) -> Capability:
+    """Build a Capability from a typed, documented function, or explain what to add."""
+    name = name or getattr(function, "__name__", "")
+    where = f"capability {name!r}"
+    if not name.isidentifier() or keyword.iskeyword(name) or name.startswith("_"):
+        raise CapabilityError(
+            f"{where}: a tool name must be a public Python identifier; pass name='my_tool'."
+        )
+    doc = docstring_parser.parse(inspect.getdoc(function) or "")
+    summary = " ".join(filter(None, [doc.short_description, doc.long_description])).strip()
+    if not summary:
+        raise CapabilityError(
+            f"{where} has no docstring: add one saying what it does, so the model knows when to "
+            "call it (and an Args: section describing each parameter)."
+        )
+    try:
+        hints = get_type_hints(function)
+    except Exception as exc:
+        raise CapabilityError(f"{where}: its type hints cannot be resolved ({exc}).") from None
+    documented = {p.arg_name: (p.description or "").strip() for p in doc.params}
+    fields: dict[str, Any] = {}
+    for param in inspect.signature(function).parameters.values():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            raise CapabilityError(
+                f"{where}: *{param.name} cannot be described to a model; list the parameters."
+            )
+        if param.name not in hints:
+            raise CapabilityError(
+                f"{where}: parameter {param.name!r} has no type hint; write e.g. "
+                f"`{param.name}: str` so its JSON schema can be generated."
+            )
+        if not documented.get(param.name):
+            raise CapabilityError(
+                f"{where}: parameter {param.name!r} is not described; add "
+                f"`{param.name}: <what it is>` under Args: in the docstring."
+            )
+        default = ... if param.default is inspect.Parameter.empty else param.default
+
+        fields[param.name] = (hints[param.name], Field(default, description=documented[param.name]))
+    if "return" not in hints:
+        raise CapabilityError(
+            f"{where}: add a return type hint (e.g. `-> str`) so results can be serialised."
+        )
+    try:
+        arguments = create_model(  # type: ignore[call-overload]
+            f"{name}_arguments", __config__=ConfigDict(extra="forbid"), **fields
+        )
+        arguments.model_json_schema()
+    except Exception as exc:
+        raise CapabilityError(
+            f"{where}: a parameter type has no JSON schema ({_first_line(exc)}); use str, int, "
+            "float, bool, lists, dicts or pydantic models."
+        ) from None
+    return Capability(name=name, description=summary, function=function, arguments=arguments)
+
+
+class CapabilityRegistry:
+    """Named tools; the manager sees their one-line descriptions, workers get only what they name."""
+
+    def __init__(self) -> None:
+        self._tools: dict[str, Capability] = {}
+
+    def register(self, function: Callable[..., Any], name: str | None = None) -> Capability:
+        """Register a function (see module docstring); a taken name is an error, not an overwrite."""
+        tool = describe_function(function, name)
+        existing = self._tools.get(tool.name)
+        if existing is not None and existing.function is not function:
+            if _same_definition(existing.function, function):
+                # Re-running a notebook cell redefines the function: replace, do not complain.
+                self._tools[tool.name] = tool
+                return tool
+            raise CapabilityError(
+                f"a capability named {tool.name!r} is already registered; pick another name "
+                f"(@capability(name='...')) or unregister it first."
+            )
+        self._tools[tool.name] = tool
+        return tool
+
+    def unregister(self, name: str) -> None:
+        """Forget a tool (no error if absent)."""
+        self._tools.pop(name, None)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tools
+
+    def __iter__(self) -> Any:
+        return iter(self._tools.values())
+
+    def __len__(self) -> int:
+        return len(self._tools)
+
+    def names(self) -> list[str]:
+        """Registered tool names, sorted."""
+        return sorted(self._tools)
+
+    def select(self, names: Iterable[str]) -> dict[str, Capability]:
+        """Only the named tools (least privilege); unknown names are an error."""
+        chosen = {}
+        for name in names:
+            if name not in self._tools:
+                raise CapabilityError(f"no capability named {name!r}; registered: {self.names()}")
+            chosen[name] = self._tools[name]
+        return chosen
+
+    def manifest(self) -> list[dict[str, str]]:
+        """What the manager is told: name and one-line description per tool."""
+        return [{"name": t.name, "description": t.description[:200]} for t in self]
+
+
+def _same_definition(a: Callable[..., Any], b: Callable[..., Any]) -> bool:
+    return getattr(a, "__qualname__", None) == getattr(b, "__qualname__", None) and getattr(
+        a, "__module__", None
+    ) == getattr(b, "__module__", None)
+
+
+default_registry = CapabilityRegistry()
+
+
+def capability(
+    function: Callable[..., Any] | None = None,
+    *,
+    name: str | None = None,
+    registry: CapabilityRegistry | None = None,
+) -> Any:
+    """Decorator: register a typed, documented function as a tool; returns the function unchanged."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        (registry or default_registry).register(fn, name=name)
+        return fn
+
+    return decorate(function) if function is not None else decorate

@@ -1,0 +1,134 @@
+"""The manager: from a request and table metadata to a validated plan, repairing if needed.
+
+The manager sees only each table's compact metadata and the tools' one-line descriptions; never the
+rows. It answers under the plan's JSON schema (constrained decoding where the server supports
+it). A plan that parses but does not make sense (unknown column, missing tool, a cycle) is sent
+back with the list of problems for a bounded number of repairs; after that, a `PlanError` carries
+the last attempt so the user can see what the model tried.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+from pydantic import ValidationError
+
+from .capabilities import CapabilityRegistry
+from .errors import PlanError
+from .models.base import ChatModel, ChatRequest, Usage
+from .plan import Plan, plan_json_schema, validate_plan
+from .tables import DataTable
+
+MAX_REPAIRS = 2
+PLAN_MAX_TOKENS = 3000
+
+MANAGER_SYSTEM = """You are the manager of a parallel LLM pipeline. You plan; many workers execute.
+You see only metadata of the data tables (schema, counts, a few sample rows), never all rows.
+Split the request into stages of independent subtasks. Stage kinds:
+- "map": one subtask per row of `source` (a table or an earlier stage); use for per-row work.
+- "task": a few distinct subtasks listed in `tasks`, each run once.
+- "replicate": the same subtask `replicas` times, answers combined by "vote" or "merge".
+- "reduce": combine the rows of `source` into one result (per `group_by` value if set).
+Rules:
+- An instruction speaks to ONE worker about ONE input. Use {column} to insert a column of the
+  worker's row (map/replicate); a reduce instruction may only use {group_by column}.
+- Outputs are short snake_case fields with a type (string, integer, number, boolean,
+  string_list); give `choices` when a string field has a fixed set of values.
+- Never reuse an input column name as an output name.
+- Use only tools listed under Tools; most stages need none ([]).
+- `output` is the id of the stage whose rows answer the request.
+- Keep plans small: usually one map stage; add reduce only to summarise across rows.
+
+Example.
+Request: For every review in {reviews}, say if it is positive and name the product.
+Tables: {"name":"reviews","kind":"dataframe","rows":5000,"columns":[{"name":"text","type":"string","nulls":0}],"sample":[{"text":"The kettle broke after a week."}]}
+Tools: none
+Plan: {"summary":"Label each review's sentiment and product.","stages":[{"id":"label","kind":"map","source":"reviews","batch_size":1,"instruction":"Read this review: {text}\\nIs it positive, and which product is it about?","tools":[],"depends_on":[],"outputs":[{"name":"sentiment","type":"string","description":"positive or negative","choices":["positive","negative"]},{"name":"product","type":"string","description":"the product reviewed","choices":[]}]}],"output":"label"}"""
+
+
+def build_manager_request(
+    prompt: str, tables: Mapping[str, DataTable], registry: CapabilityRegistry
+) -> ChatRequest:
+    """The exact request the manager sends: the prompt, table metadata and tool manifest."""
+    metadata = "\n".join(table.metadata().to_prompt() for table in tables.values())
+    manifest = registry.manifest()
+    tools = "\n".join(f"- {t['name']}: {t['description']}" for t in manifest) or "none"
+    user = f"Request: {prompt.strip()}\nTables:\n{metadata}\nTools: {tools}\nPlan:"
+    return ChatRequest(
+        messages=[
+            {"role": "system", "content": MANAGER_SYSTEM},
+            {"role": "user", "content": user},
+        ],
+        response_schema=plan_json_schema(),
+        schema_name="plan",
+        max_tokens=PLAN_MAX_TOKENS,
+    )
+
+
+async def make_plan(
+    prompt: str,
+    tables: Mapping[str, DataTable],
+    registry: CapabilityRegistry,
+    model: ChatModel,
+    max_repairs: int = MAX_REPAIRS,
+) -> tuple[Plan, Usage, int]:
+    """Ask the model for a plan; return (plan, usage, attempts) or raise PlanError."""
+    request = build_manager_request(prompt, tables, registry)
+    messages = list(request.messages)
+    columns = {name: table.column_names for name, table in tables.items()}
+    usage = Usage()
+    problems: list[str] = []
+    content: str | None = None
+    for attempt in range(1, max_repairs + 2):
+        response = await model.chat(
+            ChatRequest(
+                messages=messages,
+                response_schema=request.response_schema,
+                schema_name=request.schema_name,
+                max_tokens=request.max_tokens,
+            )
+        )
+        usage = usage + response.usage
+        content = response.content
+        plan, problems = _check(content, response.finish_reason, columns, registry)
+        if plan is not None and not problems:
+            return plan, usage, attempt
+        messages += [
+            {"role": "assistant", "content": content or ""},
+            {
+                "role": "user",
+                "content": "That plan is invalid:\n"
+                + "\n".join(f"- {p}" for p in problems)
+                + "\nReturn the corrected plan as JSON.",
+            },
+        ]
+    raise PlanError(
+        f"The model did not produce a valid plan in {max_repairs + 1} attempts. Last problems: "
+        + "; ".join(problems[:5])
+        + ". Rephrase the request more concretely (name the output fields you want), or use a "
+        "stronger model (--model/--base-url).",
+        last_attempt=content,
+        errors=problems,
+    )
+
+
+def _check(
+    content: str | None,
+    finish_reason: str,
+    columns: Mapping[str, list[str]],
+    registry: CapabilityRegistry,
+) -> tuple[Plan | None, list[str]]:
+    if finish_reason == "length":
+        return None, [f"the plan was cut off at {PLAN_MAX_TOKENS} tokens; make it shorter"]
+    try:
+        data = json.loads(content or "")
+    except json.JSONDecodeError as exc:
+        return None, [f"the answer is not JSON ({exc.msg} at char {exc.pos})"]
+    try:
+        plan = Plan.model_validate(data)
+    except ValidationError as exc:
+        return None, [
+            f"{'.'.join(map(str, e['loc'])) or 'plan'}: {e['msg']}" for e in exc.errors()[:10]
+        ]
+    return plan, validate_plan(plan, columns, registry.names())

@@ -1,0 +1,258 @@
+"""The session: configuration, capabilities, the executor and this kernel's runs.
+
+    import apwa_jupyter as apwa
+    run = apwa.run("For every review in {reviews}, extract the product.", tables={"reviews": df})
+    run.result
+
+`Session.plan` returns at once with a Run that is planning in the background; `Session.run` plans,
+approves and waits. The model is whatever `resolve_endpoint` finds (arguments, then environment);
+with nothing configured, the embedded offline model starts on first use.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .capabilities import CapabilityRegistry, default_registry
+from .config import EndpointConfig, resolve_endpoint
+from .engine import get_engine
+from .errors import ApwaError, PlanError, UserInputError
+from .events import Event
+from .executors.base import Executor
+from .models.base import ChatModel
+from .run import Run, RunOptions
+from .tables import DataTable, resolve_tables
+
+RunListener = Callable[[Run], None]
+
+
+class Session:
+    """Everything one kernel (or script) shares across runs."""
+
+    def __init__(
+        self,
+        endpoint: EndpointConfig | None = None,
+        model: ChatModel | None = None,
+        executor: str | Executor = "ray",
+        address: str | None = None,
+        concurrency: int = 64,
+        registry: CapabilityRegistry | None = None,
+        num_actors: int = 2,
+    ):
+        if endpoint is not None and model is not None:
+            raise UserInputError("Pass either endpoint= or model=, not both.")
+        self.endpoint = endpoint
+        self.model = model
+        self.executor_kind = executor if isinstance(executor, str) else executor.name
+        self._executor = executor if isinstance(executor, Executor) else None
+        self.address = address
+        self.concurrency = concurrency
+        self.num_actors = num_actors
+        self.registry = registry if registry is not None else default_registry
+        self.runs: list[Run] = []
+        self._run_listeners: list[RunListener] = []
+        self._manager_models: dict[Any, ChatModel] = {}
+        self._lock = threading.Lock()
+
+    # -- configuration ---------------------------------------------------------------------------
+    def configure(self, **changes: Any) -> None:
+        """Change endpoint fields or executor settings for later runs (keys: see `%apwa config`)."""
+        endpoint_keys = {"base_url", "api_key", "model"}
+        if endpoint_keys & changes.keys():
+            current = self.endpoint
+            base_url = changes.get("base_url") or (current.base_url if current else None)
+            api_key = changes.get("api_key") or (
+                current.api_key.get_secret_value() if current else None
+            )
+            model = changes.get("model") or (current.model if current else None)
+            self.endpoint = resolve_endpoint(base_url, api_key, model)
+            self.model = None
+        if "address" in changes and changes["address"] != self.address:
+            if self._executor is not None and self.executor_kind == "ray":
+                raise UserInputError(
+                    "Ray is already attached in this kernel; restart the kernel to change "
+                    "the cluster address."
+                )
+            self.address = changes["address"] or None
+        if "concurrency" in changes:
+            self.concurrency = int(changes["concurrency"])
+        if "executor" in changes:
+            if self._executor is not None:
+                raise UserInputError(
+                    "The executor is already running; restart the kernel to switch."
+                )
+            self.executor_kind = changes["executor"]
+
+    def resolved_endpoint(self) -> EndpointConfig | None:
+        """The configured endpoint (None means the embedded model will be used)."""
+        return self.endpoint or resolve_endpoint()
+
+    def describe(self) -> dict[str, Any]:
+        """Settings for people; the API key is never included."""
+        endpoint = self.model and "in-process scripted model"
+        if endpoint is None:
+            resolved = self.resolved_endpoint()
+            endpoint = (
+                resolved.describe() if resolved else "embedded offline model (starts on first run)"
+            )
+        return {
+            "endpoint": endpoint,
+            "executor": self.executor_kind,
+            "ray_address": self.address or "local (started on first run)",
+            "concurrency": self.concurrency,
+            "tools": self.registry.names(),
+        }
+
+    @property
+    def executor(self) -> Executor:
+        """The executor, created on first use (Ray is imported only then)."""
+        with self._lock:
+            if self._executor is None:
+                from .executors import make_executor
+
+                options: dict[str, Any] = {"concurrency": self.concurrency}
+                if self.executor_kind == "ray":
+                    options |= {"address": self.address, "num_actors": self.num_actors}
+                self._executor = make_executor(self.executor_kind, **options)
+            return self._executor
+
+    def _models(self) -> tuple[ChatModel, EndpointConfig | ChatModel]:
+        """(manager model, worker model source); called on the engine thread."""
+        if self.model is not None:
+            return self.model, self.model
+        endpoint = self.resolved_endpoint()
+        if endpoint is None:
+            from .models.embedded import get_embedded_endpoint
+
+            endpoint = get_embedded_endpoint()
+        if endpoint not in self._manager_models:
+            from .models.openai_chat import OpenAIChatModel
+
+            self._manager_models[endpoint] = OpenAIChatModel(endpoint)
+        return self._manager_models[endpoint], endpoint
+
+    # -- runs ------------------------------------------------------------------------------------
+    def plan(
+        self,
+        prompt: str,
+        tables: dict[str, Any],
+        concurrency: int | None = None,
+        out: str | None = None,
+        max_tokens: int = 1024,
+    ) -> Run:
+        """Start planning in the background; the Run moves to "awaiting_approval" when ready."""
+        if not prompt.strip():
+            raise UserInputError("The prompt is empty: say what each worker should do.")
+        data_tables: dict[str, DataTable] = resolve_tables(tables)
+        engine = get_engine()
+        run = Run(
+            prompt,
+            data_tables,
+            self.registry,
+            RunOptions(concurrency=concurrency or self.concurrency, max_tokens=max_tokens, out=out),
+            executor_factory=lambda: self.executor,
+            submit=engine.submit,
+            call_soon=engine.call_soon,
+        )
+        run.subscribe(lambda event: self._notify(run, event))
+        self.runs.append(run)
+        run.plan_future = engine.submit(self._plan(run))
+        self._notify(run, None)
+        return run
+
+    async def _plan(self, run: Run) -> None:
+        from .manager import make_plan
+
+        began = time.perf_counter()
+        try:
+            manager, workers = self._models()
+            run.worker_model = workers
+            run.endpoint_description = (
+                workers.describe() if isinstance(workers, EndpointConfig) else "in-process model"
+            )
+            plan, usage, attempts = await make_plan(run.prompt, run.tables, self.registry, manager)
+        except PlanError as exc:
+            run.error_detail = exc.last_attempt
+            run._set_state("failed", str(exc))
+            return
+        except ApwaError as exc:
+            run._set_state("failed", str(exc))
+            return
+        except Exception as exc:
+            run._set_state("failed", f"planning failed: {type(exc).__name__}: {exc}")
+            return
+        finally:
+            run.planning_seconds = time.perf_counter() - began
+        run.plan, run.manager_usage, run.plan_attempts = plan, usage, attempts
+        run._set_state("awaiting_approval")
+
+    def run(self, prompt: str, tables: dict[str, Any], **options: Any) -> Run:
+        """Plan, approve and execute; block until done (Ctrl-C cancels, keeping finished work)."""
+        run = self.plan(prompt, tables, **options).wait()
+        if run.state == "failed":
+            raise PlanError(run.error or "planning failed", getattr(run, "error_detail", None))
+        if run.state == "awaiting_approval":
+            run.start().wait()
+        return run
+
+    def get_run(self, run_id: str | None = None) -> Run:
+        """A run by id, or the newest one."""
+        if not self.runs:
+            raise UserInputError("No runs yet in this session: start one with %%apwa.")
+        if run_id is None:
+            return self.runs[-1]
+        for run in self.runs:
+            if run.id == run_id:
+                return run
+        raise UserInputError(f"No run {run_id!r}; runs: {[r.id for r in self.runs]}")
+
+    # -- observers (the JupyterLab panel) --------------------------------------------------------
+    def run_list(self) -> list[Run]:
+        """This session's runs, oldest first."""
+        return list(self.runs)
+
+    def on_run_change(self, callback: RunListener) -> Callable[[], None]:
+        """Call `callback(run)` whenever any run changes; returns unsubscribe."""
+        self._run_listeners.append(callback)
+        return lambda: (
+            self._run_listeners.remove(callback) if callback in self._run_listeners else None
+        )
+
+    def _notify(self, run: Run, event: Event | None) -> None:
+        for callback in list(self._run_listeners):
+            try:
+                callback(run)
+            except Exception:
+                self._run_listeners.remove(callback)
+
+    def shutdown(self) -> None:
+        """Cancel active runs and release the executor."""
+        for run in self.runs:
+            run.cancel()
+        if self._executor is not None:
+            self._executor.shutdown()
+            self._executor = None
+
+
+_default: Session | None = None
+
+
+def default_session() -> Session:
+    """The process-wide session used by `apwa_jupyter.run` and the magics."""
+    global _default
+    if _default is None:
+        _default = Session()
+    return _default
+
+
+def run(prompt: str, tables: dict[str, Any], **options: Any) -> Run:
+    """Plan and execute with the default session; returns the finished Run."""
+    return default_session().run(prompt, tables, **options)
+
+
+def plan(prompt: str, tables: dict[str, Any], **options: Any) -> Run:
+    """Plan with the default session; approve with `run.start()`."""
+    return default_session().plan(prompt, tables, **options)

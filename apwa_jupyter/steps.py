@@ -1,0 +1,112 @@
+"""Typed steps of a worker's transcript (the smolagents `memory.py` idea).
+
+The conversation sent to the model is rebuilt from these steps rather than glued from strings, so
+what a user inspects after a run is exactly what the model saw and said.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .models.base import ToolCall, Usage
+
+
+@dataclass(frozen=True)
+class TaskStep:
+    """The worker's brief: system rules and the rendered instruction with its own input."""
+
+    system: str
+    user: str
+
+    def to_messages(self) -> list[dict[str, Any]]:
+        """The opening messages."""
+        return [{"role": "system", "content": self.system}, {"role": "user", "content": self.user}]
+
+
+@dataclass(frozen=True)
+class ModelStep:
+    """One model response: text and/or tool calls."""
+
+    content: str | None
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    finish_reason: str = "stop"
+    usage: Usage = field(default_factory=Usage)
+
+    def to_messages(self) -> list[dict[str, Any]]:
+        """The assistant message, in OpenAI form."""
+        message: dict[str, Any] = {"role": "assistant", "content": self.content}
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": call.arguments},
+                }
+                for call in self.tool_calls
+            ]
+        return [message]
+
+
+@dataclass(frozen=True)
+class ToolStep:
+    """A tool call's result, as the model will read it."""
+
+    call_id: str
+    name: str
+    arguments: str
+    result: str
+
+    def to_messages(self) -> list[dict[str, Any]]:
+        """The tool message answering the call."""
+        return [{"role": "tool", "tool_call_id": self.call_id, "content": self.result}]
+
+
+@dataclass(frozen=True)
+class CorrectionStep:
+    """Feedback after an invalid answer: what was wrong and what to send instead."""
+
+    problem: str
+
+    def to_messages(self) -> list[dict[str, Any]]:
+        """A user message asking for a corrected answer."""
+        return [
+            {
+                "role": "user",
+                "content": f"That answer was invalid: {self.problem}\n"
+                "Reply with only the corrected JSON object.",
+            }
+        ]
+
+
+@dataclass(frozen=True)
+class FinalStep:
+    """The validated answer: one output dict per input row."""
+
+    outputs: list[dict[str, Any]]
+
+    def to_messages(self) -> list[dict[str, Any]]:
+        """Nothing more is sent after the final answer."""
+        return []
+
+
+Step = TaskStep | ModelStep | ToolStep | CorrectionStep | FinalStep
+
+
+def transcript_text(steps: list[Step]) -> str:
+    """A readable transcript for people inspecting one subtask."""
+    lines = []
+    for step in steps:
+        if isinstance(step, TaskStep):
+            lines.append(f"[task] {step.user}")
+        elif isinstance(step, ModelStep):
+            calls = ", ".join(f"{c.name}({c.arguments})" for c in step.tool_calls)
+            lines.append(f"[model] {step.content or ''}{' -> ' + calls if calls else ''}")
+        elif isinstance(step, ToolStep):
+            lines.append(f"[tool {step.name}] {step.result}")
+        elif isinstance(step, CorrectionStep):
+            lines.append(f"[correction] {step.problem}")
+        else:
+            lines.append(f"[final] {json.dumps(step.outputs, default=str)}")
+    return "\n".join(lines)
