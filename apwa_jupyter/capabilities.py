@@ -219,7 +219,7 @@ def capability(
     """Decorator: register a typed, documented function as a tool; returns the function unchanged."""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        (registry or default_registry).register(fn, name=name)
+        (registry if registry is not None else default_registry).register(fn, name=name)
         return fn
 
     return decorate(function) if function is not None else decorate

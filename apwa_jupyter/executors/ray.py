@@ -121,7 +121,10 @@ class RayExecutor(Executor):
             if self._actors:
                 return
             began = time.perf_counter()
-            await asyncio.to_thread(self._start_blocking)
+            # Not asyncio.to_thread: Ray's processes die with the *thread* that spawned them
+            # (PR_SET_PDEATHSIG), and pool threads are reaped. The calling thread (the engine's
+            # daemon thread, or the main thread) lives as long as the process.
+            self._start_blocking()
             self.start_seconds = time.perf_counter() - began
 
     def _start_blocking(self) -> None:

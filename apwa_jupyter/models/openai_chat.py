@@ -85,7 +85,11 @@ class OpenAIChatModel:
                 f"server error from {self.endpoint.base_url} (HTTP {exc.status_code})",
                 retry_after=_retry_after(exc),
             ) from None
-        except openai.APITimeoutError:
+        except openai.APITimeoutError as exc:
+            if "Connect" in type(exc.__cause__).__name__:  # aiohttp reports refusals as timeouts
+                raise TransientEndpointError(
+                    f"cannot connect to {self.endpoint.base_url}: is the server running?"
+                ) from None
             raise TransientEndpointError(
                 f"no answer from {self.endpoint.base_url} within {self.endpoint.timeout_s:g} s"
             ) from None

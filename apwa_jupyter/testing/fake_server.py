@@ -120,7 +120,7 @@ def schema_responder(body: dict[str, Any]) -> Reply:
 
 def worker_input(body: dict[str, Any]) -> Any:
     """The JSON input a worker message carries (the line(s) after "Input:" / "Inputs ...:")."""
-    user = next(m["content"] for m in reversed(body["messages"]) if m["role"] == "user")
+    user = next(m["content"] for m in body["messages"] if m["role"] == "user")
     for marker in ("\nInput:\n", "\nInputs:\n"):
         if marker in user:
             block = user.split(marker, 1)[1]
