@@ -4,7 +4,7 @@
     def word_count(text: str) -> int:
         '''Count the words in a text.
 
-        Args:
+Args:
             text: The text to count.
         '''
         return len(text.split())
@@ -94,7 +94,7 @@ def _first_line(exc: Exception) -> str:
 
 def describe_function(function: Callable[..., Any], name: str | None = None) -> Capability:
     """Build a Capability from a typed, documented function, or explain what to add."""
-    name = name or getattr(function, "__name__", "")
+    name = str(name or getattr(function, "__name__", ""))
     where = f"capability {name!r}"
     if not name.isidentifier() or keyword.iskeyword(name) or name.startswith("_"):
         raise CapabilityError(
@@ -136,7 +136,7 @@ def describe_function(function: Callable[..., Any], name: str | None = None) -> 
             f"{where}: add a return type hint (e.g. `-> str`) so results can be serialised."
         )
     try:
-        arguments = create_model(  # type: ignore[call-overload]
+        arguments = create_model(
             f"{name}_arguments", __config__=ConfigDict(extra="forbid"), **fields
         )
         arguments.model_json_schema()

@@ -78,7 +78,7 @@ def stage_context(run: Run, stage: Any) -> StageContext:
         instruction=stage.instruction,
         outputs=tuple(stage.outputs),
         tools=tools,
-        model=run.worker_model,
+        model=_require(run.worker_model),
         max_tokens=run.options.max_tokens,
         temperature=REPLICA_TEMPERATURE if stage.kind == "replicate" else 0.0,
         keep_steps=run.options.keep_transcripts,
@@ -113,7 +113,7 @@ async def _run_stage(run: Run, executor: Executor, stage: Any, only_failed: bool
         subtasks, table = _expand(run, stage)
         previous = run.subtask_results.get(stage.id)
         if only_failed and previous and len(previous) == len(subtasks):
-            todo = [s for s, r in zip(subtasks, previous) if r is None or not r.ok]
+            todo = [s for s, r in zip(subtasks, previous, strict=True) if r is None or not r.ok]
             sink.reset_failed(stage.id, len(todo))
             results = list(previous)
         else:
@@ -179,7 +179,7 @@ def _columns(
     data = {}
     for out in outputs:
         values = [row[out.name] if row is not None else None for row in rows]
-        data[out.name] = pd.array(values, dtype=_DTYPES[out.type])
+        data[out.name] = pd.array(values, dtype=_DTYPES[out.type])  # type: ignore[call-overload]
     return pd.DataFrame(data, index=index)
 
 
@@ -187,7 +187,7 @@ def _assemble(run: Run, stage: Any, results: list[SubtaskResult | None]) -> pd.D
     if isinstance(stage, MapStage):
         frame = source_frame(run, stage.source)
         rows: list[dict[str, Any] | None] = []
-        for result, (_, length) in zip(results, batches(len(frame), stage.batch_size)):
+        for result, (_, length) in zip(results, batches(len(frame), stage.batch_size), strict=True):
             if result is not None and result.ok and result.outputs is not None:
                 rows.extend(result.outputs)
             else:
@@ -225,11 +225,21 @@ def reduce_items(run: Run, stage: ReduceStage) -> list[tuple[Any, list[dict[str,
     columns = [c for c in keep if c != stage.group_by]
     records = frame.astype(object).where(frame.notna(), None)
     if stage.group_by is None:
-        return [(None, records[columns].to_dict("records"))]
+        return [(None, _records(records[columns]))]
     return [
-        (key, group[columns].to_dict("records"))
+        (key, _records(group[columns]))
         for key, group in records.groupby(stage.group_by, sort=False, dropna=False)
     ]
+
+
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    return [{str(k): v for k, v in row.items()} for row in frame.to_dict("records")]
+
+
+def _require(model: Any) -> Any:
+    if model is None:
+        raise RuntimeError("the run has no worker model: it was never planned")
+    return model
 
 
 def reduce_subtask_count(sizes: Iterable[int], fan_in: int) -> int:
@@ -256,7 +266,7 @@ async def _run_reduce(run: Run, executor: Executor, stage: ReduceStage, ctx: Sta
     all_results: list[SubtaskResult] = []
     level = 0
     while current:
-        subtasks = []
+        subtasks: list[Subtask] = []
         for position, items in current.items():
             for chunk, start in enumerate(range(0, len(items), stage.fan_in)):
                 subtasks.append(
@@ -293,8 +303,8 @@ async def _run_reduce(run: Run, executor: Executor, stage: ReduceStage, ctx: Sta
         level += 1
         if run.cancel_event.is_set():
             break
-    outputs = run.reduce_outputs.get(stage.id, {})
-    rows = [outputs.get(position) for position in range(len(groups))]
+    reduced = run.reduce_outputs.get(stage.id, {})
+    rows = [reduced.get(position) for position in range(len(groups))]
     frame = _columns(stage.outputs, rows, pd.RangeIndex(len(groups)))
     if stage.group_by is not None:
         frame.insert(0, stage.group_by, [key for key, _ in groups])

@@ -211,7 +211,7 @@ class Session:
 
     # -- observers (the JupyterLab panel) --------------------------------------------------------
     def run_list(self) -> list[Run]:
-        """This session's runs, oldest first."""
+        """Runs of this session, oldest first."""
         return list(self.runs)
 
     def on_run_change(self, callback: RunListener) -> Callable[[], None]:

@@ -88,14 +88,12 @@ def output_model(outputs: tuple[OutputField, ...]) -> type[BaseModel]:
     fields: dict[str, Any] = {}
     for out in outputs:
         if out.choices:
-            kind: Any = Literal[tuple(out.choices)]  # type: ignore[valid-type]
+            kind: Any = Literal[tuple(out.choices)]
         else:
             kind = _PY_TYPES[out.type]
         constraint = Field(max_length=MAX_STRING_OUTPUT) if out.type == "string" else Field()
         fields[out.name] = (kind, constraint)
-    return create_model(  # type: ignore[call-overload]
-        "Answer", __config__=ConfigDict(extra="forbid", strict=False), **fields
-    )
+    return create_model("Answer", __config__=ConfigDict(extra="forbid", strict=False), **fields)
 
 
 def item_schema(outputs: tuple[OutputField, ...]) -> dict[str, Any]:

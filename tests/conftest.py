@@ -106,7 +106,9 @@ def ray_executor() -> Iterator[Any]:
     executor.shutdown()
 
 
-def local_session(server: FakeOpenAIServer, registry: CapabilityRegistry, **options: Any) -> Session:
+def local_session(
+    server: FakeOpenAIServer, registry: CapabilityRegistry, **options: Any
+) -> Session:
     from apwa_jupyter.executors.local import LocalExecutor
 
     return Session(

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from apwa_jupyter.capabilities import CapabilityRegistry, capability
+from apwa_jupyter.capabilities import capability
 from apwa_jupyter.errors import CapabilityError
 
 
@@ -32,7 +32,7 @@ def undocumented(x: int) -> int:
     return x
 
 
-def no_hint(x) -> int:  # noqa: ANN001
+def no_hint(x) -> int:
     """Does a thing.
 
     Args:

@@ -11,7 +11,9 @@ from apwa_jupyter.testing import Reply, worker_input
 
 from .conftest import local_session, map_plan, plan_responder
 
-PLAN = map_plan("reviews", "Count the characters of {text}", [{"name": "n_chars", "type": "integer"}])
+PLAN = map_plan(
+    "reviews", "Count the characters of {text}", [{"name": "n_chars", "type": "integer"}]
+)
 
 
 def count_chars(body):
@@ -100,7 +102,11 @@ def test_cancel_keeps_finished_work(fake_server, registry):
     session = local_session(server, registry, concurrency=4)
     run = session.plan("count {reviews}", {"reviews": frame}).wait()
     finished = threading.Event()
-    run.subscribe(lambda e: e.kind == "subtask_finished" and run.sink.stage("label").done >= 8 and finished.set())
+    run.subscribe(
+        lambda e: (
+            e.kind == "subtask_finished" and run.sink.stage("label").done >= 8 and finished.set()
+        )
+    )
     run.start()
     assert finished.wait(30)
     run.cancel()

@@ -24,7 +24,9 @@ def tables(reviews):
 
 def test_valid_plan_first_time(reviews):
     model = ScriptedModel(lambda req: GOOD)
-    plan, usage, attempts = asyncio.run(make_plan("x", tables(reviews), CapabilityRegistry(), model))
+    plan, _usage, attempts = asyncio.run(
+        make_plan("x", tables(reviews), CapabilityRegistry(), model)
+    )
     assert attempts == 1 and plan.stages[0].id == "label"
     sent = model.requests[0]
     assert sent.response_schema is not None and sent.schema_name == "plan"
@@ -34,7 +36,7 @@ def test_valid_plan_first_time(reviews):
 def test_invalid_plan_is_repaired_with_the_problems_sent_back(reviews):
     answers = iter([BAD, GOOD])
     model = ScriptedModel(lambda req: next(answers))
-    plan, _, attempts = asyncio.run(make_plan("x", tables(reviews), CapabilityRegistry(), model))
+    _plan, _, attempts = asyncio.run(make_plan("x", tables(reviews), CapabilityRegistry(), model))
     assert attempts == 2
     feedback = model.requests[1].messages[-1]["content"]
     assert "placeholder {body}" in feedback and "['text', 'stars']" in feedback

@@ -15,7 +15,12 @@ def problems(data, tools=()):
 
 
 def test_valid_map_plan_has_no_problems():
-    assert problems(map_plan("reviews", "Is {text} positive?", [{"name": "positive", "type": "boolean"}])) == []
+    assert (
+        problems(
+            map_plan("reviews", "Is {text} positive?", [{"name": "positive", "type": "boolean"}])
+        )
+        == []
+    )
 
 
 def test_unknown_source_column_tool_and_output_are_reported():
@@ -49,8 +54,13 @@ def test_output_may_not_overwrite_an_input_column():
 def test_chained_stage_sees_upstream_outputs():
     data = map_plan("reviews", "{text}", [{"name": "product", "type": "string"}])
     data["stages"].append(
-        dict(data["stages"][0], id="second", source="label", instruction="Price of {product}?",
-             outputs=[{"name": "price", "type": "number", "description": "", "choices": []}])
+        dict(
+            data["stages"][0],
+            id="second",
+            source="label",
+            instruction="Price of {product}?",
+            outputs=[{"name": "price", "type": "number", "description": "", "choices": []}],
+        )
     )
     data["output"] = "second"
     assert problems(data) == []

@@ -38,8 +38,13 @@ def field(name, type_="integer"):
 
 def stage(id_, kind, instruction="Do it.", outputs=("n",), **extra):
     return {
-        "id": id_, "kind": kind, "instruction": instruction, "tools": [], "depends_on": [],
-        "outputs": [field(o) for o in outputs], **extra,
+        "id": id_,
+        "kind": kind,
+        "instruction": instruction,
+        "tools": [],
+        "depends_on": [],
+        "outputs": [field(o) for o in outputs],
+        **extra,
     }
 
 
@@ -51,13 +56,29 @@ def serve(fake_server, plan, worker, **options):
 
 
 def ray_session(server, ray_executor, registry, **options):
-    return Session(endpoint=endpoint_for(server), executor=ray_executor, registry=registry, **options)
+    return Session(
+        endpoint=endpoint_for(server), executor=ray_executor, registry=registry, **options
+    )
 
 
 def test_map_over_rows_keeps_the_index(fake_server, ray_executor, registry, reviews):
-    plan = {"summary": "s", "output": "m", "stages": [
-        stage("m", "map", "Count characters of {text}", ("n_chars",), source="reviews", batch_size=1)]}
-    server = serve(fake_server, plan, lambda b: Reply.json({"n_chars": len(worker_input(b)["text"])}))
+    plan = {
+        "summary": "s",
+        "output": "m",
+        "stages": [
+            stage(
+                "m",
+                "map",
+                "Count characters of {text}",
+                ("n_chars",),
+                source="reviews",
+                batch_size=1,
+            )
+        ],
+    }
+    server = serve(
+        fake_server, plan, lambda b: Reply.json({"n_chars": len(worker_input(b)["text"])})
+    )
     run = ray_session(server, ray_executor, registry).run("count {reviews}", {"reviews": reviews})
     assert run.state == "done", run.error
     assert run.result.index.tolist() == [101, 102, 103, 104]
@@ -67,8 +88,11 @@ def test_map_over_rows_keeps_the_index(fake_server, ray_executor, registry, revi
 
 def test_map_over_batches(fake_server, ray_executor, registry):
     frame = pd.DataFrame({"x": list(range(7))}, index=list("abcdefg"))
-    plan = {"summary": "s", "output": "sq", "stages": [
-        stage("sq", "map", "Square x.", ("square",), source="nums", batch_size=3)]}
+    plan = {
+        "summary": "s",
+        "output": "sq",
+        "stages": [stage("sq", "map", "Square x.", ("square",), source="nums", batch_size=3)],
+    }
 
     def worker(body):  # a batch of one (the last, 7 = 3 + 3 + 1) is asked as a single row
         rows = worker_input(body)
@@ -79,18 +103,28 @@ def test_map_over_batches(fake_server, ray_executor, registry):
     server = serve(fake_server, plan, worker)
     run = ray_session(server, ray_executor, registry).run("square {nums}", {"nums": frame})
     assert run.state == "done", run.error
-    assert run.result["square"].to_dict() == {k: v * v for k, v in zip("abcdefg", range(7))}
+    assert run.result["square"].to_dict() == {
+        k: v * v for k, v in zip("abcdefg", range(7), strict=True)
+    }
     assert server.count == 1 + 3  # the plan, then ceil(7 / 3) batch calls
 
 
 def test_task_parallel(fake_server, ray_executor, registry, reviews):
-    tasks = [{"id": "t1", "instruction": "add 2 and 3"}, {"id": "t2", "instruction": "add 10 and 20"}]
-    plan = {"summary": "s", "output": "t", "stages": [
-        stage("t", "task", "Arithmetic.", ("total",), tasks=tasks)]}
+    tasks = [
+        {"id": "t1", "instruction": "add 2 and 3"},
+        {"id": "t2", "instruction": "add 10 and 20"},
+    ]
+    plan = {
+        "summary": "s",
+        "output": "t",
+        "stages": [stage("t", "task", "Arithmetic.", ("total",), tasks=tasks)],
+    }
 
     def worker(body):
         user = body["messages"][1]["content"]
-        return Reply.json({"total": sum(map(int, re.findall(r"\d+", user.split("Task", 1)[1])[1:]))})
+        return Reply.json(
+            {"total": sum(map(int, re.findall(r"\d+", user.split("Task", 1)[1])[1:]))}
+        )
 
     server = serve(fake_server, plan, worker)
     run = ray_session(server, ray_executor, registry).run("sums", {"reviews": reviews})
@@ -99,9 +133,22 @@ def test_task_parallel(fake_server, ray_executor, registry, reviews):
 
 
 def test_replicate_with_majority_vote(fake_server, ray_executor, registry, reviews):
-    plan = {"summary": "s", "output": "r", "stages": [
-        stage("r", "replicate", "Stars of {text}?", ("guess",), source="reviews", replicas=3, aggregate="vote")]}
-    stars = dict(zip(reviews["text"], reviews["stars"]))
+    plan = {
+        "summary": "s",
+        "output": "r",
+        "stages": [
+            stage(
+                "r",
+                "replicate",
+                "Stars of {text}?",
+                ("guess",),
+                source="reviews",
+                replicas=3,
+                aggregate="vote",
+            )
+        ],
+    }
+    stars = dict(zip(reviews["text"], reviews["stars"], strict=True))
 
     def worker(body):  # replica 3 is always wrong; the vote must overrule it
         truth = stars[worker_input(body)["text"]]
@@ -118,17 +165,46 @@ def test_replicate_with_majority_vote(fake_server, ray_executor, registry, revie
 
 
 def test_hierarchical_reduce_scene_act_book(fake_server, ray_executor, registry):
-    scenes = pd.DataFrame({
-        "act": ["I"] * 5 + ["II"] * 3,
-        "text": [" ".join(["w"] * n) for n in (3, 1, 4, 1, 5, 9, 2, 6)],
-    })
-    plan = {"summary": "s", "output": "book", "stages": [
-        stage("scene", "map", "Count the words of {text}", ("words",), source="scenes", batch_size=1),
-        stage("act", "reduce", "Total words in act {act}", ("words_total",), source="scene",
-              group_by="act", fan_in=2, depends_on=["scene"]),
-        stage("book", "reduce", "Total words in the book", ("words_total",), source="act",
-              group_by=None, fan_in=2, depends_on=["act"]),
-    ]}
+    scenes = pd.DataFrame(
+        {
+            "act": ["I"] * 5 + ["II"] * 3,
+            "text": [" ".join(["w"] * n) for n in (3, 1, 4, 1, 5, 9, 2, 6)],
+        }
+    )
+    plan = {
+        "summary": "s",
+        "output": "book",
+        "stages": [
+            stage(
+                "scene",
+                "map",
+                "Count the words of {text}",
+                ("words",),
+                source="scenes",
+                batch_size=1,
+            ),
+            stage(
+                "act",
+                "reduce",
+                "Total words in act {act}",
+                ("words_total",),
+                source="scene",
+                group_by="act",
+                fan_in=2,
+                depends_on=["scene"],
+            ),
+            stage(
+                "book",
+                "reduce",
+                "Total words in the book",
+                ("words_total",),
+                source="act",
+                group_by=None,
+                fan_in=2,
+                depends_on=["act"],
+            ),
+        ],
+    }
     calls: dict[str, int] = {}
     lock = threading.Lock()
 
@@ -140,7 +216,9 @@ def test_hierarchical_reduce_scene_act_book(fake_server, ray_executor, registry)
             return Reply.json({"words": len(worker_input(body)["text"].split())})
         items = worker_input(body)
         assert "text" not in items[0]  # reduce sees upstream outputs, not the raw scenes
-        return Reply.json({"words_total": sum(i.get("words", i.get("words_total", 0)) for i in items)})
+        return Reply.json(
+            {"words_total": sum(i.get("words", i.get("words_total", 0)) for i in items)}
+        )
 
     server = serve(fake_server, plan, worker)
     run = ray_session(server, ray_executor, registry).run("summarise {scenes}", {"scenes": scenes})
@@ -155,10 +233,16 @@ def test_killed_actor_every_subtask_completes_exactly_once(fake_server, ray_exec
     import asyncio
 
     frame = pd.DataFrame({"text": [f"row {i:03d}" for i in range(60)]})
-    plan = {"summary": "s", "output": "m", "stages": [
-        stage("m", "map", "Echo {text}", ("n_chars",), source="rows", batch_size=1)]}
+    plan = {
+        "summary": "s",
+        "output": "m",
+        "stages": [stage("m", "map", "Echo {text}", ("n_chars",), source="rows", batch_size=1)],
+    }
     server = serve(
-        fake_server, plan, lambda b: Reply.json({"n_chars": len(worker_input(b)["text"])}), latency=0.3
+        fake_server,
+        plan,
+        lambda b: Reply.json({"n_chars": len(worker_input(b)["text"])}),
+        latency=0.3,
     )
     session = ray_session(server, ray_executor, registry, concurrency=8)
     run = session.plan("echo {rows}", {"rows": frame}).wait()
@@ -206,15 +290,34 @@ def test_attach_to_a_cluster_started_with_ray_start(fake_server, reviews):
     ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     started = subprocess.run(
-        [ray_cli, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
-         "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        env=env, capture_output=True, text=True, timeout=180,
+        [
+            ray_cli,
+            "start",
+            "--head",
+            f"--port={port}",
+            "--num-cpus=1",
+            "--include-dashboard=false",
+            "--node-ip-address=127.0.0.1",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert started.returncode == 0, started.stderr[-3000:]
     try:
-        plan = {"summary": "s", "output": "m", "stages": [
-            stage("m", "map", "Count {text}", ("n_chars",), source="reviews", batch_size=1)]}
-        server = serve(fake_server, plan, lambda b: Reply.json({"n_chars": len(worker_input(b)["text"])}))
+        plan = {
+            "summary": "s",
+            "output": "m",
+            "stages": [
+                stage("m", "map", "Count {text}", ("n_chars",), source="reviews", batch_size=1)
+            ],
+        }
+        server = serve(
+            fake_server, plan, lambda b: Reply.json({"n_chars": len(worker_input(b)["text"])})
+        )
         script = textwrap.dedent(f"""
             import json, pandas as pd, ray
             from apwa_jupyter.config import EndpointConfig

@@ -4,9 +4,9 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
+from apwa_jupyter.capabilities import CapabilityRegistry
 from apwa_jupyter.errors import UserInputError
 from apwa_jupyter.manager import build_manager_request
-from apwa_jupyter.capabilities import CapabilityRegistry
 from apwa_jupyter.tables import DataTable, TableSlice
 
 MARKER = "ZZ_PLANTED_MARKER_93817"
@@ -23,7 +23,9 @@ def frame(rows: int) -> pd.DataFrame:
 
 
 def request_chars(table: DataTable) -> str:
-    request = build_manager_request("Label every review in {reviews}.", {"reviews": table}, CapabilityRegistry())
+    request = build_manager_request(
+        "Label every review in {reviews}.", {"reviews": table}, CapabilityRegistry()
+    )
     return json.dumps(request.messages)
 
 

@@ -20,8 +20,14 @@ OUTPUTS = (
 
 def ctx(model, tools=None, **extra):
     return StageContext(
-        run_id="r", stage_id="s", kind="map", instruction="Look at {text}.", outputs=OUTPUTS,
-        tools=tools or {}, model=model, **extra,
+        run_id="r",
+        stage_id="s",
+        kind="map",
+        instruction="Look at {text}.",
+        outputs=OUTPUTS,
+        tools=tools or {},
+        model=model,
+        **extra,
     )
 
 
@@ -47,14 +53,16 @@ def test_single_row_answer_is_validated_and_prompt_holds_only_that_row():
 
 
 def test_batch_needs_exactly_one_result_per_row():
-    answers = iter([
-        {"results": [{"product": "a", "negative": True}]},  # one short: corrected
-        {"results": [{"product": p, "negative": False} for p in "abc"]},
-    ])
+    answers = iter(
+        [
+            {"results": [{"product": "a", "negative": True}]},  # one short: corrected
+            {"results": [{"product": p, "negative": False} for p in "abc"]},
+        ]
+    )
     model = ScriptedModel(lambda req: next(answers))
     result = run(model, Subtask("s/0", "s", 0, rows=TableSlice("t", 0, 3)))
     assert result.ok and [o["product"] for o in result.outputs] == ["a", "b", "c"]
-    assert "expected \"results\" with 3 objects, got 1" in model.requests[1].messages[-1]["content"]
+    assert 'expected "results" with 3 objects, got 1' in model.requests[1].messages[-1]["content"]
 
 
 def test_invalid_output_gets_one_correction_then_an_error_value():
@@ -65,7 +73,9 @@ def test_invalid_output_gets_one_correction_then_an_error_value():
 
 
 def test_truncated_and_whitespace_runaway_answers_are_errors_not_values():
-    truncated = ScriptedModel(lambda req: ChatResponse(content='{"product": "ket', finish_reason="length"))
+    truncated = ScriptedModel(
+        lambda req: ChatResponse(content='{"product": "ket', finish_reason="length")
+    )
     assert "cut off at max_tokens" in run(truncated, one_row()).error
     spaces = ScriptedModel(lambda req: '{"product": "x",' + " \n\t" * 40)
     assert "whitespace" in run(spaces, one_row()).error
@@ -83,11 +93,13 @@ def test_tool_loop_runs_only_the_stages_tools():
         return {"kettle": "kitchen"}.get(name, "unknown")
 
     registry.register(lookup)
-    script = iter([
-        ChatResponse(None, [ToolCall("1", "rm_rf", "{}")], "tool_calls"),
-        ChatResponse(None, [ToolCall("2", "lookup", '{"name": "kettle"}')], "tool_calls"),
-        ChatResponse('Sure! {"product": "kettle", "negative": true}'),
-    ])
+    script = iter(
+        [
+            ChatResponse(None, [ToolCall("1", "rm_rf", "{}")], "tool_calls"),
+            ChatResponse(None, [ToolCall("2", "lookup", '{"name": "kettle"}')], "tool_calls"),
+            ChatResponse('Sure! {"product": "kettle", "negative": true}'),
+        ]
+    )
     model = ScriptedModel(lambda req: next(script))
     result = run(model, one_row(), tools=registry.select(["lookup"]))
     assert result.ok and result.outputs[0]["product"] == "kettle"
@@ -109,6 +121,8 @@ def test_step_limit_stops_a_model_that_only_calls_tools():
         return x
 
     registry.register(ping)
-    model = ScriptedModel(lambda req: ChatResponse(None, [ToolCall("1", "ping", '{"x": 1}')], "tool_calls"))
+    model = ScriptedModel(
+        lambda req: ChatResponse(None, [ToolCall("1", "ping", '{"x": 1}')], "tool_calls")
+    )
     result = run(model, one_row(), tools=registry.select(["ping"]), max_steps=3)
     assert result.error_kind == "output" and "within 3 model calls" in result.error

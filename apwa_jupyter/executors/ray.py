@@ -14,6 +14,7 @@ This is the only module that imports ray.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections import OrderedDict
@@ -139,7 +140,7 @@ class RayExecutor(Executor):
                     f" {exc}. Check `ray status` there, or drop --address to use a local cluster."
                 ) from None
             self._owns_ray = True
-        actor_class = ray.remote(
+        actor_class = ray.remote(  # type: ignore[call-overload]
             num_cpus=0, max_concurrency=4096, max_restarts=-1, max_task_retries=0
         )(_WorkerActor)
         self._actors = [actor_class.remote() for _ in range(self.num_actors)]
@@ -181,10 +182,8 @@ class RayExecutor(Executor):
         import ray
 
         for ref in list(self._inflight):
-            try:
+            with contextlib.suppress(Exception):  # already finished, or the actor is gone
                 ray.cancel(ref)
-            except Exception:  # already finished or the actor is gone: nothing to cancel
-                pass
 
     async def actor_pids(self) -> list[int]:
         """Process ids of the pool's actors (tests use them to kill one)."""
@@ -201,7 +200,7 @@ class RayExecutor(Executor):
                 info["nodes"] = len([n for n in ray.nodes() if n.get("Alive")])
                 info["cpus"] = ray.cluster_resources().get("CPU", 0)
                 info["gcs_address"] = context.gcs_address
-                info["dashboard_url"] = getattr(ray, "_private").worker.get_dashboard_url() or None
+                info["dashboard_url"] = ray._private.worker.get_dashboard_url() or None
         except Exception as exc:  # describing must never fail the caller
             info["error"] = str(exc)
         return info
@@ -213,10 +212,8 @@ class RayExecutor(Executor):
         except ImportError:
             return
         for actor in self._actors:
-            try:
+            with contextlib.suppress(Exception):
                 ray.kill(actor)
-            except Exception:
-                pass
         self._actors = []
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()

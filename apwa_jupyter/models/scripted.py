@@ -29,7 +29,7 @@ class ScriptedModel:
         self.requests.append(request)
         result = self.script(request)
         if inspect.isawaitable(result):
-            result = await result  # type: ignore[misc]
+            result = await result
         return as_response(result)
 
     async def aclose(self) -> None:

@@ -61,7 +61,9 @@ class Reply:
         return cls(tool_calls=[call], finish_reason="tool_calls")
 
     @classmethod
-    def error(cls, status: int, retry_after: float | None = None, message: str = "scripted") -> Reply:
+    def error(
+        cls, status: int, retry_after: float | None = None, message: str = "scripted"
+    ) -> Reply:
         """An HTTP error with an OpenAI-style error body."""
         headers = {"retry-after": f"{retry_after:g}"} if retry_after is not None else {}
         body = json.dumps({"error": {"message": message, "type": "scripted", "code": status}})
@@ -124,7 +126,10 @@ def worker_input(body: dict[str, Any]) -> Any:
     for marker in ("\nInput:\n", "\nInputs:\n"):
         if marker in user:
             block = user.split(marker, 1)[1]
-            lines = [line.split(". ", 1)[1] if marker == "\nInputs:\n" else line for line in block.splitlines()]
+            lines = [
+                line.split(". ", 1)[1] if marker == "\nInputs:\n" else line
+                for line in block.splitlines()
+            ]
             values = [json.loads(line) for line in lines if line.strip()]
             return values[0] if marker == "\nInput:\n" else values
     if "items" in user and ":\n" in user:
@@ -197,7 +202,9 @@ class FakeOpenAIServer:
         self._semaphore = asyncio.Semaphore(self.limit) if self.limit else None
 
     async def _models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": MODEL_NAME, "object": "model"}]})
+        return web.json_response(
+            {"object": "list", "data": [{"id": MODEL_NAME, "object": "model"}]}
+        )
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

