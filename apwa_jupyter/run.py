@@ -8,6 +8,7 @@ notebook thread while the engine thread works on it; actions (start, cancel, ret
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -104,6 +105,9 @@ class Run:
         self._future: Future[Any] | None = None
         self.plan_future: Future[Any] | None = None
         self.error_detail: str | None = None
+        self.dry_run = False
+        self.auto_start = False
+        self._start_lock = threading.Lock()
 
     # -- observing ---------------------------------------------------------------------------
     def subscribe(self, listener: Listener) -> Callable[[], None]:
@@ -232,12 +236,34 @@ class Run:
     # -- acting --------------------------------------------------------------------------------
     def start(self) -> Run:
         """Approve the plan and execute it in the background; returns immediately."""
-        if self.state != "awaiting_approval":
-            raise UserInputError(f"run {self.id} is {self.state}, not awaiting approval")
+        with self._start_lock:
+            if self.state != "awaiting_approval":
+                raise UserInputError(f"run {self.id} is {self.state}, not awaiting approval")
+            if self.dry_run:
+                raise UserInputError("this was a --dry-run: rerun the cell without it to execute")
+            self._start_locked()
+        return self
+
+    def _start_locked(self) -> None:
         if self.estimate_subtasks() > TRANSCRIPTS_UP_TO:
             self.options.keep_transcripts = False
         self._launch(retry_failed=False)
+
+    def approve_when_planned(self) -> Run:
+        """Start as soon as the plan is ready (now, if it already is): the --yes flag."""
+        with self._start_lock:
+            self.auto_start = True
+            if self.state == "awaiting_approval":
+                self._start_locked()
         return self
+
+    def plan_ready(self, plan: Plan, usage: Usage, attempts: int) -> None:
+        """Called by the session when planning succeeded: await approval, or start (--yes)."""
+        with self._start_lock:
+            self.plan, self.manager_usage, self.plan_attempts = plan, usage, attempts
+            self._set_state("awaiting_approval")
+            if self.auto_start and not self.dry_run:
+                self._start_locked()
 
     def retry_failed(self) -> Run:
         """Run failed subtasks again (and every stage downstream of them)."""

@@ -119,11 +119,13 @@ class Session:
                 self._executor = make_executor(self.executor_kind, **options)
             return self._executor
 
-    def _models(self) -> tuple[ChatModel, EndpointConfig | ChatModel]:
+    def _models(
+        self, override: EndpointConfig | None = None
+    ) -> tuple[ChatModel, EndpointConfig | ChatModel]:
         """(manager model, worker model source); called on the engine thread."""
-        if self.model is not None:
+        if self.model is not None and override is None:
             return self.model, self.model
-        endpoint = self.resolved_endpoint()
+        endpoint = override or self.resolved_endpoint()
         if endpoint is None:
             from .models.embedded import get_embedded_endpoint
 
@@ -142,6 +144,8 @@ class Session:
         concurrency: int | None = None,
         out: str | None = None,
         max_tokens: int = 1024,
+        registry: CapabilityRegistry | None = None,
+        endpoint: EndpointConfig | None = None,
     ) -> Run:
         """Start planning in the background; the Run moves to "awaiting_approval" when ready."""
         if not prompt.strip():
@@ -151,7 +155,7 @@ class Session:
         run = Run(
             prompt,
             data_tables,
-            self.registry,
+            registry if registry is not None else self.registry,
             RunOptions(concurrency=concurrency or self.concurrency, max_tokens=max_tokens, out=out),
             executor_factory=lambda: self.executor,
             submit=engine.submit,
@@ -159,21 +163,21 @@ class Session:
         )
         run.subscribe(lambda event: self._notify(run, event))
         self.runs.append(run)
-        run.plan_future = engine.submit(self._plan(run))
+        run.plan_future = engine.submit(self._plan(run, endpoint))
         self._notify(run, None)
         return run
 
-    async def _plan(self, run: Run) -> None:
+    async def _plan(self, run: Run, endpoint: EndpointConfig | None = None) -> None:
         from .manager import make_plan
 
         began = time.perf_counter()
         try:
-            manager, workers = self._models()
+            manager, workers = self._models(endpoint)
             run.worker_model = workers
             run.endpoint_description = (
                 workers.describe() if isinstance(workers, EndpointConfig) else "in-process model"
             )
-            plan, usage, attempts = await make_plan(run.prompt, run.tables, self.registry, manager)
+            plan, usage, attempts = await make_plan(run.prompt, run.tables, run.registry, manager)
         except PlanError as exc:
             run.error_detail = exc.last_attempt
             run._set_state("failed", str(exc))
@@ -186,8 +190,7 @@ class Session:
             return
         finally:
             run.planning_seconds = time.perf_counter() - began
-        run.plan, run.manager_usage, run.plan_attempts = plan, usage, attempts
-        run._set_state("awaiting_approval")
+        run.plan_ready(plan, usage, attempts)
 
     def run(self, prompt: str, tables: dict[str, Any], **options: Any) -> Run:
         """Plan, approve and execute; block until done (Ctrl-C cancels, keeping finished work)."""

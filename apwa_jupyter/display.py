@@ -1,0 +1,78 @@
+"""Plain-text views of a run: what nbconvert, terminal IPython and logs show.
+
+The widget is the rich view; this is the text/plain fallback in the same mimebundle, so a saved
+notebook still reads well where widgets cannot render.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .plan import dependencies
+
+if TYPE_CHECKING:
+    from .run import Run
+
+
+def stage_line(stage: Any, subtasks: int) -> str:
+    """One stage in one line: id, kind, source, size, outputs."""
+    source = getattr(stage, "source", None)
+    origin = f" over {source}" if source else ""
+    outputs = ", ".join(f"{o.name}:{o.type}" for o in stage.outputs)
+    tools = f" tools[{', '.join(stage.tools)}]" if stage.tools else ""
+    return f"{stage.id} ({stage.kind}{origin}, {subtasks} subtasks{tools}) -> {outputs}"
+
+
+def plan_text(run: Run) -> str:
+    """The plan as indented text, with the estimate."""
+    if run.plan is None:
+        return ""
+    counts = run.stage_subtasks()
+    lines = [f"Plan: {run.plan.summary}"]
+    for stage_id in run.plan.order():
+        stage = run.plan.stage(stage_id)
+        deps = dependencies(stage)
+        after = f"   after {', '.join(deps)}" if deps else ""
+        lines.append(f"  {stage_line(stage, counts.get(stage_id, 0))}{after}")
+        lines.append(f"      {stage.instruction.strip().splitlines()[0][:100]}")
+    lines.append(
+        f"  estimate: {run.estimate_subtasks()} model calls, ~{run.estimate_tokens():,} tokens"
+    )
+    return "\n".join(lines)
+
+
+def progress_text(run: Run) -> str:
+    """Per-stage counters and totals."""
+    lines = []
+    for stage_id, p in run.progress().items():
+        retry = f", {p.retries} retries" if p.retries else ""
+        lines.append(
+            f"  {stage_id}: {p.done}/{p.total} done, {p.failed} failed, {max(p.running, 0)} running{retry}"
+        )
+    return "\n".join(lines)
+
+
+def run_text(run: Run) -> str:
+    """Everything a person needs to know about a run, as text."""
+    summary = run.summary()
+    head = f"APWA run {run.id} · {run.state} · {summary['elapsed_s']:.1f}s · {summary['tokens']:,} tokens"
+    parts = [head]
+    if run.endpoint_description:
+        parts.append(f"  model: {run.endpoint_description}")
+    if run.plan is not None:
+        parts.append(plan_text(run))
+    progress = progress_text(run)
+    if progress:
+        parts.append(progress)
+    if run.error:
+        parts.append(f"  error: {run.error}")
+    if run.errors:
+        parts.append(f"  {len(run.errors)} failed subtasks, e.g. {run.errors[0].message[:160]}")
+        parts.append("  see _apwa.errors_frame(); %apwa retry reruns them")
+    if run.state == "awaiting_approval":
+        parts.append("  approve with %apwa approve (or rerun the cell with --yes)")
+    if run.state == "done" and run.options.out:
+        parts.append(
+            f"  result: {run.options.out} ({len(run.result) if run.result is not None else 0} rows)"
+        )
+    return "\n".join(parts)

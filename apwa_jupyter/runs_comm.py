@@ -1,0 +1,329 @@
+"""Kernel side of the ``apwa_runs`` comm, which feeds the JupyterLab runs panel.
+
+The frontend (``labextension/src/kernelRuns.ts``) opens a comm to the target ``apwa_runs``
+whenever it attaches to a kernel. Messages, all JSON objects:
+
+- frontend -> kernel: ``{"type": "list"}`` and ``{"type": "cancel", "run_id": ...}``;
+- kernel -> frontend: ``{"type": "snapshot", "runs": [RunSummary, ...]}`` right after the
+  open and in reply to ``list``; ``{"type": "update", "run": RunSummary}`` when a run changes.
+  Updates are throttled to one message per ``MIN_UPDATE_INTERVAL_S`` per comm: changes in
+  between are coalesced (several runs changed at once go out as one snapshot), and the latest
+  state is always sent.
+
+`register` also announces itself by opening (and at once closing) a comm with data
+``{"type": "hello"}`` to the frontend's ``apwa_runs`` target, so a panel that showed the
+"run %load_ext" hint reconnects without a page reload.
+
+Run changes arrive from background threads; sending on a comm is thread safe in ipykernel.
+Each send runs in the context of the frontend's last message, so ipykernel >= 7 routes the
+frontend's next messages (a cancel) to the comm's own subshell even while a cell is busy.
+
+This module imports neither ray, openai nor ipywidgets.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+TARGET_NAME = "apwa_runs"
+MIN_UPDATE_INTERVAL_S = 0.25
+
+log = logging.getLogger(__name__)
+
+Cancel = Callable[[], None]
+StartTimer = Callable[[float, Callable[[], None]], Cancel]
+
+
+class RunLike(Protocol):
+    """What the comm needs from a run."""
+
+    id: str
+
+    def summary(self) -> dict[str, Any]:
+        """The RunSummary dict sent to the frontend."""
+        ...
+
+    def cancel(self) -> None:
+        """Stop the run; its state becomes ``cancelled``."""
+        ...
+
+
+class SessionLike(Protocol):
+    """What the comm needs from `apwa_jupyter.session.Session`."""
+
+    def run_list(self) -> Sequence[RunLike]:
+        """Every run of this kernel."""
+        ...
+
+    def on_run_change(self, callback: Callable[[RunLike], None]) -> Callable[[], None]:
+        """Call ``callback(run)`` on every change (any thread); returns an unsubscribe."""
+        ...
+
+
+class CommLike(Protocol):
+    """The part of a kernel comm (``comm.base_comm.BaseComm``) used here."""
+
+    def send(self, data: Any = None) -> None:
+        """Send a comm_msg to the frontend."""
+        ...
+
+    def on_msg(self, callback: Callable[[dict[str, Any]], None] | None) -> None:
+        """Register the handler of frontend messages."""
+        ...
+
+    def on_close(self, callback: Callable[[dict[str, Any]], None] | None) -> None:
+        """Register the handler of the frontend closing the comm."""
+        ...
+
+    def close(self, data: Any = None) -> None:
+        """Close the comm from the kernel side."""
+        ...
+
+
+def _start_thread_timer(delay: float, callback: Callable[[], None]) -> Cancel:
+    timer = threading.Timer(max(0.0, delay), callback)
+    timer.daemon = True
+    timer.name = "apwa-runs-comm-flush"
+    timer.start()
+    return timer.cancel
+
+
+class UpdateThrottle:
+    """Coalesce run changes and flush them at most once per ``min_interval`` seconds.
+
+    `push` never calls back into the run or the session: it only records the run and arms a
+    timer, so it is safe to call while the caller holds the run's own lock. The flush runs on
+    the timer (thread), gets the runs changed since the last flush, and reads their state then,
+    so the frontend always ends with the latest state.
+    """
+
+    def __init__(
+        self,
+        flush: Callable[[list[RunLike]], None],
+        *,
+        min_interval: float = MIN_UPDATE_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+        start_timer: StartTimer = _start_thread_timer,
+    ) -> None:
+        self._flush = flush
+        self._min_interval = min_interval
+        self._clock = clock
+        self._start_timer = start_timer
+        self._lock = threading.Lock()
+        self._pending: dict[str, RunLike] = {}
+        self._cancel_timer: Cancel | None = None
+        self._last_flush = float("-inf")
+        self._closed = False
+
+    def push(self, run: RunLike) -> None:
+        """Record that ``run`` changed; a flush follows within ``min_interval``."""
+        with self._lock:
+            if self._closed:
+                return
+            self._pending[run.id] = run
+            if self._cancel_timer is not None:
+                return
+            delay = max(0.0, self._last_flush + self._min_interval - self._clock())
+            self._cancel_timer = self._start_timer(delay, self._on_timer)
+
+    def close(self) -> None:
+        """Drop pending changes and stop the timer."""
+        with self._lock:
+            self._closed = True
+            self._pending.clear()
+            cancel, self._cancel_timer = self._cancel_timer, None
+        if cancel is not None:
+            cancel()
+
+    def _on_timer(self) -> None:
+        with self._lock:
+            self._cancel_timer = None
+            if self._closed or not self._pending:
+                return
+            runs = list(self._pending.values())
+            self._pending.clear()
+            self._last_flush = self._clock()
+        try:
+            self._flush(runs)
+        except Exception:
+            log.exception("apwa runs comm: sending an update failed")
+
+
+class RunsChannel:
+    """One open ``apwa_runs`` comm: answers ``list`` and ``cancel``, pushes run updates."""
+
+    def __init__(
+        self,
+        comm: CommLike,
+        session: SessionLike,
+        *,
+        min_interval: float = MIN_UPDATE_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+        start_timer: StartTimer = _start_thread_timer,
+        on_closed: Callable[[RunsChannel], None] | None = None,
+    ) -> None:
+        self.comm = comm
+        self._session = session
+        self._on_closed = on_closed
+        self._send_lock = threading.Lock()
+        self._context = contextvars.copy_context()
+        self._closed = False
+        self._throttle = UpdateThrottle(
+            self._send_changes, min_interval=min_interval, clock=clock, start_timer=start_timer
+        )
+        comm.on_msg(self._on_msg)
+        comm.on_close(self._on_frontend_close)
+        self._unsubscribe = session.on_run_change(self._throttle.push)
+
+    @property
+    def closed(self) -> bool:
+        """Whether the comm was closed by either side."""
+        return self._closed
+
+    def handle(self, data: Any) -> None:
+        """Handle one frontend message (the ``data`` of a comm_msg)."""
+        if not isinstance(data, dict):
+            log.warning("apwa runs comm: ignoring %r", data)
+            return
+        kind = data.get("type")
+        if kind == "list":
+            self.send_snapshot()
+        elif kind == "cancel":
+            self._cancel(data.get("run_id"))
+        else:
+            log.warning("apwa runs comm: ignoring message of type %r", kind)
+
+    def send_snapshot(self) -> None:
+        """Send every run's current summary."""
+        with self._send_lock:
+            runs = [run.summary() for run in self._session.run_list()]
+            self._send({"type": "snapshot", "runs": runs})
+
+    def close(self, *, notify_frontend: bool = True) -> None:
+        """Stop sending; with ``notify_frontend`` also close the comm (the panel shows the hint)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._throttle.close()
+        try:
+            self._unsubscribe()
+        except Exception:
+            log.exception("apwa runs comm: unsubscribing from run changes failed")
+        if notify_frontend:
+            try:
+                self.comm.close()
+            except Exception:
+                log.debug("apwa runs comm: closing failed", exc_info=True)
+        if self._on_closed is not None:
+            self._on_closed(self)
+
+    def _on_msg(self, msg: dict[str, Any]) -> None:
+        # Later sends from other threads reuse this message's context (its subshell).
+        self._context = contextvars.copy_context()
+        self.handle(msg.get("content", {}).get("data"))
+
+    def _on_frontend_close(self, _msg: dict[str, Any]) -> None:
+        self.close(notify_frontend=False)
+
+    def _cancel(self, run_id: Any) -> None:
+        run = next((r for r in self._session.run_list() if r.id == run_id), None)
+        if run is None:
+            log.warning("apwa runs comm: cannot cancel unknown run %r", run_id)
+            self.send_snapshot()
+            return
+        try:
+            run.cancel()
+        except Exception:
+            log.exception("apwa runs comm: cancelling run %s failed", run_id)
+        self._throttle.push(run)
+
+    def _send_changes(self, runs: list[RunLike]) -> None:
+        if len(runs) > 1:
+            self.send_snapshot()
+            return
+        with self._send_lock:
+            self._send({"type": "update", "run": runs[0].summary()})
+
+    def _send(self, data: dict[str, Any]) -> None:
+        if self._closed:
+            return
+        self._context.copy().run(self.comm.send, data)
+
+
+class _Registration:
+    """The target registered on one kernel's comm manager and the channels it opened."""
+
+    def __init__(self, session: SessionLike, comm_manager: Any) -> None:
+        self.session = session
+        self.comm_manager = comm_manager
+        self.channels: list[RunsChannel] = []
+        self._lock = threading.Lock()
+
+    def open_comm(self, comm: CommLike, _open_msg: dict[str, Any]) -> None:
+        channel = RunsChannel(comm, self.session, on_closed=self._forget)
+        with self._lock:
+            self.channels.append(channel)
+        channel.send_snapshot()
+
+    def close(self) -> None:
+        with self._lock:
+            channels, self.channels = self.channels, []
+        for channel in channels:
+            channel.close()
+
+    def _forget(self, channel: RunsChannel) -> None:
+        with self._lock:
+            if channel in self.channels:
+                self.channels.remove(channel)
+
+
+_REGISTRATIONS: dict[int, _Registration] = {}
+
+
+def _comm_manager_of(ipython: Any) -> Any:
+    kernel = getattr(ipython, "kernel", None)
+    return getattr(kernel, "comm_manager", None)
+
+
+def _announce() -> None:
+    """Tell JupyterLab frontends that the target exists (they reconnect their panel)."""
+    try:
+        from comm import create_comm
+    except ImportError:
+        return
+    try:
+        hello = create_comm(target_name=TARGET_NAME, data={"type": "hello"})
+        hello.close()
+    except Exception:
+        log.debug("apwa runs comm: announcing the target failed", exc_info=True)
+
+
+def register(ipython: Any, session: SessionLike) -> None:
+    """Serve the runs panel for ``session`` in this kernel; a no-op without a kernel.
+
+    Calling it again (e.g. ``%reload_ext``) replaces the previous registration.
+    """
+    comm_manager = _comm_manager_of(ipython)
+    if comm_manager is None:
+        return
+    unregister(ipython)
+    registration = _Registration(session, comm_manager)
+    comm_manager.register_target(TARGET_NAME, registration.open_comm)
+    _REGISTRATIONS[id(ipython)] = registration
+    _announce()
+
+
+def unregister(ipython: Any) -> None:
+    """Remove the target and close open comms (panels then show the load hint)."""
+    registration = _REGISTRATIONS.pop(id(ipython), None)
+    if registration is None:
+        return
+    targets = getattr(registration.comm_manager, "targets", {})
+    if targets.get(TARGET_NAME) == registration.open_comm:
+        registration.comm_manager.unregister_target(TARGET_NAME, registration.open_comm)
+    registration.close()

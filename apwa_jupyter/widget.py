@@ -1,0 +1,318 @@
+"""The interactive plan widget: inspect, edit, approve, watch, retry (standard ipywidgets only).
+
+State lives in Python; the frontend only renders standard controls, so it works in JupyterLab 4,
+Notebook 7 and VS Code. Every action is a plain method (`approve`, `cancel`, `retry`,
+`edit_instruction`, `remove_stage`) that the buttons call and tests can call without a browser.
+Live updates come from a ticker thread at most every `REFRESH_S` seconds, reading the run's
+counters: 10,000 subtasks cost the frontend no more messages than 10.
+"""
+
+from __future__ import annotations
+
+import html
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import ipywidgets as W
+
+from .display import run_text, stage_line
+from .errors import ApwaError
+from .plan import dependencies
+
+if TYPE_CHECKING:
+    from .run import Run
+
+REFRESH_S = 0.25
+MAX_ERRORS_SHOWN = 20
+KIND_COLOURS = {"map": "#1f77b4", "task": "#2ca02c", "replicate": "#9467bd", "reduce": "#d62728"}
+STATE_COLOURS = {
+    "planning": "#888",
+    "awaiting_approval": "#b8860b",
+    "running": "#1f77b4",
+    "done": "#2ca02c",
+    "failed": "#d62728",
+    "cancelled": "#888",
+}
+
+
+def dag_html(run: Run) -> str:
+    """Stages laid out in columns by depth, tables first, arrows showing which feeds which."""
+    plan = run.plan
+    if plan is None:
+        return ""
+    depth: dict[str, int] = {name: 0 for name in run.tables}
+    for stage_id in plan.order():
+        deps = dependencies(plan.stage(stage_id))
+        depth[stage_id] = 1 + max((depth.get(d, 0) for d in deps), default=0)
+    columns: dict[int, list[str]] = {}
+    for name, level in depth.items():
+        columns.setdefault(level, []).append(name)
+    counts = run.stage_subtasks()
+    cells = []
+    for level in sorted(columns):
+        boxes = []
+        for name in columns[level]:
+            if name in run.tables:
+                rows = run.tables[name].num_rows
+                boxes.append(
+                    f'<div class="apwa-node apwa-table" style="border:1px dashed #999;padding:4px 8px;'
+                    f'border-radius:4px;margin:4px 0">{html.escape(name)}<br><small>{rows:,} rows</small></div>'
+                )
+                continue
+            stage = plan.stage(name)
+            feeds = ", ".join(dependencies(stage)) or "-"
+            colour = KIND_COLOURS.get(stage.kind, "#555")
+            boxes.append(
+                f'<div class="apwa-node apwa-stage" title="after: {html.escape(feeds)}" '
+                f'style="border:2px solid {colour};padding:4px 8px;border-radius:4px;margin:4px 0">'
+                f"<b>{html.escape(name)}</b> <small style='color:{colour}'>{stage.kind}</small><br>"
+                f"<small>{counts.get(name, 0):,} subtasks · from {html.escape(feeds)}</small></div>"
+            )
+        cells.append(f'<div style="display:flex;flex-direction:column">{"".join(boxes)}</div>')
+    arrow = '<div style="align-self:center;font-size:18px;padding:0 6px">&rarr;</div>'
+    return f'<div class="apwa-dag" style="display:flex;align-items:flex-start">{arrow.join(cells)}</div>'
+
+
+class PlanWidget:
+    """The widget for one run. `view` is the ipywidgets tree to display."""
+
+    def __init__(self, run: Run, on_finished: Callable[[Run], None] | None = None):
+        self.run = run
+        self.on_finished = on_finished
+        self.header = W.HTML()
+        self.dag = W.HTML()
+        self.stages = W.Accordion()
+        self.estimate = W.HTML()
+        self.message = W.HTML()
+        self.run_button = W.Button(description="Run", button_style="success", icon="play")
+        self.cancel_button = W.Button(description="Cancel", button_style="warning", icon="stop")
+        self.retry_button = W.Button(description="Retry failed", icon="redo")
+        self.run_button.on_click(lambda _: self.approve())
+        self.cancel_button.on_click(lambda _: self.cancel())
+        self.retry_button.on_click(lambda _: self.retry())
+        self.progress = W.VBox()
+        self.stats = W.HTML()
+        self.errors = W.HTML()
+        self._bars: dict[str, tuple[W.IntProgress, W.HTML]] = {}
+        self._drawn_plan: Any = None
+        self._finished_reported = False
+        self._ticker: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.view = W.VBox(
+            [
+                self.header,
+                self.dag,
+                self.stages,
+                self.estimate,
+                W.HBox([self.run_button, self.cancel_button, self.retry_button]),
+                self.message,
+                self.progress,
+                self.stats,
+                self.errors,
+            ],
+            layout=W.Layout(border="1px solid #ddd", padding="6px"),
+        )
+        self.view.add_class("apwa-plan-widget")
+        run.subscribe(self._on_event)
+        self.refresh()
+        self._ensure_ticker()
+
+    # -- actions (the buttons call these; so can tests) -----------------------------------------
+    def approve(self) -> None:
+        """Start executing the (possibly edited) plan."""
+        self._act(self.run.start)
+
+    def cancel(self) -> None:
+        """Cancel planning, approval or execution; finished rows are kept."""
+        self._act(self.run.cancel)
+
+    def retry(self) -> None:
+        """Rerun failed subtasks and what depends on them."""
+        self._finished_reported = False
+        self._act(self.run.retry_failed)
+
+    def edit_instruction(self, stage_id: str, instruction: str) -> None:
+        """Change a stage's instruction before running."""
+        self._act(lambda: self.run.edit_stage(stage_id, instruction=instruction))
+
+    def remove_stage(self, stage_id: str) -> None:
+        """Drop a stage from the plan before running."""
+        self._act(lambda: self.run.edit_stage(stage_id, remove=True))
+
+    def _act(self, action: Callable[[], Any]) -> None:
+        try:
+            action()
+            self.message.value = ""
+        except ApwaError as exc:
+            self.message.value = f'<span style="color:#d62728">{html.escape(str(exc))}</span>'
+        self.refresh()
+        self._ensure_ticker()
+
+    # -- live updates -------------------------------------------------------------------------
+    def _on_event(self, event: Any) -> None:
+        if event.kind == "run_state":
+            self.refresh()
+            self._ensure_ticker()
+
+    def _ensure_ticker(self) -> None:
+        if self.run.state not in ("planning", "running"):
+            return
+        if self._ticker is not None and self._ticker.is_alive():
+            return
+        self._ticker = threading.Thread(
+            target=self._tick, name=f"apwa-widget-{self.run.id}", daemon=True
+        )
+        self._ticker.start()
+
+    def _tick(self) -> None:
+        while self.run.state in ("planning", "running"):
+            time.sleep(REFRESH_S)
+            self.refresh()
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Redraw from the run's current state (thread-safe, cheap)."""
+        with self._lock:
+            self._refresh()
+
+    def _refresh(self) -> None:
+        run = self.run
+        colour = STATE_COLOURS.get(run.state, "#555")
+        summary = run.summary()
+        first_line = html.escape(summary["prompt"])
+        self.header.value = (
+            f'<b>APWA</b> <span class="apwa-state" style="color:{colour}">{run.state.replace("_", " ")}</span>'
+            f" · <code>{run.id}</code> · {first_line}"
+            + (
+                f"<br><small>{html.escape(run.endpoint_description)}</small>"
+                if run.endpoint_description
+                else ""
+            )
+        )
+        if run.plan is not None and run.plan is not self._drawn_plan:
+            self._draw_plan()
+        editable = run.state == "awaiting_approval" and not getattr(run, "dry_run", False)
+        self.run_button.disabled = not editable
+        self.cancel_button.disabled = run.state not in ("planning", "running", "awaiting_approval")
+        self.retry_button.disabled = not (
+            run.state in ("done", "failed", "cancelled") and run.errors
+        )
+        for child in self.stages.children:
+            for control in getattr(child, "children", ()):
+                if isinstance(control, (W.Textarea, W.Button)):
+                    control.disabled = not editable
+        self._draw_progress()
+        if run.error:
+            self.message.value = f'<span style="color:#d62728">{html.escape(run.error)}</span>'
+        self._draw_errors()
+        if run.state in ("done", "failed", "cancelled") and not self._finished_reported:
+            self._finished_reported = True
+            if self.on_finished is not None:
+                self.on_finished(run)
+
+    def _draw_plan(self) -> None:
+        run = self.run
+        plan = run.plan
+        assert plan is not None
+        self._drawn_plan = plan
+        self.dag.value = dag_html(run)
+        counts = run.stage_subtasks()
+        panels, titles = [], []
+        for stage_id in plan.order():
+            stage = plan.stage(stage_id)
+            meta = W.HTML(
+                "<small>"
+                + html.escape(stage_line(stage, counts.get(stage_id, 0)))
+                + (
+                    "<br>" + html.escape(f"tasks: {[t.id for t in stage.tasks]}")
+                    if stage.kind == "task"
+                    else ""
+                )
+                + "</small>"
+            )
+            text = W.Textarea(
+                value=stage.instruction,
+                layout=W.Layout(width="98%", height="70px"),
+                continuous_update=False,
+            )
+            text.observe(
+                lambda change, sid=stage_id: self.edit_instruction(sid, change["new"]),
+                names="value",
+            )
+            remove = W.Button(
+                description="Remove stage", icon="trash", layout=W.Layout(width="auto")
+            )
+            remove.on_click(lambda _, sid=stage_id: self.remove_stage(sid))
+            panels.append(W.VBox([meta, text, remove]))
+            titles.append(f"{stage_id} · {stage.kind} · {counts.get(stage_id, 0):,} subtasks")
+        self.stages.children = panels
+        for i, title in enumerate(titles):
+            self.stages.set_title(i, title)
+        self.estimate.value = (
+            f"<small>{html.escape(plan.summary)}<br>estimate: {run.estimate_subtasks():,} model calls, "
+            f"~{run.estimate_tokens():,} tokens</small>"
+        )
+        self._bars = {}
+        self.progress.children = ()
+
+    def _draw_progress(self) -> None:
+        run = self.run
+        progress = run.progress()
+        for stage_id, p in progress.items():
+            if stage_id not in self._bars:
+                bar = W.IntProgress(min=0, max=max(p.total, 1), description=stage_id[:14])
+                label = W.HTML()
+                self._bars[stage_id] = (bar, label)
+                self.progress.children = (*self.progress.children, W.HBox([bar, label]))
+            bar, label = self._bars[stage_id]
+            bar.max = max(p.total, 1)
+            bar.value = p.finished
+            bar.bar_style = (
+                "danger"
+                if p.failed
+                else ("success" if p.finished == p.total and p.total else "info")
+            )
+            retry = f" · {p.retries} retries" if p.retries else ""
+            label.value = (
+                f"<small>{p.done:,}/{p.total:,} done · {max(p.running, 0)} running · "
+                f"{p.failed} failed{retry}</small>"
+            )
+        if progress or run.state in ("running", "done"):
+            elapsed = run.timings().get("execution_s") or 0.0
+            done = sum(p.finished for p in progress.values())
+            rate = done / elapsed if elapsed else 0.0
+            self.stats.value = (
+                f"<small>{done:,} subtasks in {elapsed:.1f}s · {rate:.1f}/s · "
+                f"{run.tokens:,} tokens</small>"
+            )
+
+    def _draw_errors(self) -> None:
+        errors = self.run.errors
+        if not errors:
+            self.errors.value = ""
+            return
+        rows = "".join(
+            f"<tr><td>{html.escape(e.subtask)}</td><td>{html.escape(e.kind)}</td>"
+            f"<td>{html.escape(str(list(e.rows))[:40])}</td><td>{html.escape(e.message[:200])}</td></tr>"
+            for e in errors[:MAX_ERRORS_SHOWN]
+        )
+        more = (
+            f"<br><small>and {len(errors) - MAX_ERRORS_SHOWN} more</small>"
+            if len(errors) > MAX_ERRORS_SHOWN
+            else ""
+        )
+        self.errors.value = (
+            f'<details open><summary style="color:#d62728">{len(errors)} failed subtasks</summary>'
+            f'<table class="apwa-errors"><tr><th>subtask</th><th>kind</th><th>rows</th><th>error</th></tr>{rows}</table>'
+            f"{more}<small>All details: <code>_apwa.errors_frame()</code></small></details>"
+        )
+
+    # -- display ------------------------------------------------------------------------------
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        """The widget view, with a readable text/plain for nbconvert and terminals."""
+        bundle = self.view._repr_mimebundle_(**kwargs) or {}
+        if isinstance(bundle, tuple):
+            bundle = bundle[0]
+        return {**bundle, "text/plain": run_text(self.run)}
