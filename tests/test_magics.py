@@ -14,7 +14,9 @@ from apwa_jupyter.testing import Reply, worker_input
 
 from .conftest import map_plan, plan_responder
 
-PLAN = map_plan("reviews", "Count the characters of {text}", [{"name": "n_chars", "type": "integer"}])
+PLAN = map_plan(
+    "reviews", "Count the characters of {text}", [{"name": "n_chars", "type": "integer"}]
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,8 @@ def ip(shell, fake_server, capsys):
     )
     shell.run_line_magic("load_ext", "apwa_jupyter")
     shell.run_line_magic(
-        "apwa", f"config executor=local base_url={server.base_url} model=fake-model api_key=sk-SECRET123"
+        "apwa",
+        f"config executor=local base_url={server.base_url} model=fake-model api_key=sk-SECRET123",
     )
     shell.user_ns["reviews"] = pd.DataFrame({"text": ["abc", "de"]}, index=["r1", "r2"])
     shell.user_ns["server"] = server
@@ -89,8 +92,17 @@ def test_bad_option_prints_usage(ip, capsys):
 def test_help_documents_every_option(ip, capsys):
     apwa(ip, "--help", "(the body is ignored with --help)")
     out = capsys.readouterr().out
-    for option in ("--out", "--model", "--base-url", "--address", "--concurrency", "--dry-run",
-                   "--yes", "--tools", "--wait"):
+    for option in (
+        "--out",
+        "--model",
+        "--base-url",
+        "--address",
+        "--concurrency",
+        "--dry-run",
+        "--yes",
+        "--tools",
+        "--wait",
+    ):
         assert option in out
 
 
