@@ -100,7 +100,9 @@ class ApwaMagics(Magics):
             return None
         from .namespace import resolve_prompt
 
-        prompt, tables = resolve_prompt(cell, self.user_ns, self.shell.user_ns_hidden)
+        prompt, tables = resolve_prompt(
+            cell, self.user_ns, getattr(self.shell, "user_ns_hidden", ())
+        )
         session = self.session
         self._apply_cell_options(session, options)
         run = session.plan(
