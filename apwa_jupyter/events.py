@@ -7,10 +7,13 @@ The executor calls `ProgressSink` methods from the engine thread. Counters are p
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
+
+log = logging.getLogger(__name__)
 
 EventKind = Literal[
     "run_state",
@@ -73,6 +76,7 @@ class ProgressSink:
             try:
                 listener(event)
             except Exception:
+                log.exception("run %s: a progress listener failed and was removed", self.run_id)
                 self._listeners.remove(listener)
 
     def stage(self, stage: str) -> StageProgress:

@@ -117,6 +117,7 @@ class ApwaMagics(Magics):
         run.dry_run = options.dry_run
         run.cell_id = self._cell_id()
         self._maybe_tell_embedded(session)
+        self._bind_when_finished(run)
         view = self._show(run)
         if options.yes:
             run.approve_when_planned()
@@ -152,25 +153,29 @@ class ApwaMagics(Magics):
             chosen.register(tool.function, name=name)
         return chosen
 
-    def _show(self, run: Run) -> Any:
+    def _bind_when_finished(self, run: Run) -> None:
+        """Bind `--out` and `_apwa` as soon as a run ends, independently of any display.
+
+        The listener runs on the engine thread before the run's future completes, so `--wait`
+        and `run.wait()` always return with the variables already bound.
+        """
         from .namespace import bind_result
 
-        def finished(done: Run) -> None:
-            bind_result(self.user_ns, done.options.out, done)
+        def on_state(event: Any) -> None:
+            if event.kind == "run_state" and run.state in ("done", "failed", "cancelled"):
+                bind_result(self.user_ns, run.options.out, run)
 
+        run.subscribe(on_state)
+
+    def _show(self, run: Run) -> Any:
         try:
             from .widget import PlanWidget
         except ImportError:  # ipywidgets missing: text only
             from .display import run_text
 
-            def on_state(event: Any) -> None:
-                if event.kind == "run_state" and run.state in ("done", "failed", "cancelled"):
-                    finished(run)
-
-            run.subscribe(on_state)
             print(run_text(run))
             return None
-        widget = PlanWidget(run, on_finished=finished)
+        widget = PlanWidget(run)
         self._widgets[run.id] = widget
         return display(widget, display_id=True)
 

@@ -11,6 +11,8 @@ with nothing configured, the embedded offline model starts on first use.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +25,7 @@ from .errors import ApwaError, PlanError, UserInputError
 from .events import Event
 from .executors.base import Executor
 from .models.base import ChatModel
+from .models.pool import ModelPool
 from .run import Run, RunOptions
 from .tables import DataTable, resolve_tables
 
@@ -54,7 +57,7 @@ class Session:
         self.registry = registry if registry is not None else default_registry
         self.runs: list[Run] = []
         self._run_listeners: list[RunListener] = []
-        self._manager_models: dict[Any, ChatModel] = {}
+        self._manager_models = ModelPool()
         self._lock = threading.Lock()
 
     # -- configuration ---------------------------------------------------------------------------
@@ -130,11 +133,7 @@ class Session:
             from .models.embedded import get_embedded_endpoint
 
             endpoint = get_embedded_endpoint()
-        if endpoint not in self._manager_models:
-            from .models.openai_chat import OpenAIChatModel
-
-            self._manager_models[endpoint] = OpenAIChatModel(endpoint)
-        return self._manager_models[endpoint], endpoint
+        return self._manager_models.get(endpoint), endpoint
 
     # -- runs ------------------------------------------------------------------------------------
     def plan(
@@ -232,12 +231,21 @@ class Session:
                 self._run_listeners.remove(callback)
 
     def shutdown(self) -> None:
-        """Cancel active runs and release the executor."""
+        """Cancel active runs, close HTTP clients, release the executor."""
         for run in self.runs:
             run.cancel()
-        if self._executor is not None:
-            self._executor.shutdown()
-            self._executor = None
+        executor, self._executor = self._executor, None
+        closers = [self._manager_models.aclose()]
+        if executor is not None and hasattr(executor, "aclose"):
+            closers.append(executor.aclose())
+
+        async def close_all() -> None:
+            await asyncio.gather(*closers, return_exceptions=True)
+
+        with contextlib.suppress(Exception):
+            get_engine().submit(close_all()).result(timeout=10)
+        if executor is not None:
+            executor.shutdown()
 
 
 _default: Session | None = None

@@ -78,9 +78,8 @@ def dag_html(run: Run) -> str:
 class PlanWidget:
     """The widget for one run. `view` is the ipywidgets tree to display."""
 
-    def __init__(self, run: Run, on_finished: Callable[[Run], None] | None = None):
+    def __init__(self, run: Run):
         self.run = run
-        self.on_finished = on_finished
         self.header = W.HTML()
         self.dag = W.HTML()
         self.stages = W.Accordion()
@@ -97,7 +96,6 @@ class PlanWidget:
         self.errors = W.HTML()
         self._bars: dict[str, tuple[W.IntProgress, W.HTML]] = {}
         self._drawn_plan: Any = None
-        self._finished_reported = False
         self._ticker: threading.Thread | None = None
         self._lock = threading.Lock()
         self.view = W.VBox(
@@ -130,7 +128,6 @@ class PlanWidget:
 
     def retry(self) -> None:
         """Rerun failed subtasks and what depends on them."""
-        self._finished_reported = False
         self._act(self.run.retry_failed)
 
     def edit_instruction(self, stage_id: str, instruction: str) -> None:
@@ -207,10 +204,6 @@ class PlanWidget:
         if run.error:
             self.message.value = f'<span style="color:#d62728">{html.escape(run.error)}</span>'
         self._draw_errors()
-        if run.state in ("done", "failed", "cancelled") and not self._finished_reported:
-            self._finished_reported = True
-            if self.on_finished is not None:
-                self.on_finished(run)
 
     def _draw_plan(self) -> None:
         run = self.run

@@ -132,3 +132,46 @@ def test_bad_tables_fail_before_any_request(fake_server, registry, bad):
     with pytest.raises(UserInputError):
         local_session(server, registry).plan("count {reviews}", bad)
     assert server.count == 0
+
+
+def test_interrupt_while_waiting_cancels_and_keeps_finished_rows(fake_server, registry):
+    """A kernel interrupt is a KeyboardInterrupt in the main thread; simulate exactly that."""
+    import _thread
+
+    from apwa_jupyter.errors import RunCancelled
+
+    frame = pd.DataFrame({"text": [f"row {i}" for i in range(200)]})
+    server = fake_server(plan_responder(PLAN, count_chars), latency=0.05)
+    run = local_session(server, registry, concurrency=4).plan("count {reviews}", {"reviews": frame}).wait()
+    run.subscribe(
+        lambda e: (
+            e.kind == "subtask_finished"
+            and run.sink.stage("label").done == 8
+            and _thread.interrupt_main()
+        )
+    )
+    with pytest.raises(RunCancelled, match="Finished subtasks are kept"):
+        run.start().wait(60)
+    run.wait(30)
+    assert run.state == "cancelled"
+    assert 8 <= run.result["n_chars"].notna().sum() < 200
+
+
+def test_retry_failed_reruns_only_the_failures(fake_server, registry, reviews):
+    broken = {"on": True}
+
+    def worker(body):
+        text = worker_input(body)["text"]
+        if broken["on"] and "kettle" in text:
+            return Reply.text("{not json")
+        return count_chars(body)
+
+    server = fake_server(plan_responder(PLAN, worker))
+    run = local_session(server, registry).run("count {reviews}", {"reviews": reviews})
+    assert run.result["n_chars"].isna().sum() == 1 and len(run.errors) == 1
+    before = server.count
+    broken["on"] = False
+    run.retry_failed().wait(30)
+    assert run.state == "done" and run.errors == []
+    assert run.result["n_chars"].tolist() == expected(reviews)
+    assert server.count == before + 1  # only the failed row was asked again

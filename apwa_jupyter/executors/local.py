@@ -6,8 +6,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from ..config import EndpointConfig
-from ..models.base import ChatModel
+from ..models.pool import ModelPool
 from ..templates import StageContext, Subtask
 from ..worker import SubtaskResult, run_subtask
 from .base import Executor, RetryPolicy
@@ -21,7 +20,7 @@ class LocalExecutor(Executor):
 
     def __init__(self, concurrency: int = 64, retry: RetryPolicy | None = None):
         super().__init__(concurrency, retry)
-        self._models: dict[Any, ChatModel] = {}
+        self._models = ModelPool()
 
     async def start(self) -> None:
         """Nothing to start."""
@@ -34,24 +33,13 @@ class LocalExecutor(Executor):
         """In process, the context is its own handle."""
         return ctx
 
-    def _model(self, source: EndpointConfig | ChatModel) -> ChatModel:
-        if not isinstance(source, EndpointConfig):
-            return source
-        if source not in self._models:
-            from ..models.openai_chat import OpenAIChatModel
-
-            self._models[source] = OpenAIChatModel(source)
-        return self._models[source]
-
     async def _attempt(
         self, subtask: Subtask, stage: StageContext, tables: dict[str, Any]
     ) -> SubtaskResult:
         return await run_subtask(
-            subtask, stage, self._model(stage.model), lambda st: read_rows(st, tables)
+            subtask, stage, self._models.get(stage.model), lambda st: read_rows(st, tables)
         )
 
     async def aclose(self) -> None:
         """Close HTTP clients."""
-        for model in self._models.values():
-            await model.aclose()
-        self._models.clear()
+        await self._models.aclose()

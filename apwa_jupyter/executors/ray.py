@@ -22,9 +22,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from ..config import EndpointConfig
 from ..errors import UserInputError
-from ..models.base import ChatModel
+from ..models.pool import ModelPool
 from ..templates import StageContext, Subtask
 from ..worker import SubtaskResult
 from .base import Executor, RetryPolicy, WorkerLost
@@ -37,7 +36,7 @@ class _WorkerActor:
     """Runs subtasks inside a Ray worker process; one instance serves many concurrent calls."""
 
     def __init__(self) -> None:
-        self._models: dict[Any, ChatModel] = {}
+        self._models = ModelPool()
         self._cache: OrderedDict[str, Any] = OrderedDict()
 
     def pid(self) -> int:
@@ -52,15 +51,6 @@ class _WorkerActor:
         self._cache.move_to_end(key)
         return self._cache[key]
 
-    def _model(self, source: EndpointConfig | ChatModel) -> ChatModel:
-        if not isinstance(source, EndpointConfig):
-            return source
-        if source not in self._models:
-            from apwa_jupyter.models.openai_chat import OpenAIChatModel
-
-            self._models[source] = OpenAIChatModel(source)
-        return self._models[source]
-
     async def run(
         self, subtask: Subtask, stage_box: list[Any], table_box: list[Any]
     ) -> SubtaskResult:
@@ -72,7 +62,7 @@ class _WorkerActor:
         if subtask.rows is not None and table_box:
             tables[subtask.rows.table] = await self._fetch(table_box[0])
         return await run_subtask(
-            subtask, ctx, self._model(ctx.model), lambda st: read_rows(st, tables)
+            subtask, ctx, self._models.get(ctx.model), lambda st: read_rows(st, tables)
         )
 
 

@@ -1,0 +1,29 @@
+"""One chat model per endpoint per process: clients are reused, not rebuilt per subtask."""
+
+from __future__ import annotations
+
+from ..config import EndpointConfig
+from .base import ChatModel
+
+
+class ModelPool:
+    """Resolves a stage's model source: an endpoint becomes a cached client; a model is itself."""
+
+    def __init__(self) -> None:
+        self._models: dict[EndpointConfig, ChatModel] = {}
+
+    def get(self, source: EndpointConfig | ChatModel) -> ChatModel:
+        """The model for this source (built on first use, inside the caller's event loop)."""
+        if not isinstance(source, EndpointConfig):
+            return source
+        if source not in self._models:
+            from .openai_chat import OpenAIChatModel
+
+            self._models[source] = OpenAIChatModel(source)
+        return self._models[source]
+
+    async def aclose(self) -> None:
+        """Close every client built here."""
+        models, self._models = list(self._models.values()), {}
+        for model in models:
+            await model.aclose()
