@@ -35,6 +35,11 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
+def _jupyter_labextension_paths() -> list[dict[str, str]]:
+    """Where the prebuilt JupyterLab extension lives (for `jupyter labextension develop`)."""
+    return [{"src": "labextension", "dest": "apwa-jupyter-labextension"}]
+
+
 def load_ipython_extension(ipython: Any) -> None:
     """Register the `%apwa` / `%%apwa` magics (imports neither ray nor openai)."""
     from .magics import load

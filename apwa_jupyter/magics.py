@@ -319,17 +319,20 @@ def load(ipython: Any) -> None:
     global _magics
     _magics = ApwaMagics(shell=ipython)
     ipython.register_magics(_magics)
+    from . import runs_comm
+
+    runs_comm.register(ipython)  # the JupyterLab panel can list runs from now on
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 
 def unload(ipython: Any) -> None:
     """Stop runs, release Ray and the embedded model."""
     global _magics
+    from . import runs_comm
+
+    runs_comm.unregister(ipython)
     if _magics is not None and _magics._session is not None:
         _magics._session.shutdown()
-        from . import runs_comm
-
-        runs_comm.unregister(ipython)
     _magics = None
     import sys
 

@@ -173,6 +173,7 @@ class RunsChannel:
         self._send_lock = threading.Lock()
         self._context = contextvars.copy_context()
         self._closed = False
+        self._last_sent: dict[Any, dict[str, Any]] = {}
         self._throttle = UpdateThrottle(
             self._send_changes, min_interval=min_interval, clock=clock, start_timer=start_timer
         )
@@ -184,6 +185,18 @@ class RunsChannel:
     def closed(self) -> bool:
         """Whether the comm was closed by either side."""
         return self._closed
+
+    def use_session(self, session: SessionLike) -> None:
+        """Follow another session's runs (the kernel's session was created or replaced)."""
+        if self._closed or session is self._session:
+            return
+        try:
+            self._unsubscribe()
+        except Exception:
+            log.exception("apwa runs comm: unsubscribing from run changes failed")
+        self._session = session
+        self._unsubscribe = session.on_run_change(self._throttle.push)
+        self.send_snapshot()
 
     def handle(self, data: Any) -> None:
         """Handle one frontend message (the ``data`` of a comm_msg)."""
@@ -247,12 +260,32 @@ class RunsChannel:
             self.send_snapshot()
             return
         with self._send_lock:
-            self._send({"type": "update", "run": runs[0].summary()})
+            summary = runs[0].summary()
+            if summary == self._last_sent.get(summary.get("id")):
+                return  # e.g. a second notification of a finished run
+            self._send({"type": "update", "run": summary})
+
+    def _remember(self, summaries: Sequence[dict[str, Any]]) -> None:
+        for summary in summaries:
+            self._last_sent[summary.get("id")] = summary
 
     def _send(self, data: dict[str, Any]) -> None:
         if self._closed:
             return
         self._context.copy().run(self.comm.send, data)
+        self._remember(data["runs"] if data["type"] == "snapshot" else [data["run"]])
+
+
+class _NoSession:
+    """Stands in until the kernel's session exists (the extension is loaded, no run yet)."""
+
+    def run_list(self) -> list[RunLike]:
+        """No runs."""
+        return []
+
+    def on_run_change(self, callback: Callable[[RunLike], None]) -> Callable[[], None]:
+        """Nothing ever changes."""
+        return lambda: None
 
 
 class _Registration:
@@ -269,6 +302,17 @@ class _Registration:
         with self._lock:
             self.channels.append(channel)
         channel.send_snapshot()
+
+    def use_session(self, session: SessionLike) -> None:
+        with self._lock:
+            self.session = session
+            channels = list(self.channels)
+        for channel in channels:
+            channel.use_session(session)
+
+    def is_current_on(self, comm_manager: Any) -> bool:
+        targets = getattr(comm_manager, "targets", {})
+        return comm_manager is self.comm_manager and targets.get(TARGET_NAME) == self.open_comm
 
     def close(self) -> None:
         with self._lock:
@@ -303,16 +347,23 @@ def _announce() -> None:
         log.debug("apwa runs comm: announcing the target failed", exc_info=True)
 
 
-def register(ipython: Any, session: SessionLike) -> None:
-    """Serve the runs panel for ``session`` in this kernel; a no-op without a kernel.
+def register(ipython: Any, session: SessionLike | None = None) -> None:
+    """Serve the runs panel in this kernel; a no-op without a kernel (terminal IPython).
 
-    Calling it again (e.g. ``%reload_ext``) replaces the previous registration.
+    Call it without a session from ``%load_ext`` (the panel then lists no runs instead of the
+    "run %load_ext" hint), and again with the session once it exists: open panels switch to
+    its runs without reconnecting. Registering on a new comm manager replaces the old target.
     """
     comm_manager = _comm_manager_of(ipython)
     if comm_manager is None:
         return
+    current = _REGISTRATIONS.get(id(ipython))
+    if current is not None and current.is_current_on(comm_manager):
+        if session is not None:
+            current.use_session(session)
+        return
     unregister(ipython)
-    registration = _Registration(session, comm_manager)
+    registration = _Registration(session if session is not None else _NoSession(), comm_manager)
     comm_manager.register_target(TARGET_NAME, registration.open_comm)
     _REGISTRATIONS[id(ipython)] = registration
     _announce()
@@ -323,7 +374,6 @@ def unregister(ipython: Any) -> None:
     registration = _REGISTRATIONS.pop(id(ipython), None)
     if registration is None:
         return
-    targets = getattr(registration.comm_manager, "targets", {})
-    if targets.get(TARGET_NAME) == registration.open_comm:
+    if registration.is_current_on(registration.comm_manager):
         registration.comm_manager.unregister_target(TARGET_NAME, registration.open_comm)
     registration.close()

@@ -308,16 +308,48 @@ def test_register_serves_the_target_and_unregister_closes_comms(no_announce: lis
     runs_comm.unregister(ipython)  # idempotent
 
 
-def test_register_twice_replaces_the_previous_registration(no_announce: list[bool]) -> None:
+def test_register_without_a_session_then_with_one_switches_open_panels(
+    no_announce: list[bool],
+) -> None:
     manager = FakeCommManager()
     ipython = FakeIPython(manager)
-    first, second = FakeSession(), FakeSession()
-    runs_comm.register(ipython, first)
+    runs_comm.register(ipython)  # %load_ext: target present, no session yet
     comm = FakeComm()
     manager.targets[TARGET_NAME](comm, {})
-    runs_comm.register(ipython, second)
+    assert comm.sent == [{"type": "snapshot", "runs": []}]
+
+    session = FakeSession(FakeRun("a"))
+    runs_comm.register(ipython, session)  # the first %%apwa created the session
+    assert no_announce == [True]  # no second announcement, no reconnect
+    assert not comm.closed
+    assert comm.sent[-1] == {"type": "snapshot", "runs": [session.runs[0].summary()]}
+    assert len(session.callbacks) == 1
+
+    runs_comm.register(ipython)  # a later call without a session keeps the session
+    replacement = FakeSession()
+    runs_comm.register(ipython, replacement)
+    assert session.callbacks == []
+    assert len(replacement.callbacks) == 1
+    assert comm.sent[-1] == {"type": "snapshot", "runs": []}
+    runs_comm.unregister(ipython)
+    assert comm.closed
+
+
+def test_register_on_a_new_comm_manager_replaces_the_registration(
+    no_announce: list[bool],
+) -> None:
+    ipython = FakeIPython(FakeCommManager())
+    first = FakeSession()
+    runs_comm.register(ipython, first)
+    comm = FakeComm()
+    ipython.kernel.comm_manager.targets[TARGET_NAME](comm, {})
+    new_manager = FakeCommManager()
+    ipython.kernel = type("K", (), {"comm_manager": new_manager})
+    runs_comm.register(ipython, FakeSession())
     assert comm.closed
     assert first.callbacks == []
+    assert TARGET_NAME in new_manager.targets
+    assert no_announce == [True, True]
     runs_comm.unregister(ipython)
 
 
@@ -360,3 +392,18 @@ def test_importing_runs_comm_imports_neither_ray_openai_nor_ipywidgets() -> None
         [sys.executable, "-c", code], check=True, capture_output=True, text=True
     ).stdout
     assert out.strip() == "[]"
+
+
+def test_an_unchanged_summary_is_not_sent_twice() -> None:
+    run = FakeRun("a", state="done", done=10)
+    session = FakeSession(run)
+    timers = ManualTimers()
+    channel, comm = make_channel(session, timers)
+    channel.send_snapshot()
+    session.changed(run)  # a late second notification of a finished run
+    timers.advance(1)
+    assert [m["type"] for m in comm.sent] == ["snapshot"]
+    run.done = 11
+    session.changed(run)
+    timers.advance(1)
+    assert [m["type"] for m in comm.sent] == ["snapshot", "update"]

@@ -1,0 +1,209 @@
+import type { Kernel } from '@jupyterlab/services';
+import { Signal } from '@lumino/signaling';
+
+import { KernelRuns } from '../kernelRuns';
+import { COMM_TARGET } from '../protocol';
+import { makeRun } from './fixtures';
+
+type Callback = (comm: unknown, msg: unknown) => void;
+
+class FakeComm {
+  constructor(readonly targetName: string) {}
+  readonly commId = `comm-${Math.random()}`;
+  isDisposed = false;
+  commsOverSubshells: string | undefined = undefined;
+  subshellStarted: Promise<void> | undefined = undefined;
+  onMsg: (msg: { content: { data: unknown } }) => void = () => undefined;
+  onClose: (msg: unknown) => void = () => undefined;
+  readonly opened: unknown[] = [];
+  readonly sent: unknown[] = [];
+  closedByFrontend = false;
+
+  open(data: unknown): void {
+    this.opened.push(data);
+  }
+  send(data: unknown): void {
+    this.sent.push(data);
+  }
+  close(): void {
+    this.closedByFrontend = true;
+    this.isDisposed = true;
+    this.onClose({});
+  }
+  /** The kernel sends a comm_msg. */
+  receive(data: unknown): void {
+    this.onMsg({ content: { data } });
+  }
+  /** The kernel closes the comm (e.g. the target is not registered). */
+  closedByKernel(): void {
+    this.isDisposed = true;
+    this.onClose({});
+  }
+}
+
+class FakeKernel {
+  isDisposed = false;
+  supportsSubshells = false;
+  info: Promise<unknown> = Promise.resolve({});
+  readonly statusChanged = new Signal<this, Kernel.Status>(this);
+  readonly disposed = new Signal<this, void>(this);
+  readonly comms: FakeComm[] = [];
+  readonly targets = new Map<string, Callback>();
+  /** Applied to each new comm, to simulate JupyterLab's subshell support. */
+  prepareComm: (comm: FakeComm) => void = () => undefined;
+
+  createComm(target: string): FakeComm {
+    const comm = new FakeComm(target);
+    this.prepareComm(comm);
+    this.comms.push(comm);
+    return comm;
+  }
+  registerCommTarget(name: string, callback: Callback): void {
+    this.targets.set(name, callback);
+  }
+  removeCommTarget(name: string, callback: Callback): void {
+    if (this.targets.get(name) === callback) {
+      this.targets.delete(name);
+    }
+  }
+  get lastComm(): FakeComm {
+    return this.comms[this.comms.length - 1];
+  }
+}
+
+const flush = (): Promise<void> => new Promise(resolve => setTimeout(resolve, 0));
+
+function setup(): { kernel: FakeKernel; runs: KernelRuns } {
+  const kernel = new FakeKernel();
+  const runs = new KernelRuns(kernel as unknown as Kernel.IKernelConnection, {
+    now: () => 5000,
+    subshellWaitMs: 50
+  });
+  return { kernel, runs };
+}
+
+describe('KernelRuns', () => {
+  it('opens the comm with a list request and applies the snapshot', async () => {
+    const { kernel, runs } = setup();
+    const states: string[] = [];
+    runs.stateChanged.connect((_, state) => states.push(state.connection));
+    await runs.connect();
+    expect(kernel.lastComm.targetName).toBe(COMM_TARGET);
+    expect(kernel.lastComm.opened).toEqual([{ type: 'list' }]);
+    expect(runs.state.connection).toBe('connecting');
+
+    kernel.lastComm.receive({ type: 'snapshot', runs: [makeRun()] });
+    expect(runs.state.connection).toBe('connected');
+    expect(runs.state.runs[0]).toMatchObject({ id: 'run-1', receivedAt: 5000 });
+
+    kernel.lastComm.receive({ type: 'update', run: makeRun({ state: 'done', done: 10 }) });
+    expect(runs.state.runs[0].state).toBe('done');
+    expect(states).toEqual(['connecting', 'connected', 'connected']);
+  });
+
+  it('shows the kernel side as absent when the kernel closes the comm', async () => {
+    const { kernel, runs } = setup();
+    await runs.connect();
+    kernel.lastComm.closedByKernel();
+    expect(runs.state.connection).toBe('absent');
+  });
+
+  it('ignores messages outside the protocol', async () => {
+    const { kernel, runs } = setup();
+    const warn = jest.spyOn(console, 'warn').mockImplementation(() => undefined);
+    await runs.connect();
+    kernel.lastComm.receive({ type: 'mystery' });
+    expect(runs.state.connection).toBe('connecting');
+    expect(warn).toHaveBeenCalled();
+    warn.mockRestore();
+  });
+
+  it('reconnects when the kernel announces the extension was loaded', async () => {
+    const { kernel, runs } = setup();
+    await runs.connect();
+    kernel.lastComm.closedByKernel();
+    const hello = kernel.targets.get(COMM_TARGET);
+    expect(hello).toBeDefined();
+    hello!({}, { content: { data: { type: 'hello' } } });
+    await flush();
+    expect(kernel.comms).toHaveLength(2);
+    expect(kernel.lastComm.opened).toEqual([{ type: 'list' }]);
+  });
+
+  it('sends cancel requests and marks the run as cancelling', async () => {
+    const { kernel, runs } = setup();
+    runs.cancel('run-1');
+    expect(runs.state.cancelling.size).toBe(0);
+
+    await runs.connect();
+    kernel.lastComm.receive({ type: 'snapshot', runs: [makeRun()] });
+    runs.cancel('run-1');
+    expect(kernel.lastComm.sent).toEqual([{ type: 'cancel', run_id: 'run-1' }]);
+    expect(runs.state.cancelling.has('run-1')).toBe(true);
+  });
+
+  it('reopens the comm after a kernel restart', async () => {
+    const { kernel, runs } = setup();
+    await runs.connect();
+    const first = kernel.lastComm;
+    first.receive({ type: 'snapshot', runs: [makeRun()] });
+
+    kernel.statusChanged.emit('restarting');
+    expect(first.closedByFrontend).toBe(true);
+    expect(runs.state.connection).toBe('connecting');
+    kernel.statusChanged.emit('idle'); // a late status of the old kernel
+    await flush();
+    expect(kernel.comms).toHaveLength(1);
+    kernel.statusChanged.emit('unknown');
+    kernel.statusChanged.emit('starting');
+    kernel.statusChanged.emit('idle');
+    await flush();
+    expect(kernel.comms).toHaveLength(2);
+    expect(kernel.lastComm.opened).toEqual([{ type: 'list' }]);
+    // An ordinary busy/idle cycle does not reopen.
+    kernel.statusChanged.emit('busy');
+    kernel.statusChanged.emit('idle');
+    await flush();
+    expect(kernel.comms).toHaveLength(2);
+  });
+
+  it('waits for the comm subshell before opening, when the kernel supports subshells', async () => {
+    const { kernel, runs } = setup();
+    kernel.supportsSubshells = true;
+    let startSubshell: () => void = () => undefined;
+    kernel.prepareComm = comm => {
+      comm.commsOverSubshells = 'perCommTarget';
+      comm.subshellStarted = new Promise<void>(resolve => (startSubshell = resolve));
+    };
+    const connecting = runs.connect();
+    await flush();
+    expect(kernel.lastComm.opened).toEqual([]);
+    startSubshell();
+    await connecting;
+    expect(kernel.lastComm.opened).toEqual([{ type: 'list' }]);
+  });
+
+  it('opens on the main shell when the subshell never starts', async () => {
+    const { kernel, runs } = setup();
+    kernel.supportsSubshells = true;
+    kernel.prepareComm = comm => {
+      comm.commsOverSubshells = 'perCommTarget';
+      comm.subshellStarted = new Promise<void>(() => undefined);
+    };
+    await runs.connect();
+    expect(kernel.lastComm.opened).toEqual([{ type: 'list' }]);
+  });
+
+  it('cleans up on dispose and when the kernel goes away', async () => {
+    const { kernel, runs } = setup();
+    await runs.connect();
+    runs.dispose();
+    expect(kernel.targets.has(COMM_TARGET)).toBe(false);
+    expect(kernel.lastComm.closedByFrontend).toBe(true);
+    expect(runs.isDisposed).toBe(true);
+
+    const other = setup();
+    other.kernel.disposed.emit();
+    expect(other.runs.isDisposed).toBe(true);
+  });
+});

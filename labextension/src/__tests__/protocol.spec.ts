@@ -1,0 +1,58 @@
+import { isActiveState, parseKernelMessage, parseRunSummary } from '../protocol';
+import { makeRun } from './fixtures';
+
+describe('parseKernelMessage', () => {
+  it('accepts a snapshot and keeps only valid runs', () => {
+    const good = makeRun();
+    const message = parseKernelMessage({
+      type: 'snapshot',
+      runs: [good, { id: 'x', state: 'exploded' }, 'nonsense']
+    });
+    expect(message).toEqual({ type: 'snapshot', runs: [good] });
+  });
+
+  it('accepts an update', () => {
+    const run = makeRun({ state: 'done', done: 10 });
+    expect(parseKernelMessage({ type: 'update', run })).toEqual({ type: 'update', run });
+  });
+
+  it('rejects unknown or malformed messages', () => {
+    expect(parseKernelMessage(null)).toBeNull();
+    expect(parseKernelMessage([])).toBeNull();
+    expect(parseKernelMessage({ type: 'hello' })).toBeNull();
+    expect(parseKernelMessage({ type: 'snapshot', runs: 'no' })).toBeNull();
+    expect(parseKernelMessage({ type: 'update', run: { id: 1 } })).toBeNull();
+  });
+});
+
+describe('parseRunSummary', () => {
+  it('fills missing counters and nullable fields, drops extras', () => {
+    const run = parseRunSummary({ id: 'r', state: 'planning', surprise: true, tokens: -3 });
+    expect(run).toEqual({
+      id: 'r',
+      prompt: '',
+      state: 'planning',
+      done: 0,
+      total: 0,
+      failed: 0,
+      running: 0,
+      tokens: 0,
+      elapsed_s: 0,
+      started_at: 0,
+      cell_id: null,
+      out: null,
+      error: null
+    });
+  });
+});
+
+describe('isActiveState', () => {
+  it('treats planning, awaiting approval and running as active', () => {
+    expect(isActiveState('planning')).toBe(true);
+    expect(isActiveState('awaiting_approval')).toBe(true);
+    expect(isActiveState('running')).toBe(true);
+    expect(isActiveState('done')).toBe(false);
+    expect(isActiveState('failed')).toBe(false);
+    expect(isActiveState('cancelled')).toBe(false);
+  });
+});

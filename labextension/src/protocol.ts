@@ -1,0 +1,130 @@
+/**
+ * The `apwa_runs` comm protocol, shared with `apwa_jupyter/runs_comm.py`.
+ *
+ * The frontend opens the comm; the kernel answers with a snapshot and then pushes
+ * throttled updates. Everything that arrives from the kernel is validated here, so the
+ * rest of the extension only sees well-formed values.
+ */
+
+/** Name of the comm target registered by the kernel side. */
+export const COMM_TARGET = 'apwa_runs';
+
+export const RUN_STATES = [
+  'planning',
+  'awaiting_approval',
+  'running',
+  'done',
+  'failed',
+  'cancelled'
+] as const;
+
+export type RunState = (typeof RUN_STATES)[number];
+
+/** States in which a run still makes progress and can be cancelled. */
+export const ACTIVE_STATES: ReadonlySet<RunState> = new Set<RunState>([
+  'planning',
+  'awaiting_approval',
+  'running'
+]);
+
+/** One run as the kernel describes it (`Run.summary()`). */
+export interface RunSummary {
+  id: string;
+  prompt: string;
+  state: RunState;
+  done: number;
+  total: number;
+  failed: number;
+  running: number;
+  tokens: number;
+  elapsed_s: number;
+  started_at: number;
+  cell_id: string | null;
+  out: string | null;
+  error: string | null;
+}
+
+export interface SnapshotMessage {
+  type: 'snapshot';
+  runs: RunSummary[];
+}
+
+export interface UpdateMessage {
+  type: 'update';
+  run: RunSummary;
+}
+
+export type KernelMessage = SnapshotMessage | UpdateMessage;
+
+export interface ListRequest {
+  type: 'list';
+}
+
+export interface CancelRequest {
+  type: 'cancel';
+  run_id: string;
+}
+
+export type FrontendMessage = ListRequest | CancelRequest;
+
+export function isActiveState(state: RunState): boolean {
+  return ACTIVE_STATES.has(state);
+}
+
+type Json = { [key: string]: unknown };
+
+function isObject(value: unknown): value is Json {
+  return typeof value === 'object' && value !== null && !Array.isArray(value);
+}
+
+function isRunState(value: unknown): value is RunState {
+  return typeof value === 'string' && (RUN_STATES as readonly string[]).includes(value);
+}
+
+function count(value: unknown): number {
+  return typeof value === 'number' && Number.isFinite(value) && value > 0 ? value : 0;
+}
+
+function optionalString(value: unknown): string | null {
+  return typeof value === 'string' ? value : null;
+}
+
+/** Validate one RunSummary; unknown extra fields are dropped, missing counters become 0. */
+export function parseRunSummary(value: unknown): RunSummary | null {
+  if (!isObject(value) || typeof value.id !== 'string' || !isRunState(value.state)) {
+    return null;
+  }
+  return {
+    id: value.id,
+    prompt: typeof value.prompt === 'string' ? value.prompt : '',
+    state: value.state,
+    done: count(value.done),
+    total: count(value.total),
+    failed: count(value.failed),
+    running: count(value.running),
+    tokens: count(value.tokens),
+    elapsed_s: count(value.elapsed_s),
+    started_at: count(value.started_at),
+    cell_id: optionalString(value.cell_id),
+    out: optionalString(value.out),
+    error: optionalString(value.error)
+  };
+}
+
+/** Validate a kernel → frontend message; returns null for anything not in the protocol. */
+export function parseKernelMessage(data: unknown): KernelMessage | null {
+  if (!isObject(data)) {
+    return null;
+  }
+  if (data.type === 'snapshot' && Array.isArray(data.runs)) {
+    const runs = data.runs
+      .map(parseRunSummary)
+      .filter((run): run is RunSummary => run !== null);
+    return { type: 'snapshot', runs };
+  }
+  if (data.type === 'update') {
+    const run = parseRunSummary(data.run);
+    return run === null ? null : { type: 'update', run };
+  }
+  return null;
+}

@@ -1,0 +1,232 @@
+/**
+ * The "APWA" sidebar: the current notebook kernel's runs, newest first, updated in place.
+ */
+
+import { Widget } from '@lumino/widgets';
+
+import { CurrentNotebookRuns } from './currentRuns';
+import { isActiveState } from './protocol';
+import {
+  formatElapsed,
+  formatProgress,
+  formatTokens,
+  liveElapsed,
+  progressFraction,
+  RunsState,
+  STATE_LABELS,
+  TrackedRun
+} from './runsState';
+
+export const LOAD_HINT = 'Run %load_ext apwa_jupyter in this notebook';
+
+/** How often elapsed times tick while a run is active. */
+const TICK_MS = 1000;
+
+export interface IRunsPanelOptions {
+  current: CurrentNotebookRuns;
+  /** Select and reveal the cell that started a run; returns false if it is not in the notebook. */
+  jumpToCell: (cellId: string) => boolean;
+  /** Insert an `%%apwa` template cell in the current notebook. */
+  insertCell?: () => void;
+  now?: () => number;
+}
+
+function element<K extends keyof HTMLElementTagNameMap>(
+  tag: K,
+  className: string,
+  text?: string
+): HTMLElementTagNameMap[K] {
+  const node = document.createElement(tag);
+  node.className = className;
+  if (text !== undefined) {
+    node.textContent = text;
+  }
+  return node;
+}
+
+/** One run's row; its DOM nodes are kept and updated so buttons survive frequent updates. */
+class RunRow {
+  readonly node = element('li', 'apwa-Run');
+
+  constructor(runId: string) {
+    this.node.dataset.runId = runId;
+    const meta = element('div', 'apwa-Run-meta');
+    meta.append(this._state, this._progress, this._elapsed, this._tokens);
+    const bar = element('div', 'apwa-Run-bar');
+    bar.append(this._barFill);
+    const actions = element('div', 'apwa-Run-actions');
+    this._cancel.dataset.action = 'cancel';
+    this._cancel.title = 'Cancel this run';
+    this._jump.dataset.action = 'jump';
+    this._jump.title = 'Go to the cell that started this run';
+    actions.append(this._jump, this._cancel);
+    this.node.append(this._prompt, meta, bar, this._detail, actions);
+  }
+
+  update(run: TrackedRun, nowMs: number, cancelling: boolean): void {
+    const active = isActiveState(run.state);
+    this.node.dataset.state = run.state;
+    this._prompt.textContent = run.prompt || '(empty prompt)';
+    this._prompt.title = run.prompt;
+    this._state.textContent = STATE_LABELS[run.state];
+    this._state.className = `apwa-Run-state apwa-mod-${run.state}`;
+    this._progress.textContent = formatProgress(run);
+    this._elapsed.textContent = formatElapsed(liveElapsed(run, nowMs));
+    this._tokens.textContent = `${formatTokens(run.tokens)} tok`;
+    this._barFill.style.width = `${(progressFraction(run) * 100).toFixed(1)}%`;
+    const detail = run.error ?? (run.out !== null && !active ? `→ ${run.out}` : '');
+    this._detail.textContent = detail;
+    this._detail.hidden = detail === '';
+    this._cancel.hidden = !active;
+    this._cancel.disabled = cancelling;
+    this._cancel.textContent = cancelling ? 'Cancelling…' : 'Cancel';
+    this._jump.hidden = run.cell_id === null;
+    this._jump.dataset.cellId = run.cell_id ?? '';
+  }
+
+  private readonly _prompt = element('div', 'apwa-Run-prompt');
+  private readonly _state = element('span', 'apwa-Run-state');
+  private readonly _progress = element('span', 'apwa-Run-progress');
+  private readonly _elapsed = element('span', 'apwa-Run-elapsed');
+  private readonly _tokens = element('span', 'apwa-Run-tokens');
+  private readonly _barFill = element('div', 'apwa-Run-barFill');
+  private readonly _detail = element('div', 'apwa-Run-detail');
+  private readonly _cancel = element('button', 'jp-Button apwa-Run-cancel', 'Cancel');
+  private readonly _jump = element('button', 'jp-Button apwa-Run-jump', 'Go to cell');
+}
+
+export class RunsPanel extends Widget {
+  constructor(private readonly _options: IRunsPanelOptions) {
+    super();
+    this.id = 'apwa-runs-panel';
+    this.addClass('apwa-RunsPanel');
+    this._now = _options.now ?? Date.now;
+    const header = element('header', 'apwa-RunsPanel-header');
+    header.append(element('span', 'apwa-RunsPanel-title', 'APWA runs'), this._notebookName);
+    this._message.hidden = true;
+    this._insert.hidden = _options.insertCell === undefined;
+    this._insert.addEventListener('click', () => _options.insertCell?.());
+    this._empty.append(this._message, this._insert);
+    this._list.addEventListener('click', this._onListClick);
+    this.node.append(header, this._empty, this._list);
+    _options.current.changed.connect(this._render, this);
+    this._render();
+  }
+
+  dispose(): void {
+    if (this.isDisposed) {
+      return;
+    }
+    this._stopTicking();
+    this._options.current.changed.disconnect(this._render, this);
+    super.dispose();
+  }
+
+  protected onAfterShow(): void {
+    this._render();
+  }
+
+  private _onListClick = (event: MouseEvent): void => {
+    const button = (event.target as HTMLElement).closest('button');
+    const row = button?.closest<HTMLElement>('.apwa-Run');
+    const runId = row?.dataset.runId;
+    if (!button || runId === undefined) {
+      return;
+    }
+    if (button.dataset.action === 'cancel') {
+      this._options.current.runs?.cancel(runId);
+    } else if (button.dataset.action === 'jump') {
+      const cellId = button.dataset.cellId ?? '';
+      if (cellId && !this._options.jumpToCell(cellId)) {
+        button.title = 'That cell is not in this notebook any more';
+      }
+    }
+  };
+
+  private _render(): void {
+    const { current } = this._options;
+    const state = current.state;
+    this._notebookName.textContent = current.notebook?.title.label ?? '';
+    this._renderMessage(state, current.notebook !== null);
+    this._renderRuns(state);
+    if (state.runs.some(run => isActiveState(run.state))) {
+      this._startTicking();
+    } else {
+      this._stopTicking();
+    }
+  }
+
+  private _renderMessage(state: RunsState, hasNotebook: boolean): void {
+    let text = '';
+    let offerInsert = false;
+    if (!hasNotebook) {
+      text = 'Open a notebook to see its APWA runs.';
+    } else if (state.connection === 'no-kernel') {
+      text = 'This notebook has no running kernel.';
+    } else if (state.connection === 'absent') {
+      text = LOAD_HINT;
+    } else if (state.connection === 'connecting' && state.runs.length === 0) {
+      text = 'Waiting for the kernel…';
+    } else if (state.connection === 'connected' && state.runs.length === 0) {
+      text = 'No runs yet: start one with an %%apwa cell.';
+      offerInsert = true;
+    }
+    this._message.textContent = text;
+    this._message.hidden = text === '';
+    this._message.classList.toggle('apwa-mod-hint', state.connection === 'absent' && hasNotebook);
+    this._insert.hidden = !offerInsert || this._options.insertCell === undefined;
+    this._empty.hidden = this._message.hidden && this._insert.hidden;
+  }
+
+  private _renderRuns(state: RunsState): void {
+    const now = this._now();
+    const seen = new Set<string>();
+    let previous: Element | null = null;
+    for (const run of state.runs) {
+      seen.add(run.id);
+      let row = this._rows.get(run.id);
+      if (row === undefined) {
+        row = new RunRow(run.id);
+        this._rows.set(run.id, row);
+      }
+      row.update(run, now, state.cancelling.has(run.id));
+      const expected: Element | null = previous ? previous.nextElementSibling : this._list.firstElementChild;
+      if (expected !== row.node) {
+        this._list.insertBefore(row.node, expected);
+      }
+      previous = row.node;
+    }
+    for (const [id, row] of this._rows) {
+      if (!seen.has(id)) {
+        row.node.remove();
+        this._rows.delete(id);
+      }
+    }
+  }
+
+  private _startTicking(): void {
+    if (this._tick === null) {
+      this._tick = window.setInterval(() => {
+        if (this.isVisible) {
+          this._render();
+        }
+      }, TICK_MS);
+    }
+  }
+
+  private _stopTicking(): void {
+    if (this._tick !== null) {
+      window.clearInterval(this._tick);
+      this._tick = null;
+    }
+  }
+
+  private readonly _now: () => number;
+  private readonly _rows = new Map<string, RunRow>();
+  private _tick: number | null = null;
+  private readonly _notebookName = element('span', 'apwa-RunsPanel-notebook');
+  private readonly _empty = element('div', 'apwa-RunsPanel-empty');
+  private readonly _message = element('p', 'apwa-RunsPanel-message');
+  private readonly _insert = element('button', 'jp-Button jp-mod-styled apwa-RunsPanel-insert', 'Insert APWA cell');
+  private readonly _list = element('ul', 'apwa-RunsPanel-list');
+}
