@@ -39,7 +39,11 @@ async def execute_plan(run: Run, executor: Executor, retry_failed: bool = False)
     """Run every stage of `run.plan` (or, with `retry_failed`, only what failed and what follows)."""
     plan = run.plan
     assert plan is not None
+    began = time.perf_counter()
     await executor.start()
+    run.startup_seconds = (
+        time.perf_counter() - began
+    )  # Ray's first start shows up here, not in stages
     changed: set[str] = set()
     finished = {stage_id: asyncio.Event() for stage_id in plan.order()}
 

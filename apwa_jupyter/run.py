@@ -92,6 +92,7 @@ class Run:
         self.started_at: float | None = None
         self.finished_at: float | None = None
         self.planning_seconds: float | None = None
+        self.startup_seconds: float | None = None
         self.stage_frames: dict[str, pd.DataFrame] = {}
         self.subtask_results: dict[str, list[SubtaskResult | None]] = {}
         self.reduce_outputs: dict[str, dict[int, dict[str, Any]]] = {}
@@ -387,7 +388,10 @@ class Run:
 
     def timings(self) -> dict[str, float | None]:
         """Planning time, execution time, and per-stage durations (seconds)."""
-        out: dict[str, float | None] = {"planning_s": self.planning_seconds}
+        out: dict[str, float | None] = {
+            "planning_s": self.planning_seconds,
+            "executor_start_s": self.startup_seconds,
+        }
         if self.started_at is not None:
             out["execution_s"] = (self.finished_at or time.time()) - self.started_at
         for stage_id, progress in self.sink.stages.items():

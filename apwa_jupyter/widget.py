@@ -275,9 +275,12 @@ class PlanWidget:
         if progress or run.state in ("running", "done"):
             elapsed = run.timings().get("execution_s") or 0.0
             done = sum(p.finished for p in progress.values())
-            rate = done / elapsed if elapsed else 0.0
+            startup = run.startup_seconds or 0.0
+            working = max(elapsed - startup, 1e-9)
+            rate = done / working if done else 0.0
+            start_note = f" (+{startup:.1f}s starting workers)" if startup >= 1 else ""
             self.stats.value = (
-                f"<small>{done:,} subtasks in {elapsed:.1f}s · {rate:.1f}/s · "
+                f"<small>{done:,} subtasks in {working:.1f}s{start_note} · {rate:.1f}/s · "
                 f"{run.tokens:,} tokens</small>"
             )
 

@@ -142,7 +142,11 @@ def test_interrupt_while_waiting_cancels_and_keeps_finished_rows(fake_server, re
 
     frame = pd.DataFrame({"text": [f"row {i}" for i in range(200)]})
     server = fake_server(plan_responder(PLAN, count_chars), latency=0.05)
-    run = local_session(server, registry, concurrency=4).plan("count {reviews}", {"reviews": frame}).wait()
+    run = (
+        local_session(server, registry, concurrency=4)
+        .plan("count {reviews}", {"reviews": frame})
+        .wait()
+    )
     run.subscribe(
         lambda e: (
             e.kind == "subtask_finished"
