@@ -38,6 +38,8 @@ def plan_text(run: Run) -> str:
     lines.append(
         f"  estimate: {run.estimate_subtasks()} model calls, ~{run.estimate_tokens():,} tokens"
     )
+    for fix in run.plan_fixes:
+        lines.append(f"  auto-fixed: {fix}")
     return "\n".join(lines)
 
 

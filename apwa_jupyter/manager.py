@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
@@ -18,6 +19,7 @@ from .capabilities import CapabilityRegistry
 from .errors import PlanError
 from .models.base import ChatModel, ChatRequest, Usage
 from .plan import Plan, plan_json_schema, validate_plan
+from .plan_fixes import fix_plan
 from .tables import DataTable
 
 MAX_REPAIRS = 2
@@ -66,14 +68,24 @@ def build_manager_request(
     )
 
 
+@dataclass(frozen=True)
+class PlanOutcome:
+    """A validated plan, what it cost, and the automatic fixes applied to it (shown to users)."""
+
+    plan: Plan
+    usage: Usage
+    attempts: int
+    fixes: list[str] = field(default_factory=list)
+
+
 async def make_plan(
     prompt: str,
     tables: Mapping[str, DataTable],
     registry: CapabilityRegistry,
     model: ChatModel,
     max_repairs: int = MAX_REPAIRS,
-) -> tuple[Plan, Usage, int]:
-    """Ask the model for a plan; return (plan, usage, attempts) or raise PlanError."""
+) -> PlanOutcome:
+    """Ask the model for a plan; return it with usage, attempts and fixes, or raise PlanError."""
     request = build_manager_request(prompt, tables, registry)
     messages = list(request.messages)
     columns = {name: table.column_names for name, table in tables.items()}
@@ -91,9 +103,9 @@ async def make_plan(
         )
         usage = usage + response.usage
         content = response.content
-        plan, problems = _check(content, response.finish_reason, columns, registry)
+        plan, fixes, problems = _check(content, response.finish_reason, columns, registry)
         if plan is not None and not problems:
-            return plan, usage, attempt
+            return PlanOutcome(plan, usage, attempt, fixes)
         messages += [
             {"role": "assistant", "content": content or ""},
             {
@@ -118,17 +130,21 @@ def _check(
     finish_reason: str,
     columns: Mapping[str, list[str]],
     registry: CapabilityRegistry,
-) -> tuple[Plan | None, list[str]]:
+) -> tuple[Plan | None, list[str], list[str]]:
+    """(plan, fixes applied, problems left): parse, validate the schema, fix, validate meaning."""
     if finish_reason == "length":
-        return None, [f"the plan was cut off at {PLAN_MAX_TOKENS} tokens; make it shorter"]
+        return None, [], [f"the plan was cut off at {PLAN_MAX_TOKENS} tokens; make it shorter"]
     try:
         data = json.loads(content or "")
     except json.JSONDecodeError as exc:
-        return None, [f"the answer is not JSON ({exc.msg} at char {exc.pos})"]
+        return None, [], [f"the answer is not JSON ({exc.msg} at char {exc.pos})"]
     try:
         plan = Plan.model_validate(data)
     except ValidationError as exc:
-        return None, [
-            f"{'.'.join(map(str, e['loc'])) or 'plan'}: {e['msg']}" for e in exc.errors()[:10]
-        ]
-    return plan, validate_plan(plan, columns, registry.names())
+        return (
+            None,
+            [],
+            [f"{'.'.join(map(str, e['loc'])) or 'plan'}: {e['msg']}" for e in exc.errors()[:10]],
+        )
+    plan, fixes = fix_plan(plan, columns, registry.names())
+    return plan, fixes, validate_plan(plan, columns, registry.names())

@@ -107,6 +107,7 @@ class Run:
         self.plan_future: Future[Any] | None = None
         self.error_detail: str | None = None
         self.dry_run = False
+        self.plan_fixes: list[str] = []
         self.auto_start = False
         self._start_lock = threading.Lock()
 
@@ -258,10 +259,11 @@ class Run:
                 self._start_locked()
         return self
 
-    def plan_ready(self, plan: Plan, usage: Usage, attempts: int) -> None:
+    def plan_ready(self, plan: Plan, usage: Usage, attempts: int, fixes: list[str]) -> None:
         """Called by the session when planning succeeded: await approval, or start (--yes)."""
         with self._start_lock:
             self.plan, self.manager_usage, self.plan_attempts = plan, usage, attempts
+            self.plan_fixes = fixes
             self._set_state("awaiting_approval")
             if self.auto_start and not self.dry_run:
                 self._start_locked()

@@ -176,7 +176,7 @@ class Session:
             run.endpoint_description = (
                 workers.describe() if isinstance(workers, EndpointConfig) else "in-process model"
             )
-            plan, usage, attempts = await make_plan(run.prompt, run.tables, run.registry, manager)
+            outcome = await make_plan(run.prompt, run.tables, run.registry, manager)
         except PlanError as exc:
             run.error_detail = exc.last_attempt
             run._set_state("failed", str(exc))
@@ -189,7 +189,7 @@ class Session:
             return
         finally:
             run.planning_seconds = time.perf_counter() - began
-        run.plan_ready(plan, usage, attempts)
+        run.plan_ready(outcome.plan, outcome.usage, outcome.attempts, outcome.fixes)
 
     def run(self, prompt: str, tables: dict[str, Any], **options: Any) -> Run:
         """Plan, approve and execute; block until done (Ctrl-C cancels, keeping finished work)."""

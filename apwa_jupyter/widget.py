@@ -243,9 +243,10 @@ class PlanWidget:
         self.stages.children = panels
         for i, title in enumerate(titles):
             self.stages.set_title(i, title)
+        fixes = "".join(f"<br>auto-fixed: {html.escape(fix)}" for fix in run.plan_fixes)
         self.estimate.value = (
             f"<small>{html.escape(plan.summary)}<br>estimate: {run.estimate_subtasks():,} model calls, "
-            f"~{run.estimate_tokens():,} tokens</small>"
+            f"~{run.estimate_tokens():,} tokens{fixes}</small>"
         )
         self._bars = {}
         self.progress.children = ()

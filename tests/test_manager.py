@@ -15,7 +15,24 @@ from apwa_jupyter.testing import Reply
 from .conftest import endpoint_for, map_plan
 
 GOOD = map_plan("reviews", "Is {text} positive?", [{"name": "positive", "type": "boolean"}])
-BAD = map_plan("reviews", "Is {body} positive?", [{"name": "positive", "type": "boolean"}])
+# A mistake no automatic fix can make right: grouping by a column that does not exist.
+BAD = {
+    "summary": "s",
+    "output": "total",
+    "stages": [
+        {
+            "id": "total",
+            "kind": "reduce",
+            "source": "reviews",
+            "group_by": "category",
+            "fan_in": 10,
+            "instruction": "Summarise.",
+            "tools": [],
+            "depends_on": [],
+            "outputs": [{"name": "summary", "type": "string", "description": "", "choices": []}],
+        }
+    ],
+}
 
 
 def tables(reviews):
@@ -24,10 +41,8 @@ def tables(reviews):
 
 def test_valid_plan_first_time(reviews):
     model = ScriptedModel(lambda req: GOOD)
-    plan, _usage, attempts = asyncio.run(
-        make_plan("x", tables(reviews), CapabilityRegistry(), model)
-    )
-    assert attempts == 1 and plan.stages[0].id == "label"
+    outcome = asyncio.run(make_plan("x", tables(reviews), CapabilityRegistry(), model))
+    assert outcome.attempts == 1 and outcome.plan.stages[0].id == "label" and outcome.fixes == []
     sent = model.requests[0]
     assert sent.response_schema is not None and sent.schema_name == "plan"
     assert "The kettle broke" in sent.messages[1]["content"]  # a sample row, as metadata
@@ -36,10 +51,10 @@ def test_valid_plan_first_time(reviews):
 def test_invalid_plan_is_repaired_with_the_problems_sent_back(reviews):
     answers = iter([BAD, GOOD])
     model = ScriptedModel(lambda req: next(answers))
-    _plan, _, attempts = asyncio.run(make_plan("x", tables(reviews), CapabilityRegistry(), model))
-    assert attempts == 2
+    outcome = asyncio.run(make_plan("x", tables(reviews), CapabilityRegistry(), model))
+    assert outcome.attempts == 2
     feedback = model.requests[1].messages[-1]["content"]
-    assert "placeholder {body}" in feedback and "['text', 'stars']" in feedback
+    assert "groups by 'category'" in feedback and "['text', 'stars']" in feedback
 
 
 def test_plan_error_after_bounded_repairs_carries_last_attempt(reviews):
@@ -60,8 +75,8 @@ def test_manager_over_http_with_the_real_client(fake_server, reviews):
         finally:
             await model.aclose()
 
-    plan, usage, _ = asyncio.run(go())
-    assert plan.output == "label" and usage.prompt_tokens > 0
+    outcome = asyncio.run(go())
+    assert outcome.plan.output == "label" and outcome.usage.prompt_tokens > 0
     body = server.requests[0]
     assert body["response_format"]["type"] == "json_schema"
     assert body["response_format"]["json_schema"]["strict"] is True
