@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
@@ -36,6 +37,11 @@ class EndpointConfig(BaseModel):
         default=256, ge=1, description="Most requests in flight to this endpoint at once."
     )
     embedded: bool = Field(default=False, description="True for the bundled offline model.")
+    dialect: Literal["openai", "llama.cpp"] = Field(
+        default="openai",
+        description="'llama.cpp': structured output goes as a compact JSON grammar, which stops "
+        "small models from spending their token budget on whitespace between JSON tokens.",
+    )
 
     @field_validator("base_url")
     @classmethod

@@ -16,12 +16,20 @@ def execute(path: str, out_path: str | None = None, timeout: int = 900) -> objec
     """Run every cell with nbclient in a python3 kernel; return the executed notebook."""
     import nbformat
     from nbclient import NotebookClient
+    from nbclient.util import run_sync
 
     notebook = nbformat.read(path, as_version=4)
     client = NotebookClient(
         notebook, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": "."}}
     )
-    client.execute()
+    with client.setup_kernel():
+        client.execute(cleanup_kc=False)
+        # Stop Ray and the embedded model before the kernel is asked to exit: left to the
+        # interpreter's exit, Ray's driver shutdown stalls inside ipykernel until SIGTERM.
+        assert client.kc is not None
+        run_sync(client.kc.execute_interactive)(  # type: ignore[attr-defined]
+            "%unload_ext apwa_jupyter", timeout=60, store_history=False
+        )
     if out_path:
         nbformat.write(notebook, out_path)
     return notebook

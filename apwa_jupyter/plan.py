@@ -26,7 +26,7 @@ Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,39}$"
 FieldType = Literal["string", "integer", "number", "boolean", "string_list"]
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
-MAX_STAGES = 6
+MAX_STAGES = 4
 MAX_INSTRUCTION = 1000
 
 

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -73,6 +75,7 @@ def ray_start_options(address: str | None) -> dict[str, Any]:
         "namespace": NAMESPACE,
         "log_to_driver": False,  # keep worker log floods out of the notebook
         "ignore_reinit_error": True,
+        "logging_level": logging.WARNING,  # no "Started a local Ray instance" in the cell
     }
     if address:
         options["address"] = address
@@ -82,6 +85,32 @@ def ray_start_options(address: str | None) -> dict[str, Any]:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         options["include_dashboard"] = False
     return options
+
+
+class _DropThreadWarning(logging.Filter):
+    """Ray warns that it cannot set a SIGTERM handler off the main thread; that is intended."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SIGTERM handler is not set" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_ray_init() -> Iterator[None]:
+    """Keep ray.init's start-up chatter out of the notebook cell (Ray's logs still have it)."""
+    logger = logging.getLogger("ray")
+    drop = _DropThreadWarning()
+    level = logger.level
+    logger.addFilter(drop)
+    for handler in logger.handlers:
+        handler.addFilter(drop)
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        logger.removeFilter(drop)
+        for handler in logger.handlers:
+            handler.removeFilter(drop)
 
 
 class RayExecutor(Executor):
@@ -123,7 +152,8 @@ class RayExecutor(Executor):
 
         if not ray.is_initialized():
             try:
-                ray.init(**ray_start_options(self.address))
+                with _quiet_ray_init():
+                    ray.init(**ray_start_options(self.address))
             except ConnectionError as exc:
                 raise UserInputError(
                     f"Cannot reach the Ray cluster at {self.address or os.environ.get('RAY_ADDRESS')}:"

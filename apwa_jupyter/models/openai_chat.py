@@ -8,6 +8,7 @@ retries are switched off: retries belong to the executor, which backs off with j
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
 
 from ..config import EndpointConfig
@@ -64,7 +65,9 @@ class OpenAIChatModel:
             kwargs["seed"] = request.seed
         if request.tools:
             kwargs["tools"] = request.tools
-        if request.response_schema is not None:
+        if request.response_schema is not None and self.endpoint.dialect == "llama.cpp":
+            kwargs["extra_body"] = {"grammar": compact_json_grammar(request.response_schema)}
+        elif request.response_schema is not None:
             kwargs["response_format"] = {
                 "type": "json_schema",
                 "json_schema": {
@@ -119,6 +122,17 @@ class OpenAIChatModel:
         if self._client is not None:
             await self._client.close()
             self._client = None
+
+
+def compact_json_grammar(schema: dict[str, Any]) -> str:
+    """llama.cpp's llguidance grammar for `schema`, allowing no whitespace between JSON tokens.
+
+    With the standard `json_schema` response_format, llama.cpp lets a small model fill its
+    budget with newlines and indentation (one 10-row answer: 935 tokens against 189 compact)
+    and ignores `x-guidance` options there; its own `grammar` field honours them.
+    """
+    options = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
+    return "%llguidance {}\nstart: %json " + json.dumps({**schema, "x-guidance": options})
 
 
 def _retry_after(exc: Any) -> float | None:
