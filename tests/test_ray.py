@@ -341,3 +341,67 @@ def test_attach_to_a_cluster_started_with_ray_start(fake_server, reviews):
         assert report["gcs"].endswith(f":{port}")
     finally:
         _kill_cluster(port)
+
+
+def test_workers_call_registered_tools_over_http_and_nothing_else(
+    fake_server, ray_executor, registry, reviews
+):
+    def product_of(text: str) -> str:
+        """Find which product a review talks about.
+
+        Args:
+            text: the review
+        """
+        for product in ("kettle", "headphones", "blender", "shoes"):
+            if product in text.lower():
+                return product
+        return "unknown"
+
+    registry.register(product_of)
+    plan = {
+        "summary": "s",
+        "output": "m",
+        "stages": [
+            stage(
+                "m",
+                "map",
+                "Which product? {text}",
+                (),
+                source="reviews",
+                batch_size=1,
+                tools=["product_of"],
+            )
+            | {"outputs": [field("product", "string")]}
+        ],
+    }
+
+    def worker(body):
+        tool_results = [m for m in body["messages"] if m["role"] == "tool"]
+        if not tool_results:  # first turn: ask for an unregistered tool and for the real one
+            text = worker_input(body)["text"]
+            return Reply(
+                tool_calls=[
+                    {
+                        "id": "a",
+                        "type": "function",
+                        "function": {"name": "shell", "arguments": "{}"},
+                    },
+                    {
+                        "id": "b",
+                        "type": "function",
+                        "function": {"name": "product_of", "arguments": json.dumps({"text": text})},
+                    },
+                ],
+                finish_reason="tool_calls",
+            )
+        assert "no tool named 'shell'" in tool_results[0]["content"]
+        return Reply.json({"product": json.loads(tool_results[1]["content"])})
+
+    server = serve(fake_server, plan, worker)
+    run = ray_session(server, ray_executor, registry).run(
+        "products {reviews}", {"reviews": reviews}
+    )
+    assert run.state == "done", run.error
+    assert run.result["product"].tolist() == ["kettle", "headphones", "blender", "shoes"]
+    first_turns = [b for b in server.requests if b.get("tools")]
+    assert {t["function"]["name"] for b in first_turns for t in b["tools"]} == {"product_of"}
