@@ -30,6 +30,19 @@ STATS_SAMPLE_ROWS = 2_000
 MAX_VALUE_CHARS = 60
 MAX_TOP_VALUES = 5
 DOCUMENT_COLUMN = "text"
+# A table's metadata in the manager prompt stays under this many characters (~1,200 tokens) however
+# wide the table is: detail is shed step by step (see `DETAIL_LEVELS`).
+METADATA_BUDGET_CHARS = 4_800
+# (sample rows, characters per sample value, top values per column, per-column stats),
+# most detailed first; the last level is names and types only.
+DETAIL_LEVELS = [
+    (3, 60, 5, True),
+    (2, 40, 3, True),
+    (1, 30, 2, True),
+    (1, 20, 0, True),
+    (0, 0, 0, True),
+    (0, 0, 0, False),
+]
 
 
 class ColumnInfo(BaseModel):
@@ -37,7 +50,7 @@ class ColumnInfo(BaseModel):
 
     name: str
     type: str
-    nulls: int = Field(description="Exact count of missing values.")
+    nulls: int = Field(default=0, description="Exact count of missing values.")
     min: Any = None
     max: Any = None
     mean: float | None = None
@@ -138,8 +151,8 @@ class DataTable:
         """Zero-copy view of a slice."""
         return self.arrow.slice(part.offset, part.length)
 
-    def metadata(self) -> TableMetadata:
-        """Compact description for the manager; cost does not grow with the row count."""
+    def metadata(self, budget_chars: int = METADATA_BUDGET_CHARS) -> TableMetadata:
+        """Compact description for the manager: flat in the row count, bounded in the width."""
         stats_sample = self.arrow.take(_evenly_spaced(self.num_rows, STATS_SAMPLE_ROWS))
         scale = self.num_rows / max(stats_sample.num_rows, 1)
         columns = [
@@ -147,13 +160,28 @@ class DataTable:
             for name in self.column_names
         ]
         sample_rows = self.arrow.take(self.sample_positions()).to_pylist()
-        return TableMetadata(
-            name=self.name,
-            kind=self.kind,
-            rows=self.num_rows,
-            columns=columns,
-            sample=[{k: _truncate(v) for k, v in row.items()} for row in sample_rows],
+        meta = TableMetadata(
+            name=self.name, kind=self.kind, rows=self.num_rows, columns=[], sample=[]
         )
+        for rows, value_chars, top, stats in DETAIL_LEVELS:
+            meta = TableMetadata(
+                name=self.name,
+                kind=self.kind,
+                rows=self.num_rows,
+                columns=[
+                    c.model_copy(update={"top_values": c.top_values[:top]})
+                    if stats
+                    else ColumnInfo(name=c.name, type=c.type)
+                    for c in columns
+                ],
+                sample=[
+                    {k: _truncate(v, value_chars) for k, v in row.items()}
+                    for row in sample_rows[:rows]
+                ],
+            )
+            if len(meta.to_prompt()) <= budget_chars:
+                break
+        return meta
 
 
 def _documents_to_arrow(name: str, items: Sequence[Any]) -> pa.Table:

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from .errors import EndpointError, ModelOutputError, TransientEndpointError
 from .models.base import ChatModel, ChatRequest, Usage
 from .steps import CorrectionStep, FinalStep, ModelStep, Step, TaskStep, ToolStep
-from .templates import StageContext, Subtask, answer_schema, output_model, worker_messages
+from .templates import StageContext, Subtask, worker_messages
 
 ErrorKind = Literal["output", "transient", "endpoint", "internal", "cancelled"]
 RowReader = Callable[[Subtask], list[dict[str, Any]]]
@@ -86,8 +86,8 @@ async def _loop(
     ctx: StageContext, subtask: Subtask, model: ChatModel, steps: list[Step]
 ) -> list[dict[str, Any]]:
     count = subtask.expected_outputs
-    schema = answer_schema(ctx.outputs, count)
-    tool_defs = [tool.openai_tool() for tool in ctx.tools.values()]
+    schema = ctx.answer_schema(count)
+    tool_defs = ctx.tool_definitions
     corrections = 0
     constrained = not tool_defs
     for _ in range(ctx.max_steps):
@@ -157,7 +157,7 @@ def parse_answer(
             raise ModelOutputError(f'expected "results" with {count} objects, got {got}')
     else:
         items = [data]
-    model = output_model(ctx.outputs)
+    model = ctx.answer_model
     outputs = []
     for position, item in enumerate(items):
         try:
