@@ -98,7 +98,7 @@ def _wait_until_up(server: LabServer, timeout: float) -> None:
     raise RuntimeError(f"jupyter-lab did not answer in {timeout} s:\n{server.log_tail()}")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def lab_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
     """Start JupyterLab for the browser tests; stop it (by its own pid) afterwards."""
     _require_module("playwright.sync_api")
@@ -159,9 +159,13 @@ def lab_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
         shutil.copy(log_path, ARTIFACTS / "jupyter-lab.log")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser() -> Iterator[Any]:
-    """Headless Debian Chromium through Python Playwright."""
+    """Headless Debian Chromium through Python Playwright.
+
+    Package scope, not session: Playwright's sync API keeps an event loop running in the main
+    thread while it is open, and every later `asyncio.run` in the suite would fail.
+    """
     sync_api = _require_module("playwright.sync_api")
     if not CHROMIUM.exists():
         _unavailable(f"{CHROMIUM} missing: apt-get update && apt-get install -y chromium")
