@@ -228,6 +228,15 @@ class ApwaMagics(Magics):
         unknown = set(settings) - known
         if unknown:
             raise UserInputError(f"unknown setting(s) {sorted(unknown)}; known: {sorted(known)}")
+        if "api_key" in args:  # `%apwa config api_key`: ask, so the key is never in the notebook
+            import getpass
+
+            settings["api_key"] = getpass.getpass("API key (not echoed, not saved): ")
+        elif "api_key" in settings:
+            print(
+                "apwa: the key is now in this cell's source and will be saved with the notebook; "
+                "prefer OPENAI_API_KEY or `%apwa config api_key` (asks without echo)."
+            )
         if settings:
             self.session.configure(**settings)
         for key, value in self.session.describe().items():

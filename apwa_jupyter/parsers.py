@@ -115,7 +115,7 @@ class LineCommand:
 
 
 LINE_COMMANDS = {
-    "config": "show settings, or set them: %apwa config model=NAME base_url=URL api_key=KEY address=HOST:PORT concurrency=N executor=ray|local",
+    "config": "show settings, or set them: %apwa config model=NAME base_url=URL address=HOST:PORT concurrency=N executor=ray|local; `%apwa config api_key` asks for a key without echo",
     "tools": "list registered capabilities",
     "cluster": "show the Ray cluster (%apwa cluster start: start it now)",
     "runs": "list this session's runs",

@@ -13,5 +13,7 @@ export PATH="$VENV/bin:$PATH"
 ruff format --check .
 ruff check .
 mypy
+# Frontend unit tests (jest); the editable install above already ran `jlpm install` there.
+(cd labextension && jlpm install --silent >/dev/null && jlpm test --silent)
 # -m "" lifts the default marker filter: embedded-model and browser tests run here too.
 python -m pytest -m "" "$@"

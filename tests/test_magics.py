@@ -148,7 +148,7 @@ def test_scalars_are_interpolated(ip):
     assert "count up to 3." in server.requests[0]["messages"][1]["content"]
 
 
-def test_config_never_prints_the_api_key(ip, capsys):
+def test_config_never_prints_the_api_key(ip, capsys, monkeypatch):
     ip.run_line_magic("apwa", "config")
     out = capsys.readouterr().out
     assert "SECRET123" not in out and "key set" in out
@@ -170,3 +170,14 @@ def test_runs_lists_this_sessions_runs(ip, capsys):
     capsys.readouterr()
     ip.run_line_magic("apwa", "runs")
     assert "done" in capsys.readouterr().out
+
+
+def test_api_key_can_be_entered_without_it_landing_in_the_notebook(ip, capsys, monkeypatch):
+    import getpass
+
+    monkeypatch.setattr(getpass, "getpass", lambda prompt: "sk-TYPED456")
+    ip.run_line_magic("apwa", "config api_key")
+    out = capsys.readouterr().out
+    assert "TYPED456" not in out and "key set" in out
+    ip.run_line_magic("apwa", "config api_key=sk-INLINE789")
+    assert "will be saved with the notebook" in capsys.readouterr().out
