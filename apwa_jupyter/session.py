@@ -12,6 +12,7 @@ with nothing configured, the embedded offline model starts on first use.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import threading
 import time
@@ -234,21 +235,41 @@ class Session:
         """Cancel active runs, close HTTP clients, release the executor."""
         for run in self.runs:
             run.cancel()
+        self.close_clients()
         executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown()
+
+    def close_clients(self) -> None:
+        """Close the HTTP clients this session opened on the engine loop (idempotent)."""
         closers = [self._manager_models.aclose()]
-        if executor is not None and hasattr(executor, "aclose"):
-            closers.append(executor.aclose())
+        if self._executor is not None and hasattr(self._executor, "aclose"):
+            closers.append(self._executor.aclose())
 
         async def close_all() -> None:
             await asyncio.gather(*closers, return_exceptions=True)
 
         with contextlib.suppress(Exception):
             get_engine().submit(close_all()).result(timeout=10)
-        if executor is not None:
-            executor.shutdown()
 
 
 _default: Session | None = None
+
+
+@atexit.register
+def _close_clients_at_exit() -> None:
+    """Close open HTTP connections at interpreter exit (Ray shuts itself down)."""
+    from .models.pool import OPEN_POOLS
+
+    pools = [pool for pool in OPEN_POOLS if pool._models]
+    if not pools:
+        return
+
+    async def close_all() -> None:
+        await asyncio.gather(*(pool.aclose() for pool in pools), return_exceptions=True)
+
+    with contextlib.suppress(Exception):
+        get_engine().submit(close_all()).result(timeout=10)
 
 
 def default_session() -> Session:

@@ -11,6 +11,7 @@ class ModelPool:
 
     def __init__(self) -> None:
         self._models: dict[EndpointConfig, ChatModel] = {}
+        OPEN_POOLS.append(self)
 
     def get(self, source: EndpointConfig | ChatModel) -> ChatModel:
         """The model for this source (built on first use, inside the caller's event loop)."""
@@ -27,3 +28,8 @@ class ModelPool:
         models, self._models = list(self._models.values()), {}
         for model in models:
             await model.aclose()
+
+
+# Pools live as long as their clients may; the engine closes them all at interpreter exit
+# (a client collected unclosed makes aiohttp complain about an unclosed session).
+OPEN_POOLS: list[ModelPool] = []
