@@ -179,3 +179,14 @@ def test_retry_failed_reruns_only_the_failures(fake_server, registry, reviews):
     assert run.state == "done" and run.errors == []
     assert run.result["n_chars"].tolist() == expected(reviews)
     assert server.count == before + 1  # only the failed row was asked again
+
+
+def test_a_proxy_in_the_environment_does_not_capture_loopback_servers(
+    fake_server, registry, reviews, monkeypatch
+):
+    for var in ("HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")  # nothing listens there
+    server = fake_server(plan_responder(PLAN, count_chars))
+    run = local_session(server, registry).run("count {reviews}", {"reviews": reviews})
+    assert run.state == "done", run.error
+    assert run.result["n_chars"].tolist() == expected(reviews)

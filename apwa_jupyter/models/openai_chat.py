@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from ..config import EndpointConfig
 from ..errors import EndpointError, TransientEndpointError
@@ -39,10 +40,15 @@ class OpenAIChatModel:
         """The underlying client, created on first use inside the running event loop."""
         if self._client is None:
             openai = _import_openai()
+            # Proxies from the environment (HTTP_PROXY) must not capture loopback servers: with a
+            # proxy set, requests to 127.0.0.1 went to the proxy and failed (403 / timeouts).
+            trust_env = not is_loopback(self.endpoint.base_url)
             try:
-                http_client = openai.DefaultAioHttpClient(timeout=self.endpoint.timeout_s)
+                http_client = openai.DefaultAioHttpClient(
+                    timeout=self.endpoint.timeout_s, trust_env=trust_env
+                )
             except RuntimeError:  # aiohttp extra missing: fall back to httpx, slower but correct
-                http_client = None
+                http_client = openai.DefaultAsyncHttpxClient(trust_env=trust_env)
             self._client = openai.AsyncOpenAI(
                 base_url=self.endpoint.base_url,
                 api_key=self.endpoint.api_key.get_secret_value(),
@@ -122,6 +128,12 @@ class OpenAIChatModel:
         if self._client is not None:
             await self._client.close()
             self._client = None
+
+
+def is_loopback(url: str) -> bool:
+    """True for http://127.x / localhost / [::1] URLs (never sent through a proxy)."""
+    host = (urlsplit(url).hostname or "").lower()
+    return host == "localhost" or host == "::1" or host.startswith("127.")
 
 
 def compact_json_grammar(schema: dict[str, Any]) -> str:
