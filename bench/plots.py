@@ -50,23 +50,29 @@ def draw_efficiency(ax: Any, runs: list[dict[str, Any]]) -> None:
     ax.set_xlabel("efficiency (* = projected from the rate reached before a time cap)")
 
 
-def draw_scaling_n(ax: Any, runs: list[dict[str, Any]], c: int) -> None:
-    """Wall time against N at one concurrency, with the ideal staircase."""
+def _plot_series(
+    ax: Any, runs: list[dict[str, Any]], x: str, fixed: str, value: int, ideal_label: str
+) -> None:
+    """Wall time of each method against `x` where `fixed` equals `value`, plus the ideal."""
+    chosen = [r for r in runs if r[fixed] == value]
     for method in ("ray", "local", "asyncio"):
-        points = sorted(
-            (r["n"], busy_seconds(r)) for r in runs if r["method"] == method and r["c"] == c
-        )
+        points = sorted((r[x], busy_seconds(r)) for r in chosen if r["method"] == method)
         if len(points) > 1:
             ax.plot(*zip(*points, strict=True), "o-", color=COLOURS[method], label=LABELS[method])
-    ideal = sorted({(r["n"], r["ideal_s"]) for r in runs if r["c"] == c})
-    ax.plot(*zip(*ideal, strict=True), "k--", lw=1, label="ideal ceil(N/C)·L")
-    ax.set_xscale("log")
+    ideal = sorted({(r[x], r["ideal_s"]) for r in chosen})
+    ax.plot(*zip(*ideal, strict=True), "k--", lw=1, label=ideal_label)
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(PLAIN)
-    ax.set_xlabel("subtasks N")
     ax.set_ylabel("seconds")
-    ax.set_title(f"Wall time vs N (C={c})")
     ax.legend(fontsize=8)
+
+
+def draw_scaling_n(ax: Any, runs: list[dict[str, Any]], c: int) -> None:
+    """Wall time against N at one concurrency, with the ideal staircase."""
+    _plot_series(ax, runs, "n", "c", c, "ideal ceil(N/C)·L")
+    ax.set_xscale("log")
+    ax.set_xlabel("subtasks N")
+    ax.set_title(f"Wall time vs N (C={c})")
 
 
 def draw_scaling_c(ax: Any, runs: list[dict[str, Any]]) -> None:
@@ -75,23 +81,12 @@ def draw_scaling_c(ax: Any, runs: list[dict[str, Any]]) -> None:
     for r in runs:
         by_n.setdefault(r["n"], set()).add(r["c"])
     n = max(by_n, key=lambda k: (len(by_n[k]), -k))
-    for method in ("ray", "local", "asyncio"):
-        points = sorted(
-            (r["c"], busy_seconds(r)) for r in runs if r["method"] == method and r["n"] == n
-        )
-        if len(points) > 1:
-            ax.plot(*zip(*points, strict=True), "o-", color=COLOURS[method], label=LABELS[method])
-    ideal = sorted({(r["c"], r["ideal_s"]) for r in runs if r["n"] == n})
-    ax.plot(*zip(*ideal, strict=True), "k--", lw=1, label="ideal")
+    _plot_series(ax, runs, "c", "n", n, "ideal")
     ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
     ax.xaxis.set_major_formatter(PLAIN)
-    ax.yaxis.set_major_formatter(PLAIN)
     ax.yaxis.set_minor_formatter(PLAIN)
     ax.set_xlabel("concurrency C")
-    ax.set_ylabel("seconds")
     ax.set_title(f"Wall time vs C (N={n:,})")
-    ax.legend(fontsize=8)
 
 
 def draw_context(ax: Any, shapes: list[dict[str, Any]]) -> None:

@@ -48,6 +48,10 @@ def stage(id_, kind, instruction="Do it.", outputs=("n",), **extra):
     }
 
 
+def plan_of(output, *stages):
+    return {"summary": "s", "output": output, "stages": list(stages)}
+
+
 def serve(fake_server, plan, worker, **options):
     def respond(body):
         return Reply.json(plan) if is_manager_request(body) else worker(body)
@@ -62,20 +66,17 @@ def ray_session(server, ray_executor, registry, **options):
 
 
 def test_map_over_rows_keeps_the_index(fake_server, ray_executor, registry, reviews):
-    plan = {
-        "summary": "s",
-        "output": "m",
-        "stages": [
-            stage(
-                "m",
-                "map",
-                "Count characters of {text}",
-                ("n_chars",),
-                source="reviews",
-                batch_size=1,
-            )
-        ],
-    }
+    plan = plan_of(
+        "m",
+        stage(
+            "m",
+            "map",
+            "Count characters of {text}",
+            ("n_chars",),
+            source="reviews",
+            batch_size=1,
+        ),
+    )
     server = serve(
         fake_server, plan, lambda b: Reply.json({"n_chars": len(worker_input(b)["text"])})
     )
@@ -133,21 +134,18 @@ def test_task_parallel(fake_server, ray_executor, registry, reviews):
 
 
 def test_replicate_with_majority_vote(fake_server, ray_executor, registry, reviews):
-    plan = {
-        "summary": "s",
-        "output": "r",
-        "stages": [
-            stage(
-                "r",
-                "replicate",
-                "Stars of {text}?",
-                ("guess",),
-                source="reviews",
-                replicas=3,
-                aggregate="vote",
-            )
-        ],
-    }
+    plan = plan_of(
+        "r",
+        stage(
+            "r",
+            "replicate",
+            "Stars of {text}?",
+            ("guess",),
+            source="reviews",
+            replicas=3,
+            aggregate="vote",
+        ),
+    )
     stars = dict(zip(reviews["text"], reviews["stars"], strict=True))
 
     def worker(body):  # replica 3 is always wrong; the vote must overrule it
@@ -171,40 +169,37 @@ def test_hierarchical_reduce_scene_act_book(fake_server, ray_executor, registry)
             "text": [" ".join(["w"] * n) for n in (3, 1, 4, 1, 5, 9, 2, 6)],
         }
     )
-    plan = {
-        "summary": "s",
-        "output": "book",
-        "stages": [
-            stage(
-                "scene",
-                "map",
-                "Count the words of {text}",
-                ("words",),
-                source="scenes",
-                batch_size=1,
-            ),
-            stage(
-                "act",
-                "reduce",
-                "Total words in act {act}",
-                ("words_total",),
-                source="scene",
-                group_by="act",
-                fan_in=2,
-                depends_on=["scene"],
-            ),
-            stage(
-                "book",
-                "reduce",
-                "Total words in the book",
-                ("words_total",),
-                source="act",
-                group_by=None,
-                fan_in=2,
-                depends_on=["act"],
-            ),
-        ],
-    }
+    plan = plan_of(
+        "book",
+        stage(
+            "scene",
+            "map",
+            "Count the words of {text}",
+            ("words",),
+            source="scenes",
+            batch_size=1,
+        ),
+        stage(
+            "act",
+            "reduce",
+            "Total words in act {act}",
+            ("words_total",),
+            source="scene",
+            group_by="act",
+            fan_in=2,
+            depends_on=["scene"],
+        ),
+        stage(
+            "book",
+            "reduce",
+            "Total words in the book",
+            ("words_total",),
+            source="act",
+            group_by=None,
+            fan_in=2,
+            depends_on=["act"],
+        ),
+    )
     calls: dict[str, int] = {}
     lock = threading.Lock()
 
@@ -308,13 +303,9 @@ def test_attach_to_a_cluster_started_with_ray_start(fake_server, reviews):
     )
     assert started.returncode == 0, started.stderr[-3000:]
     try:
-        plan = {
-            "summary": "s",
-            "output": "m",
-            "stages": [
-                stage("m", "map", "Count {text}", ("n_chars",), source="reviews", batch_size=1)
-            ],
-        }
+        plan = plan_of(
+            "m", stage("m", "map", "Count {text}", ("n_chars",), source="reviews", batch_size=1)
+        )
         server = serve(
             fake_server, plan, lambda b: Reply.json({"n_chars": len(worker_input(b)["text"])})
         )
@@ -358,22 +349,19 @@ def test_workers_call_registered_tools_over_http_and_nothing_else(
         return "unknown"
 
     registry.register(product_of)
-    plan = {
-        "summary": "s",
-        "output": "m",
-        "stages": [
-            stage(
-                "m",
-                "map",
-                "Which product? {text}",
-                (),
-                source="reviews",
-                batch_size=1,
-                tools=["product_of"],
-            )
-            | {"outputs": [field("product", "string")]}
-        ],
-    }
+    plan = plan_of(
+        "m",
+        stage(
+            "m",
+            "map",
+            "Which product? {text}",
+            (),
+            source="reviews",
+            batch_size=1,
+            tools=["product_of"],
+        )
+        | {"outputs": [field("product", "string")]},
+    )
 
     def worker(body):
         tool_results = [m for m in body["messages"] if m["role"] == "tool"]
