@@ -7,10 +7,10 @@ what a user inspects after a run is exactly what the model saw and said.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from .models.base import ToolCall, Usage
+from .models.base import ChatResponse
 
 
 @dataclass(frozen=True)
@@ -27,24 +27,21 @@ class TaskStep:
 
 @dataclass(frozen=True)
 class ModelStep:
-    """One model response: text and/or tool calls."""
+    """One model response (text and/or tool calls), exactly as it came back."""
 
-    content: str | None
-    tool_calls: list[ToolCall] = field(default_factory=list)
-    finish_reason: str = "stop"
-    usage: Usage = field(default_factory=Usage)
+    response: ChatResponse
 
     def to_messages(self) -> list[dict[str, Any]]:
         """The assistant message, in OpenAI form."""
-        message: dict[str, Any] = {"role": "assistant", "content": self.content}
-        if self.tool_calls:
+        message: dict[str, Any] = {"role": "assistant", "content": self.response.content}
+        if self.response.tool_calls:
             message["tool_calls"] = [
                 {
                     "id": call.id,
                     "type": "function",
                     "function": {"name": call.name, "arguments": call.arguments},
                 }
-                for call in self.tool_calls
+                for call in self.response.tool_calls
             ]
         return [message]
 
@@ -101,8 +98,8 @@ def transcript_text(steps: list[Step]) -> str:
         if isinstance(step, TaskStep):
             lines.append(f"[task] {step.user}")
         elif isinstance(step, ModelStep):
-            calls = ", ".join(f"{c.name}({c.arguments})" for c in step.tool_calls)
-            lines.append(f"[model] {step.content or ''}{' -> ' + calls if calls else ''}")
+            calls = ", ".join(f"{c.name}({c.arguments})" for c in step.response.tool_calls)
+            lines.append(f"[model] {step.response.content or ''}{' -> ' + calls if calls else ''}")
         elif isinstance(step, ToolStep):
             lines.append(f"[tool {step.name}] {step.result}")
         elif isinstance(step, CorrectionStep):

@@ -78,7 +78,7 @@ def _usage_of(steps: list[Step]) -> Usage:
     total = Usage()
     for step in steps:
         if isinstance(step, ModelStep):
-            total = total + step.usage
+            total = total + step.response.usage
     return total
 
 
@@ -102,9 +102,7 @@ async def _loop(
             seed=subtask.replica or None,
         )
         response = await model.chat(request)
-        steps.append(
-            ModelStep(response.content, response.tool_calls, response.finish_reason, response.usage)
-        )
+        steps.append(ModelStep(response))
         if response.tool_calls and not constrained:
             for call in response.tool_calls:
                 steps.append(ToolStep(call.id, call.name, call.arguments, await _call(ctx, call)))
