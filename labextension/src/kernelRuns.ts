@@ -61,6 +61,7 @@ export class KernelRuns {
     this._subshellWaitMs = options.subshellWaitMs ?? SUBSHELL_WAIT_MS;
     kernel.registerCommTarget(COMM_TARGET, this._onHello);
     kernel.statusChanged.connect(this._onStatus, this);
+    kernel.connectionStatusChanged.connect(this._onConnection, this);
     kernel.disposed.connect(this.dispose, this);
   }
 
@@ -194,6 +195,21 @@ export class KernelRuns {
     } else if (status === 'starting' && this._restart === 'waiting-for-start') {
       this._restart = 'waiting-for-idle';
     } else if (status === 'idle' && this._restart === 'waiting-for-idle') {
+      this._restart = 'none';
+      void this.connect();
+    }
+  }
+
+  /**
+   * A restart on a loaded machine can drop the websocket: JupyterLab reconnects and the new
+   * kernel reports `idle` without the `starting` we wait for (seen in CI). Once the connection
+   * is back, the restart is over whatever statuses were missed.
+   */
+  private _onConnection(
+    _kernel: Kernel.IKernelConnection,
+    status: Kernel.ConnectionStatus
+  ): void {
+    if (status === 'connected' && this._restart !== 'none') {
       this._restart = 'none';
       void this.connect();
     }

@@ -46,6 +46,7 @@ class FakeKernel {
   supportsSubshells = false;
   info: Promise<unknown> = Promise.resolve({});
   readonly statusChanged = new Signal<this, Kernel.Status>(this);
+  readonly connectionStatusChanged = new Signal<this, Kernel.ConnectionStatus>(this);
   readonly disposed = new Signal<this, void>(this);
   readonly comms: FakeComm[] = [];
   readonly targets = new Map<string, Callback>();
@@ -163,6 +164,24 @@ describe('KernelRuns', () => {
     // An ordinary busy/idle cycle does not reopen.
     kernel.statusChanged.emit('busy');
     kernel.statusChanged.emit('idle');
+    await flush();
+    expect(kernel.comms).toHaveLength(2);
+  });
+
+  it('reopens after a restart that lost the websocket and never said starting', async () => {
+    const { kernel, runs } = setup();
+    await runs.connect();
+    kernel.statusChanged.emit('restarting');
+    kernel.connectionStatusChanged.emit('connecting');
+    kernel.statusChanged.emit('idle'); // the new kernel, but no 'starting' was seen
+    await flush();
+    expect(kernel.comms).toHaveLength(1);
+    kernel.connectionStatusChanged.emit('connected');
+    await flush();
+    expect(kernel.comms).toHaveLength(2);
+    expect(kernel.lastComm.opened).toEqual([{ type: 'list' }]);
+    // Reconnections outside a restart do not reopen.
+    kernel.connectionStatusChanged.emit('connected');
     await flush();
     expect(kernel.comms).toHaveLength(2);
   });
