@@ -118,6 +118,4 @@ class ProgressSink:
 
     def reset_failed(self, stage: str, count: int) -> None:
         """`count` failed subtasks are about to be retried by the user."""
-        progress = self.stage(stage)
-        progress.failed -= count
-        progress.finished_at = None
+        self.stage(stage).failed -= count

@@ -134,11 +134,7 @@ async def _run_stage(run: Run, executor: Executor, stage: Any, only_failed: bool
         run.subtask_results[stage.id] = results
         run.stage_frames[stage.id] = _assemble(run, stage, results)
     run.refresh_errors()
-    sink.stage(stage.id).finished_at = _now()
-
-
-def _now() -> float:
-    return time.time()
+    sink.stage(stage.id).finished_at = time.time()
 
 
 def _expand(run: Run, stage: Any) -> tuple[list[Subtask], DataTable | None]:
