@@ -9,7 +9,7 @@ from collections import Counter
 from statistics import fmean
 from typing import Any, Literal
 
-from .plan import OutputField
+from .plans import OutputField
 
 
 def aggregate(

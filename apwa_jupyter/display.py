@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .plan import dependencies
+from .plans import dependencies
 
 if TYPE_CHECKING:
-    from .run import Run
+    from .runs import Run
 
 
 def stage_line(stage: Any, subtasks: int) -> str:

@@ -17,7 +17,7 @@ from .errors import ApwaError, UserInputError
 from .parsers import CELL_HELP, LINE_COMMANDS, CellOptions, parse_cell_options, parse_line
 
 if TYPE_CHECKING:
-    from .run import Run
+    from .runs import Run
     from .session import Session
 
 EMBEDDED_NOTICE = (

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from .capabilities import CapabilityRegistry
 from .errors import PlanError
 from .models.base import ChatModel, ChatRequest, Usage
-from .plan import Plan, plan_json_schema, validate_plan
+from .plans import Plan, plan_json_schema, validate_plan
 from .plan_fixes import fix_plan
 from .tables import DataTable
 

@@ -16,13 +16,13 @@ import pandas as pd
 
 from .aggregate import aggregate
 from .executors.base import Executor
-from .plan import MapStage, OutputField, ReduceStage, ReplicateStage, TaskStage, dependencies
+from .plans import MapStage, OutputField, ReduceStage, ReplicateStage, TaskStage, dependencies
 from .tables import DataTable, TableSlice
 from .templates import StageContext, Subtask, batches, chunk_count
 from .worker import SubtaskResult
 
 if TYPE_CHECKING:
-    from .run import Run
+    from .runs import Run
 
 REPLICA_TEMPERATURE = 0.7
 

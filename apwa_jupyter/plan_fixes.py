@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .plan import PLACEHOLDER, Plan, stage_columns
+from .plans import PLACEHOLDER, Plan, stage_columns
 
 SourceKinds = ("map", "replicate", "reduce")
 

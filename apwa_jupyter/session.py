@@ -27,7 +27,7 @@ from .events import Event
 from .executors.base import Executor
 from .models.base import ChatModel
 from .models.pool import ModelPool
-from .run import Run, RunOptions
+from .runs import Run, RunOptions
 from .tables import DataTable, resolve_tables
 
 RunListener = Callable[[Run], None]

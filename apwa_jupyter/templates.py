@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from .capabilities import Capability
 from .config import EndpointConfig
 from .models.base import ChatModel
-from .plan import PLACEHOLDER, OutputField
+from .plans import PLACEHOLDER, OutputField
 from .tables import TableSlice
 
 MAX_STRING_OUTPUT = 2_000

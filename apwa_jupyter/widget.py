@@ -19,10 +19,10 @@ import ipywidgets as W
 
 from .display import run_text, stage_line
 from .errors import ApwaError
-from .plan import dependencies
+from .plans import dependencies
 
 if TYPE_CHECKING:
-    from .run import Run
+    from .runs import Run
 
 REFRESH_S = 0.25
 MAX_ERRORS_SHOWN = 20

@@ -21,7 +21,7 @@ from typing import Any
 from fakeserver import INSTRUCTION, OUTPUT
 
 from apwa_jupyter.config import EndpointConfig
-from apwa_jupyter.plan import OutputField
+from apwa_jupyter.plans import OutputField
 from apwa_jupyter.templates import StageContext, Subtask, answer_schema, worker_messages
 
 MODEL = "fake-model"

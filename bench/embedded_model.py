@@ -23,7 +23,7 @@ import psutil
 
 from apwa_jupyter.models.embedded import EmbeddedModelServer
 from apwa_jupyter.models.openai_chat import compact_json_grammar
-from apwa_jupyter.plan import Plan, plan_json_schema
+from apwa_jupyter.plans import Plan, plan_json_schema
 
 RESULTS = Path(__file__).parent / "results" / "embedded_model.json"
 STRING = re.compile(r'"(?:\\.|[^"\\])*"')

@@ -23,7 +23,7 @@ from apwa_jupyter.config import EndpointConfig
 from apwa_jupyter.errors import ModelNotInstalledError
 from apwa_jupyter.models import embedded
 from apwa_jupyter.models.openai_chat import compact_json_grammar
-from apwa_jupyter.plan import plan_json_schema
+from apwa_jupyter.plans import plan_json_schema
 
 pytestmark = pytest.mark.embedded
 

@@ -3,7 +3,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from apwa_jupyter.plan import Plan, plan_json_schema, validate_plan
+from apwa_jupyter.plans import Plan, plan_json_schema, validate_plan
 
 from .conftest import map_plan
 

@@ -1,4 +1,4 @@
-from apwa_jupyter.plan import Plan, validate_plan
+from apwa_jupyter.plans import Plan, validate_plan
 from apwa_jupyter.plan_fixes import fix_plan
 
 TABLES = {"reviews": ["text"]}

@@ -6,7 +6,7 @@ import json
 from apwa_jupyter.capabilities import CapabilityRegistry
 from apwa_jupyter.models.base import ChatResponse, ToolCall
 from apwa_jupyter.models.scripted import ScriptedModel
-from apwa_jupyter.plan import OutputField
+from apwa_jupyter.plans import OutputField
 from apwa_jupyter.tables import TableSlice
 from apwa_jupyter.templates import StageContext, Subtask
 from apwa_jupyter.worker import run_subtask

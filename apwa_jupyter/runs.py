@@ -22,7 +22,7 @@ import pandas as pd
 from .errors import ApwaError, RunCancelled, UserInputError
 from .events import Event, Listener, ProgressSink, StageProgress
 from .models.base import Usage
-from .plan import MapStage, Plan, ReduceStage, ReplicateStage, TaskStage, validate_plan
+from .plans import MapStage, Plan, ReduceStage, ReplicateStage, TaskStage, validate_plan
 from .steps import transcript_text
 from .templates import chunk_count
 
