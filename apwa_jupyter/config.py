@@ -1,11 +1,15 @@
-"""Where the model lives: one endpoint configuration, resolved from arguments, then the environment.
+"""Where the model lives: one endpoint configuration, and ONE rule for changing it.
 
-Resolution order for each field: explicit argument, then `OPENAI_BASE_URL` / `OPENAI_API_KEY` /
-`APWA_MODEL`, then defaults. When nothing at all is configured, `resolve_endpoint` returns None and
-the caller starts the embedded offline model (see `models/embedded.py`).
+Every path that sets endpoint fields (`Session.configure`, `%apwa config`, the ApwaMagics
+traitlets, a cell's --base-url/--model, the environment) goes through `merge_endpoint`, whose rule
+is: a key belongs to the base URL it was given for. A new base URL without a new key sends no key,
+and OPENAI_API_KEY goes only to OPENAI_BASE_URL (or to OpenAI's URL when that is unset). When
+nothing at all is configured the result is None and the caller starts the embedded offline model
+(see `models/embedded.py`).
 
 The API key is a `SecretStr`: its repr, str and JSON dump are masked, so a config printed in a
-notebook, logged, or pickled into a plan's metadata never shows it.
+notebook or logged never shows it. A pickle does carry it, so an endpoint bound for storage (Ray's
+object store) is stripped with `without_key()` first.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
@@ -56,8 +61,81 @@ class EndpointConfig(BaseModel):
     def describe(self) -> str:
         """One line for people: endpoint and model, never the key."""
         kind = "embedded offline model" if self.embedded else "endpoint"
-        key = "key set" if self.api_key.get_secret_value() != PLACEHOLDER_API_KEY else "no key"
+        key = "key set" if self.key() is not None else "no key"
         return f"{kind} {self.base_url} · model {self.model} · {key}"
+
+    def key(self) -> str | None:
+        """The API key, or None when only the placeholder is set."""
+        value = self.api_key.get_secret_value()
+        return None if value == PLACEHOLDER_API_KEY else value
+
+    def without_key(self) -> EndpointConfig:
+        """A copy with the placeholder key: safe to put where data may be stored.
+
+        Ray's object store can spill to disk; the key travels beside it (see executors/ray.py).
+        """
+        return self.model_copy(update={"api_key": SecretStr(PLACEHOLDER_API_KEY)})
+
+    def with_key(self, key: str | None) -> EndpointConfig:
+        """A copy with `key` (None: the placeholder), rebuilt in a worker's memory."""
+        return self.model_copy(update={"api_key": SecretStr(key or PLACEHOLDER_API_KEY)})
+
+
+def merge_endpoint(
+    current: EndpointConfig | None,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    model: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> EndpointConfig | None:
+    """`current` changed by the given fields: the ONE rule for endpoint settings, used everywhere.
+
+    A key belongs to the base URL it was given for, so that a key is never sent to a host the user
+    did not give it for:
+    - a new base URL without a new key gets no key (the placeholder), never the previous one;
+    - OPENAI_API_KEY belongs to OPENAI_BASE_URL if that is set, else to OpenAI's default URL, and
+      goes nowhere else;
+    - a key given alone goes to the current base URL; changing only the model keeps the key.
+
+    With `current` None the environment is the starting point (OPENAI_BASE_URL / OPENAI_API_KEY /
+    APWA_MODEL). None back means nothing is configured: the embedded model. A bad base URL is a
+    one-line UserInputError.
+    """
+    env = os.environ if env is None else env
+    if current is None:
+        home_url, home_key = _env_home(env)
+        start_url, start_key = home_url, home_key
+        start_model = env.get("APWA_MODEL") or None
+    else:
+        start_url, start_key, start_model = current.base_url, current.key(), current.model
+    url = start_url if base_url is None else _check_url(base_url)
+    if url == start_url:
+        key = api_key or start_key
+    else:
+        home_url, home_key = _env_home(env)
+        key = api_key or (home_key if url == home_url else None)
+    model = model or start_model
+    if url is None:
+        if key is None:
+            if model is not None:
+                raise UserInputError(
+                    f"A model ({model!r}) was named but no endpoint: pass --base-url (or set "
+                    "OPENAI_BASE_URL / OPENAI_API_KEY), or drop the model name to use the "
+                    "embedded model."
+                )
+            return None
+        url = OPENAI_DEFAULT_BASE_URL  # a key alone means the hosted OpenAI API
+    if model is None:
+        if url != OPENAI_DEFAULT_BASE_URL:
+            raise UserInputError(
+                f"Which model should {url} serve? Pass --model NAME or set APWA_MODEL "
+                "(the server's /v1/models lists the names it knows)."
+            )
+        model = OPENAI_DEFAULT_MODEL
+    if current is not None and url == current.base_url:
+        # Same server: keep its other settings (timeout, dialect, embedded, concurrency).
+        return current.model_copy(update={"model": model, "api_key": _secret(key)})
+    return EndpointConfig(base_url=url, model=model, api_key=_secret(key))
 
 
 def resolve_endpoint(
@@ -66,34 +144,33 @@ def resolve_endpoint(
     model: str | None = None,
     env: Mapping[str, str] | None = None,
 ) -> EndpointConfig | None:
-    """Build the endpoint from arguments and environment; None means "nothing configured".
+    """The endpoint from arguments over the environment; None means "nothing configured".
 
-    An API key alone means the hosted OpenAI API. A base URL alone means a local server that needs
-    no key. A model name alone is not enough to find a server, so it is an error rather than a
-    silent fall-back to the embedded model.
+    Same rule as `merge_endpoint` (which see): the environment's key never follows an explicit
+    base URL to another host.
     """
-    env = os.environ if env is None else env
-    base_url = base_url or env.get("OPENAI_BASE_URL") or None
-    api_key = api_key or env.get("OPENAI_API_KEY") or None
-    model = model or env.get("APWA_MODEL") or None
-    if base_url is None and api_key is None:
-        if model is not None:
-            raise UserInputError(
-                f"A model ({model!r}) was named but no endpoint: pass --base-url (or set "
-                "OPENAI_BASE_URL / OPENAI_API_KEY), or drop the model name to use the embedded model."
-            )
-        return None
-    if base_url is None:
-        base_url = OPENAI_DEFAULT_BASE_URL
-    if model is None:
-        if base_url != OPENAI_DEFAULT_BASE_URL:
-            raise UserInputError(
-                f"Which model should {base_url} serve? Pass --model NAME or set APWA_MODEL "
-                "(the server's /v1/models lists the names it knows)."
-            )
-        model = OPENAI_DEFAULT_MODEL
-    return EndpointConfig(
-        base_url=base_url,
-        model=model,
-        api_key=SecretStr(api_key or PLACEHOLDER_API_KEY),
-    )
+    return merge_endpoint(None, base_url=base_url, api_key=api_key, model=model, env=env)
+
+
+def _env_home(env: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """(the URL the environment's key belongs to, that key)."""
+    key = env.get("OPENAI_API_KEY") or None
+    url = env.get("OPENAI_BASE_URL") or None
+    if url is not None:
+        return _check_url(url, "OPENAI_BASE_URL"), key
+    return (OPENAI_DEFAULT_BASE_URL if key else None), key
+
+
+def _check_url(value: str, name: str = "base_url") -> str:
+    """The normalised URL, or a one-line UserInputError (not a pydantic traceback)."""
+    text = value.strip().rstrip("/")
+    if not text.startswith(("http://", "https://")) or not urlsplit(text).hostname:
+        raise UserInputError(
+            f"{name} must be an http:// or https:// URL, got {value!r}; for a local server "
+            "use e.g. http://127.0.0.1:8000/v1"
+        )
+    return text
+
+
+def _secret(key: str | None) -> SecretStr:
+    return SecretStr(key or PLACEHOLDER_API_KEY)

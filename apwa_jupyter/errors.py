@@ -46,12 +46,22 @@ class EndpointError(ApwaError):
 class TransientEndpointError(EndpointError):
     """A failure worth retrying: rate limit (429), server error (5xx), timeout, lost connection.
 
-    `retry_after` carries the server's Retry-After hint in seconds when it sent one.
+    `retry_after` carries the server's Retry-After hint in seconds when it sent one;
+    `unreachable` is True when no connection could be made at all (the server may be down).
     """
 
-    def __init__(self, message: str, retry_after: float | None = None):
+    def __init__(self, message: str, retry_after: float | None = None, unreachable: bool = False):
         super().__init__(message)
         self.retry_after = retry_after
+        self.unreachable = unreachable
+
+
+class RequestRejected(EndpointError):
+    """The server refused this one request (HTTP 400: too long for the context, content filter).
+
+    It concerns the subtask's own input, so it fails that subtask only; the executor stops the run
+    if every request is refused the same way.
+    """
 
 
 class ModelNotInstalledError(ApwaError):

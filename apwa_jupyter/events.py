@@ -42,12 +42,17 @@ class Event:
 
 @dataclass
 class StageProgress:
-    """Counters for one stage; `retries` counts retry attempts, not subtasks."""
+    """Counters for one stage; `retries` counts retry attempts, not subtasks.
+
+    `failed` subtasks ran and have no answer; `skipped` ones never ran (cancelled, stopped early,
+    or their input failed upstream). Both leave missing values that `retry` can fill.
+    """
 
     total: int = 0
     running: int = 0
     done: int = 0
     failed: int = 0
+    skipped: int = 0
     retries: int = 0
     tokens: int = 0
     started_at: float | None = None
@@ -55,11 +60,14 @@ class StageProgress:
 
     @property
     def finished(self) -> int:
-        """Subtasks that will not run again (done or failed)."""
-        return self.done + self.failed
+        """Subtasks that are final for now (done, failed or skipped)."""
+        return self.done + self.failed + self.skipped
 
 
 Listener = Callable[[Event], None]
+
+# Error kinds of subtasks that never ran: not failures of their own, but still missing values.
+SKIPPED_KINDS = frozenset({"cancelled", "not_run", "upstream"})
 
 
 class ProgressSink:
@@ -96,26 +104,44 @@ class ProgressSink:
         self.stage(stage).running += 1
         self.emit(Event("subtask_started", self.run_id, stage, subtask))
 
-    def finished(self, stage: str, subtask: str, tokens: int, error: str | None) -> None:
-        """A subtask will not run again: done, or failed with `error`."""
+    def attempt_ended(self, stage: str) -> None:
+        """An attempt handed to a worker came back (or was abandoned)."""
+        self.stage(stage).running -= 1
+
+    def finished(
+        self,
+        stage: str,
+        subtask: str,
+        tokens: int,
+        error: str | None,
+        kind: str | None = None,
+    ) -> None:
+        """A subtask is final for now: done, failed with `error`, or skipped (never ran)."""
         progress = self.stage(stage)
-        progress.running -= 1
         progress.tokens += tokens
         if error is None:
             progress.done += 1
             self.emit(Event("subtask_finished", self.run_id, stage, subtask, tokens=tokens))
+            return
+        if kind in SKIPPED_KINDS:
+            progress.skipped += 1
         else:
             progress.failed += 1
-            self.emit(Event("subtask_failed", self.run_id, stage, subtask, error, tokens))
+        self.emit(Event("subtask_failed", self.run_id, stage, subtask, error, tokens))
 
     def retrying(self, stage: str, subtask: str, reason: str, tokens: int) -> None:
         """A subtask attempt failed transiently and will be tried again after a pause."""
         progress = self.stage(stage)
-        progress.running -= 1
         progress.retries += 1
         progress.tokens += tokens
         self.emit(Event("subtask_retrying", self.run_id, stage, subtask, reason, tokens))
 
-    def reset_failed(self, stage: str, count: int) -> None:
-        """`count` failed subtasks are about to be retried by the user."""
-        self.stage(stage).failed -= count
+    def restart(self, stage: str, total: int, done: int) -> None:
+        """A stage runs again (retry): `total` subtasks of which `done` are kept from before."""
+        progress = self.stage(stage)
+        progress.total, progress.done = total, done
+        progress.failed = progress.skipped = progress.running = 0
+        progress.finished_at = None
+        if progress.started_at is None:
+            progress.started_at = time.time()
+        self.emit(Event("subtask_queued", self.run_id, stage, message=str(total - done)))

@@ -1,30 +1,51 @@
 """Executing a plan: each stage's template is expanded, run on the executor, and assembled.
 
-Stages run as soon as their dependencies are done (independent stages run side by side). A map
-stage's frame keeps the input's index and adds the output columns; a failed subtask leaves
-explicit missing values (never a plausible default) and an entry in `run.errors`.
+Execution knows nothing about `Run`: it gets an `ExecutionSpec` (what to run) and the outcomes of
+an earlier execution (what is already answered), and hands back one `StageOutcome` per stage for
+the Run to apply. That keeps one owner for the Run's state and one home for each rule here:
+expansion, subtask counting, what a stage reads, and how results become frames.
+
+The rules of data flow between stages:
+- A row has a value only if its subtask answered; otherwise it is missing (never a plausible
+  default) and there is a `Failure` saying why, for which rows, after how many attempts.
+- A later stage never consumes a missing row as data: a map over an earlier stage sends only rows
+  that have values; the others are failures of kind "upstream". A reduce group with a missing
+  input is not summarised as if complete: the group fails as "upstream" until a retry fills it.
+- On retry, rows that already have values are kept and only missing ones are sent again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 
 from .aggregate import aggregate
-from .executors.base import Executor
-from .plans import MapStage, OutputField, ReduceStage, ReplicateStage, TaskStage, dependencies
+from .capabilities import CapabilityRegistry
+from .config import EndpointConfig
+from .events import ProgressSink
+from .executors.base import Executor, StopSignal
+from .models.base import ChatModel
+from .plans import (
+    MapStage,
+    OutputField,
+    Plan,
+    ReduceStage,
+    ReplicateStage,
+    TaskStage,
+    dependencies,
+)
 from .tables import DataTable, TableSlice
-from .templates import StageContext, Subtask, batches, chunk_count
+from .templates import MAX_INPUT_CHARS, StageContext, Subtask, batches, chunk_count
 from .worker import SubtaskResult
 
-if TYPE_CHECKING:
-    from .runs import Run
-
 REPLICA_TEMPERATURE = 0.7
+AGREEMENT_COLUMN = "agreement"
 
 _DTYPES = {
     "string": "string",
@@ -35,213 +56,65 @@ _DTYPES = {
 }
 
 
-async def execute_plan(run: Run, executor: Executor, retry_failed: bool = False) -> None:
-    """Run every stage of `run.plan` (or, with `retry_failed`, only what failed and what follows)."""
-    plan = run.plan
-    assert plan is not None
-    began = time.perf_counter()
-    await executor.start()
-    run.startup_seconds = (
-        time.perf_counter() - began
-    )  # Ray's first start shows up here, not in stages
-    changed: set[str] = set()
-    finished = {stage_id: asyncio.Event() for stage_id in plan.order()}
+@dataclass(frozen=True)
+class ExecutionSpec:
+    """Everything execution needs from a run, and nothing it could write back into."""
 
-    async def run_stage(stage_id: str) -> None:
-        stage = plan.stage(stage_id)
-        deps = [d for d in dependencies(stage) if d in finished]
-        for dep in deps:
-            await finished[dep].wait()
-        rerun_all = not retry_failed or any(d in changed for d in deps)
-        if run.cancel_event.is_set():
-            return
-        if rerun_all or _has_failures(run, stage_id):
-            await _run_stage(run, executor, stage, only_failed=not rerun_all)
-            changed.add(stage_id)
-        finished[stage_id].set()
-
-    tasks = [asyncio.create_task(run_stage(stage_id)) for stage_id in finished]
-    try:
-        await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:
-            task.cancel()
+    run_id: str
+    plan: Plan
+    tables: Mapping[str, DataTable]
+    registry: CapabilityRegistry
+    worker_model: EndpointConfig | ChatModel
+    concurrency: int | None = None
+    max_tokens: int = 1024
+    keep_transcripts: bool = True
+    max_input_chars: int = MAX_INPUT_CHARS
 
 
-def _has_failures(run: Run, stage_id: str) -> bool:
-    return any(not r.ok for r in run.subtask_results.get(stage_id, []) if r is not None)
+@dataclass(frozen=True)
+class Failure:
+    """Why some rows of a stage have no value; `rows` are the labels of those rows."""
+
+    stage: str
+    subtask: str
+    kind: str
+    message: str
+    attempts: int
+    rows: tuple[Any, ...] = ()
 
 
-def stage_context(run: Run, stage: Any) -> StageContext:
-    """The shared context of one stage's subtasks."""
-    tools = run.registry.select(stage.tools)
-    return StageContext(
-        run_id=run.id,
-        stage_id=stage.id,
-        kind=stage.kind,
-        instruction=stage.instruction,
-        outputs=tuple(stage.outputs),
-        tools=tools,
-        model=_require(run.worker_model),
-        max_tokens=run.options.max_tokens,
-        temperature=REPLICA_TEMPERATURE if stage.kind == "replicate" else 0.0,
-        keep_steps=run.options.keep_transcripts,
-    )
+@dataclass
+class StageOutcome:
+    """One stage's result: its frame, which of its rows have values, and what failed.
+
+    `answers` maps a row position of the stage's frame to its output fields: retry keeps those.
+    `results` are this execution's final subtask results (usage and transcripts); `kept` holds
+    earlier results whose answers were kept.
+    """
+
+    stage_id: str
+    frame: pd.DataFrame
+    answers: dict[int, dict[str, Any]]
+    rows: int
+    failures: list[Failure]
+    results: list[SubtaskResult]
+    kept: list[SubtaskResult] = field(default_factory=list)
+
+    @property
+    def row_ok(self) -> list[bool]:
+        """Per row of the frame: does it have a value."""
+        return [position in self.answers for position in range(self.rows)]
+
+    @property
+    def missing(self) -> int:
+        """Rows without a value."""
+        return self.rows - len(self.answers)
 
 
-def source_table(run: Run, name: str) -> DataTable:
-    """A user table, or an earlier stage's frame as a table."""
-    if name in run.tables:
-        return run.tables[name]
-    return DataTable.from_value(name, run.stage_frames[name])
+Apply = Callable[[StageOutcome], None]
 
 
-def source_frame(run: Run, name: str) -> pd.DataFrame:
-    """What a stage's source looks like as a DataFrame (with the user's index)."""
-    if name in run.stage_frames:
-        return run.stage_frames[name]
-    table = run.tables[name]
-    frame = table.arrow.to_pandas()
-    if table.index is not None:
-        frame.index = table.index
-    return frame
-
-
-async def _run_stage(run: Run, executor: Executor, stage: Any, only_failed: bool) -> None:
-    ctx = stage_context(run, stage)
-    sink = run.sink
-    sink.stage(stage.id).finished_at = None
-    if isinstance(stage, ReduceStage):
-        await _run_reduce(run, executor, stage, ctx)
-    else:
-        subtasks, table = _expand(run, stage)
-        previous = run.subtask_results.get(stage.id)
-        if only_failed and previous and len(previous) == len(subtasks):
-            todo = [s for s, r in zip(subtasks, previous, strict=True) if r is None or not r.ok]
-            sink.reset_failed(stage.id, len(todo))
-            results = list(previous)
-        else:
-            todo = subtasks
-            results = [None] * len(subtasks)
-            sink.queued(stage.id, len(todo))
-        tables = {}
-        if table is not None:
-            tables[table.name] = await executor.put_table(table.name, table.arrow)
-        async for result in executor.execute(
-            todo, ctx, tables, sink, run.cancel_event, run.options.concurrency
-        ):
-            results[result.subtask.index] = result
-        run.subtask_results[stage.id] = results
-        run.stage_frames[stage.id] = _assemble(run, stage, results)
-    run.refresh_errors()
-    sink.stage(stage.id).finished_at = time.time()
-
-
-def _expand(run: Run, stage: Any) -> tuple[list[Subtask], DataTable | None]:
-    if isinstance(stage, MapStage):
-        table = source_table(run, stage.source)
-        windows = batches(table.num_rows, stage.batch_size)
-        return [
-            Subtask(f"{stage.id}/{i}", stage.id, i, rows=TableSlice(table.name, off, length))
-            for i, (off, length) in enumerate(windows)
-        ], table
-    if isinstance(stage, TaskStage):
-        return [
-            Subtask(f"{stage.id}/{i}", stage.id, i, task_instruction=t.instruction, label=t.id)
-            for i, t in enumerate(stage.tasks)
-        ], None
-    if isinstance(stage, ReplicateStage):
-        if stage.source is None:
-            return [
-                Subtask(f"{stage.id}/{r}", stage.id, r, replica=r + 1)
-                for r in range(stage.replicas)
-            ], None
-        table = source_table(run, stage.source)
-        n = stage.replicas
-        return [
-            Subtask(
-                f"{stage.id}/{row}.{r}",
-                stage.id,
-                row * n + r,
-                rows=TableSlice(table.name, row, 1),
-                replica=r + 1,
-            )
-            for row in range(table.num_rows)
-            for r in range(n)
-        ], table
-    raise TypeError(f"cannot expand stage kind {stage.kind!r}")
-
-
-def _columns(
-    outputs: Iterable[OutputField], rows: list[dict[str, Any] | None], index: Any
-) -> pd.DataFrame:
-    """Typed output columns with explicit missing values where a subtask failed."""
-    data = {}
-    for out in outputs:
-        values = [row[out.name] if row is not None else None for row in rows]
-        data[out.name] = pd.array(values, dtype=_DTYPES[out.type])  # type: ignore[call-overload]
-    return pd.DataFrame(data, index=index)
-
-
-def _assemble(run: Run, stage: Any, results: list[SubtaskResult | None]) -> pd.DataFrame:
-    if isinstance(stage, MapStage):
-        frame = source_frame(run, stage.source)
-        rows: list[dict[str, Any] | None] = []
-        for result, (_, length) in zip(results, batches(len(frame), stage.batch_size), strict=True):
-            if result is not None and result.ok and result.outputs is not None:
-                rows.extend(result.outputs)
-            else:
-                rows.extend([None] * length)
-        return pd.concat([frame, _columns(stage.outputs, rows, frame.index)], axis=1)
-    if isinstance(stage, TaskStage):
-        rows = [r.outputs[0] if r is not None and r.ok and r.outputs else None for r in results]
-        out = _columns(stage.outputs, rows, pd.RangeIndex(len(rows)))
-        out.insert(0, "task", [t.id for t in stage.tasks])
-        return out
-    if isinstance(stage, ReplicateStage):
-        n = stage.replicas
-        groups = [results[i : i + n] for i in range(0, len(results), n)]
-        rows = []
-        for group in groups:
-            answers = [r.outputs[0] for r in group if r is not None and r.ok and r.outputs]
-            rows.append(
-                aggregate(answers, tuple(stage.outputs), stage.aggregate) if answers else None
-            )
-        if stage.source is None:
-            return _columns(stage.outputs, rows, pd.RangeIndex(1))
-        frame = source_frame(run, stage.source)
-        return pd.concat([frame, _columns(stage.outputs, rows, frame.index)], axis=1)
-    raise TypeError(f"cannot assemble stage kind {stage.kind!r}")
-
-
-def reduce_items(run: Run, stage: ReduceStage) -> list[tuple[Any, list[dict[str, Any]]]]:
-    """(group, items) pairs: a stage source contributes its output fields, a table all columns."""
-    frame = source_frame(run, stage.source)
-    if stage.source in run.stage_frames:
-        upstream = run.plan.stage(stage.source) if run.plan else None
-        keep = [f.name for f in upstream.outputs] if upstream is not None else list(frame.columns)
-    else:
-        keep = list(frame.columns)
-    columns = [c for c in keep if c != stage.group_by]
-    records = frame.astype(object).where(frame.notna(), None)
-    if stage.group_by is None:
-        return [(None, _records(records[columns]))]
-    return [
-        (key, _records(group[columns]))
-        for key, group in records.groupby(stage.group_by, sort=False, dropna=False)
-    ]
-
-
-def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    return [{str(k): v for k, v in row.items()} for row in frame.to_dict("records")]
-
-
-def _require(model: Any) -> Any:
-    if model is None:
-        raise RuntimeError("the run has no worker model: it was never planned")
-    return model
-
-
+# -- counting (the one home of "how many subtasks") --------------------------------------------
 def reduce_subtask_count(sizes: Iterable[int], fan_in: int) -> int:
     """How many calls a hierarchical reduce makes for groups of these sizes."""
     total = 0
@@ -255,58 +128,492 @@ def reduce_subtask_count(sizes: Iterable[int], fan_in: int) -> int:
     return total
 
 
-async def _run_reduce(run: Run, executor: Executor, stage: ReduceStage, ctx: StageContext) -> None:
-    groups = reduce_items(run, stage)
-    run.sink.queued(
-        stage.id, reduce_subtask_count([len(items) for _, items in groups], stage.fan_in)
-    )
-    current = {position: items for position, (_, items) in enumerate(groups)}
-    run.reduce_outputs[stage.id] = {}
-    failed: dict[int, str] = {}
-    all_results: list[SubtaskResult] = []
-    level = 0
-    while current:
-        subtasks: list[Subtask] = []
-        for position, items in current.items():
-            for chunk, start in enumerate(range(0, len(items), stage.fan_in)):
-                subtasks.append(
-                    Subtask(
-                        f"{stage.id}/L{level}.g{position}.{chunk}",
+def estimate_subtasks(plan: Plan, row_counts: Mapping[str, int]) -> dict[str, int]:
+    """Subtasks per stage before running (stages fed by other stages are estimated)."""
+    rows = dict(row_counts)
+    counts: dict[str, int] = {}
+    for stage_id in plan.order():
+        stage = plan.stage(stage_id)
+        if isinstance(stage, MapStage):
+            n = rows.get(stage.source, 0)
+            counts[stage_id], rows[stage_id] = chunk_count(n, stage.batch_size), n
+        elif isinstance(stage, TaskStage):
+            counts[stage_id] = rows[stage_id] = len(stage.tasks)
+        elif isinstance(stage, ReplicateStage):
+            n = rows.get(stage.source, 0) if stage.source else 1
+            counts[stage_id], rows[stage_id] = n * stage.replicas, n
+        elif isinstance(stage, ReduceStage):
+            counts[stage_id] = reduce_subtask_count([rows.get(stage.source, 0)], stage.fan_in)
+            rows[stage_id] = 1
+    return counts
+
+
+# -- the DAG -----------------------------------------------------------------------------------
+async def execute_plan(
+    spec: ExecutionSpec,
+    executor: Executor,
+    sink: ProgressSink,
+    stop: StopSignal,
+    apply: Apply,
+    previous: Mapping[str, StageOutcome] | None = None,
+) -> float:
+    """Run every stage; `previous` (a retry) keeps rows that already have values.
+
+    Returns the seconds spent waiting for the executor to start (Ray's first start shows here).
+
+    Every stage ends with an outcome handed to `apply`, even when the run stops early: the
+    stage's rows are then failures of kind "cancelled" / "not_run", so nothing is silently lost.
+    """
+    plan = spec.plan
+    outcomes: dict[str, StageOutcome] = {}
+    finished = {stage_id: asyncio.Event() for stage_id in plan.order()}
+    began = time.perf_counter()
+    started = await _start(executor, stop)
+    startup_seconds = time.perf_counter() - began
+
+    async def run_stage(stage_id: str) -> None:
+        try:
+            stage = plan.stage(stage_id)
+            for dep in dependencies(stage):
+                if dep in finished:
+                    await finished[dep].wait()
+            old = (previous or {}).get(stage_id)
+            if (
+                old is not None
+                and old.missing == 0
+                and not _inputs_changed(stage, outcomes, previous)
+            ):
+                outcomes[stage_id] = old  # nothing to do: every row has a value
+                return
+            runner = StageRunner(spec, executor if started else None, sink, stop, outcomes, old)
+            outcome = await runner.run(stage)
+            outcomes[stage_id] = outcome
+            apply(outcome)
+        finally:
+            finished[stage_id].set()  # dependents must never wait forever, whatever happened
+
+    await asyncio.gather(*(run_stage(stage_id) for stage_id in finished))
+    return startup_seconds
+
+
+def _inputs_changed(
+    stage: Any, outcomes: Mapping[str, StageOutcome], previous: Mapping[str, StageOutcome] | None
+) -> bool:
+    for dep in dependencies(stage):
+        before = (previous or {}).get(dep)
+        now = outcomes.get(dep)
+        if before is not None and now is not None and now is not before:
+            return True
+    return False
+
+
+async def _start(executor: Executor, stop: StopSignal) -> bool:
+    """Start the executor, but stop waiting as soon as the run is stopped (starting goes on)."""
+    if stop.is_set():
+        return False
+    starting = asyncio.ensure_future(executor.start())
+    stopped = asyncio.ensure_future(stop.event.wait())
+    done, _ = await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if starting in done:
+        starting.result()  # a start failure (no cluster) is raised to the run
+        return True
+    return False
+
+
+# -- one stage ---------------------------------------------------------------------------------
+@dataclass
+class _Source:
+    """What a stage reads: a frame (with the user's index), a table, and which rows have values."""
+
+    frame: pd.DataFrame
+    table: DataTable
+    ok: list[bool]
+    output_fields: list[str] | None  # an earlier stage's outputs; None for a user table
+
+
+class StageRunner:
+    """Expands one stage, runs what is missing on the executor, and assembles the outcome."""
+
+    def __init__(
+        self,
+        spec: ExecutionSpec,
+        executor: Executor | None,
+        sink: ProgressSink,
+        stop: StopSignal,
+        outcomes: Mapping[str, StageOutcome],
+        previous: StageOutcome | None,
+    ):
+        self.spec = spec
+        self.executor = executor
+        self.sink = sink
+        self.stop = stop
+        self.outcomes = outcomes
+        self.previous = previous
+
+    # -- inputs --------------------------------------------------------------------------------
+    def source(self, name: str) -> _Source:
+        """A user table, or an earlier stage's frame, with which of its rows have values."""
+        if name in self.outcomes:
+            outcome = self.outcomes[name]
+            upstream = self.spec.plan.stage(name)
+            table = DataTable.from_value(name, outcome.frame)
+            fields = [f.name for f in upstream.outputs]
+            return _Source(outcome.frame, table, outcome.row_ok, fields)
+        table = self.spec.tables[name]
+        frame = table.arrow.to_pandas()
+        if table.index is not None:
+            frame.index = table.index
+        return _Source(frame, table, [True] * table.num_rows, None)
+
+    def context(self, stage: Any) -> StageContext:
+        """The shared context of the stage's subtasks."""
+        return StageContext(
+            run_id=self.spec.run_id,
+            stage_id=stage.id,
+            kind=stage.kind,
+            instruction=stage.instruction,
+            outputs=tuple(stage.outputs),
+            tools=self.spec.registry.select(stage.tools),
+            model=self.spec.worker_model,
+            max_tokens=self.spec.max_tokens,
+            temperature=REPLICA_TEMPERATURE if stage.kind == "replicate" else 0.0,
+            keep_steps=self.spec.keep_transcripts,
+            max_input_chars=self.spec.max_input_chars,
+        )
+
+    def kept_answers(self) -> dict[int, dict[str, Any]]:
+        """Rows answered by an earlier execution (a retry keeps them)."""
+        return dict(self.previous.answers) if self.previous is not None else {}
+
+    async def execute(
+        self, stage: Any, subtasks: list[Subtask], table: DataTable | None
+    ) -> list[SubtaskResult]:
+        """Run subtasks; one final result each, in subtask order."""
+        if self.executor is None or self.stop.is_set():
+            results = [self.stop.unrun(s) for s in subtasks]
+            for result in results:
+                self.sink.finished(stage.id, result.subtask.id, 0, result.error, result.error_kind)
+            return results
+        handles = {}
+        if table is not None and subtasks:
+            handles[table.name] = await self.executor.put_table(table.name, table.arrow)
+        ordered: list[SubtaskResult | None] = [None] * len(subtasks)
+        async for result in self.executor.execute(
+            subtasks, self.context(stage), handles, self.sink, self.stop, self.spec.concurrency
+        ):
+            ordered[result.subtask.index] = result
+        return [
+            r if r is not None else self.stop.unrun(s)
+            for r, s in zip(ordered, subtasks, strict=True)
+        ]
+
+    async def run(self, stage: Any) -> StageOutcome:
+        """Run the stage to an outcome."""
+        began = time.time()
+        progress = self.sink.stage(stage.id)
+        progress.started_at = progress.started_at or began
+        if isinstance(stage, MapStage):
+            outcome = await self._map(stage)
+        elif isinstance(stage, ReplicateStage):
+            outcome = await self._replicate(stage)
+        elif isinstance(stage, TaskStage):
+            outcome = await self._tasks(stage)
+        elif isinstance(stage, ReduceStage):
+            outcome = await self._reduce(stage)
+        else:
+            raise TypeError(f"cannot run stage kind {stage.kind!r}")
+        progress.finished_at = time.time()
+        return outcome
+
+    # -- map -----------------------------------------------------------------------------------
+    async def _map(self, stage: MapStage) -> StageOutcome:
+        src = self.source(stage.source)
+        answers = self.kept_answers()
+        labels = src.frame.index
+        failures: list[Failure] = []
+        upstream_failed = [p for p, ok in enumerate(src.ok) if not ok]
+        todo = [p for p, ok in enumerate(src.ok) if ok and p not in answers]
+        table = src.table
+        if len(todo) != table.num_rows:  # send only the rows still missing
+            table = DataTable(
+                src.table.name, src.table.arrow.take(pa.array(todo, pa.int64())), "rows"
+            )
+        windows = batches(len(todo), stage.batch_size) if todo else []
+        subtasks = [
+            Subtask(
+                _row_id(stage.id, todo, offset, length),
+                stage.id,
+                i,
+                rows=TableSlice(table.name, offset, length),
+            )
+            for i, (offset, length) in enumerate(windows)
+        ]
+        self.sink.restart(stage.id, len(subtasks) + len(upstream_failed), 0)
+        self._upstream(stage, src, upstream_failed, failures)
+        results = await self.execute(stage, subtasks, table)
+        for result, (offset, length) in zip(results, windows, strict=True):
+            positions = todo[offset : offset + length]
+            _collect(stage.id, result, positions, labels, answers, failures)
+        frame = _with_outputs(src.frame, stage.outputs, answers)
+        return StageOutcome(stage.id, frame, answers, len(src.frame), failures, results)
+
+    def _upstream(
+        self, stage: Any, src: _Source, positions: list[int], failures: list[Failure]
+    ) -> None:
+        """Rows whose input failed upstream: not sent, recorded as failures of kind upstream."""
+        if not positions:
+            return
+        source = getattr(stage, "source", "?")
+        for position in positions:
+            self.sink.finished(stage.id, f"{stage.id}/{position}", 0, "upstream", "upstream")
+        failures.append(
+            Failure(
+                stage.id,
+                f"{stage.id}/upstream",
+                "upstream",
+                f"input rows have no value in stage {source!r}; retry fills them first",
+                0,
+                tuple(src.frame.index[positions]),
+            )
+        )
+
+    # -- replicate -----------------------------------------------------------------------------
+    async def _replicate(self, stage: ReplicateStage) -> StageOutcome:
+        if stage.source is None:
+            frame = pd.DataFrame(index=pd.RangeIndex(1))
+            src = _Source(frame, DataTable("one", pa.table({"_": [0]}), "rows"), [True], None)
+            table = None
+        else:
+            src = self.source(stage.source)
+            table = src.table
+        answers = self.kept_answers()
+        failures: list[Failure] = []
+        upstream_failed = [p for p, ok in enumerate(src.ok) if not ok]
+        todo = [p for p, ok in enumerate(src.ok) if ok and p not in answers]
+        if table is not None and len(todo) != table.num_rows:
+            table = DataTable(table.name, table.arrow.take(pa.array(todo, pa.int64())), "rows")
+        n = stage.replicas
+        subtasks = [
+            Subtask(
+                f"{stage.id}/{position}.{r}" if stage.source else f"{stage.id}/{r}",
+                stage.id,
+                i * n + r,
+                rows=TableSlice(table.name, i, 1) if table is not None else None,
+                replica=r + 1,
+            )
+            for i, position in enumerate(todo)
+            for r in range(n)
+        ]
+        self.sink.restart(stage.id, len(subtasks) + len(upstream_failed), 0)
+        self._upstream(stage, src, upstream_failed, failures)
+        results = await self.execute(stage, subtasks, table)
+        shares: dict[int, float] = {}
+        if self.previous is not None and AGREEMENT_COLUMN in self.previous.frame:
+            before = self.previous.frame[AGREEMENT_COLUMN].tolist()
+            shares.update((p, float(v)) for p, v in enumerate(before) if p in answers)
+        labels = src.frame.index
+        for i, position in enumerate(todo):
+            group = results[i * n : (i + 1) * n]
+            good = [r.outputs[0] for r in group if r.ok and r.outputs and r.outputs[0] is not None]
+            combined, share = aggregate(good, tuple(stage.outputs), stage.aggregate, asked=n)
+            rows = tuple(labels[[position]])
+            if combined is not None:
+                answers[position] = combined
+                shares[position] = share
+                continue
+            bad = [r for r in group if not r.ok]
+            if good or not bad:
+                kind = "quorum"
+                message = (
+                    f"no quorum: {round(share * n)} of {n} replicas agree, a majority is needed"
+                    + (f" ({len(bad)} failed: {bad[0].error})" if bad else "")
+                )
+            else:
+                kind, message = bad[0].error_kind or "internal", bad[0].error or "no answer"
+            attempts = max((r.attempts for r in group), default=0)
+            failures.append(
+                Failure(stage.id, f"{stage.id}/{position}", kind, message, attempts, rows)
+            )
+        frame = _with_outputs(src.frame, stage.outputs, answers)
+        frame[AGREEMENT_COLUMN] = pd.array(
+            [shares.get(p) for p in range(len(frame))], dtype="Float64"
+        )
+        return StageOutcome(stage.id, frame, answers, len(frame), failures, results)
+
+    # -- task ----------------------------------------------------------------------------------
+    async def _tasks(self, stage: TaskStage) -> StageOutcome:
+        answers = self.kept_answers()
+        todo = [i for i in range(len(stage.tasks)) if i not in answers]
+        subtasks = [
+            Subtask(
+                f"{stage.id}/{i}",
+                stage.id,
+                k,
+                task_instruction=stage.tasks[i].instruction,
+                label=stage.tasks[i].id,
+            )
+            for k, i in enumerate(todo)
+        ]
+        self.sink.restart(stage.id, len(subtasks), 0)
+        results = await self.execute(stage, subtasks, None)
+        failures: list[Failure] = []
+        labels = pd.Index([t.id for t in stage.tasks])
+        for result, i in zip(results, todo, strict=True):
+            _collect(stage.id, result, [i], labels, answers, failures)
+        frame = _columns(stage.outputs, answers, len(stage.tasks), pd.RangeIndex(len(stage.tasks)))
+        frame.insert(0, "task", [t.id for t in stage.tasks])
+        return StageOutcome(stage.id, frame, answers, len(stage.tasks), failures, results)
+
+    # -- reduce --------------------------------------------------------------------------------
+    async def _reduce(self, stage: ReduceStage) -> StageOutcome:
+        src = self.source(stage.source)
+        keep = src.output_fields if src.output_fields is not None else list(src.frame.columns)
+        columns = [c for c in keep if c != stage.group_by]
+        records = src.frame.astype(object).where(src.frame.notna(), None)
+        records["__ok"] = src.ok
+        if stage.group_by is None:
+            groups: list[tuple[Any, pd.DataFrame]] = [(None, records)]
+        else:
+            groups = list(records.groupby(stage.group_by, sort=False, dropna=False))
+        answers = self.kept_answers()
+        failures: list[Failure] = []
+        current: dict[int, list[dict[str, Any]]] = {}
+        for position, (key, group) in enumerate(groups):
+            if position in answers:
+                continue
+            missing = int((~group["__ok"]).sum())
+            if missing:
+                failures.append(
+                    Failure(
                         stage.id,
-                        len(all_results) + len(subtasks),
-                        items=tuple(items[start : start + stage.fan_in]),
-                        group=groups[position][0],
-                        level=level,
-                        input_positions=(position, chunk),
+                        f"{stage.id}/g{position}",
+                        "upstream",
+                        f"{missing} of {len(group)} inputs have no value in stage "
+                        f"{stage.source!r}: the group is not summarised as if complete; "
+                        "retry fills them first",
+                        0,
+                        (key,),
                     )
                 )
-        partial: dict[int, list[tuple[int, dict[str, Any]]]] = {p: [] for p in current}
-        async for result in executor.execute(
-            subtasks, ctx, {}, run.sink, run.cancel_event, run.options.concurrency
-        ):
-            all_results.append(result)
-            position, chunk = result.subtask.input_positions
-            if result.ok and result.outputs:
-                partial[position].append((chunk, result.outputs[0]))
-            else:
-                failed.setdefault(position, f"{result.subtask.id}: {result.error}")
-        next_round = {}
-        for position, outputs in partial.items():
-            if position in failed:
-                continue  # a group missing a chunk must not be summarised as if complete
-            outputs.sort(key=lambda pair: pair[0])
-            next_round[position] = [out for _, out in outputs]
-        finished = {p: items[0] for p, items in next_round.items() if len(items) == 1}
-        for position, item in finished.items():
-            run.reduce_outputs.setdefault(stage.id, {})[position] = item
-        current = {p: items for p, items in next_round.items() if len(items) > 1}
-        level += 1
-        if run.cancel_event.is_set():
-            break
-    reduced = run.reduce_outputs.get(stage.id, {})
-    rows = [reduced.get(position) for position in range(len(groups))]
-    frame = _columns(stage.outputs, rows, pd.RangeIndex(len(groups)))
-    if stage.group_by is not None:
-        frame.insert(0, stage.group_by, [key for key, _ in groups])
-    run.subtask_results[stage.id] = list(all_results)
-    run.stage_frames[stage.id] = frame
+                continue
+            current[position] = _records(group[columns])
+        self.sink.restart(
+            stage.id, reduce_subtask_count([len(i) for i in current.values()], stage.fan_in), 0
+        )
+        results: list[SubtaskResult] = []
+        level = 0
+        while current:
+            subtasks: list[Subtask] = []
+            for position, items in current.items():
+                for chunk, start in enumerate(range(0, len(items), stage.fan_in)):
+                    subtasks.append(
+                        Subtask(
+                            f"{stage.id}/L{level}.g{position}.{chunk}",
+                            stage.id,
+                            len(subtasks),
+                            items=tuple(items[start : start + stage.fan_in]),
+                            group=groups[position][0],
+                            level=level,
+                            input_positions=(position, chunk),
+                        )
+                    )
+            partial: dict[int, list[tuple[int, dict[str, Any]]]] = {p: [] for p in current}
+            failed: set[int] = set()
+            for result in await self.execute(stage, subtasks, None):
+                results.append(result)
+                position, chunk = result.subtask.input_positions
+                if result.ok and result.outputs and result.outputs[0] is not None:
+                    partial[position].append((chunk, result.outputs[0]))
+                elif position not in failed:
+                    failed.add(position)
+                    failures.append(
+                        Failure(
+                            stage.id,
+                            result.subtask.id,
+                            result.error_kind or "internal",
+                            result.error or "",
+                            result.attempts,
+                            (groups[position][0],),
+                        )
+                    )
+            current = {}
+            for position, outputs in partial.items():
+                if position in failed:
+                    continue  # a group missing a chunk must not be summarised as if complete
+                items = [out for _, out in sorted(outputs, key=lambda pair: pair[0])]
+                if len(items) == 1:
+                    answers[position] = items[0]
+                else:
+                    current[position] = items
+            level += 1
+        frame = _columns(stage.outputs, answers, len(groups), pd.RangeIndex(len(groups)))
+        if stage.group_by is not None:
+            frame.insert(0, stage.group_by, [key for key, _ in groups])
+        return StageOutcome(stage.id, frame, answers, len(groups), failures, results)
+
+
+# -- assembling --------------------------------------------------------------------------------
+def _row_id(stage_id: str, todo: list[int], offset: int, length: int) -> str:
+    """Subtask ids name source rows, so they stay the same across retries."""
+    first = todo[offset]
+    return (
+        f"{stage_id}/{first}" if length == 1 else f"{stage_id}/{first}-{todo[offset + length - 1]}"
+    )
+
+
+def _collect(
+    stage_id: str,
+    result: SubtaskResult,
+    positions: list[int],
+    labels: pd.Index,
+    answers: dict[int, dict[str, Any]],
+    failures: list[Failure],
+) -> None:
+    """Put a subtask's answers at their rows; rows without one become a failure."""
+    outputs = result.outputs or []
+    missing = []
+    for k, position in enumerate(positions):
+        answer = outputs[k] if k < len(outputs) else None
+        if answer is not None and (result.ok or result.error_kind == "output"):
+            answers[position] = answer
+        else:
+            missing.append(position)
+    if missing:
+        failures.append(
+            Failure(
+                stage_id,
+                result.subtask.id,
+                result.error_kind or "internal",
+                result.error or "no answer",
+                result.attempts,
+                tuple(labels[missing]),
+            )
+        )
+
+
+def _columns(
+    outputs: Iterable[OutputField], answers: Mapping[int, dict[str, Any]], rows: int, index: Any
+) -> pd.DataFrame:
+    """Typed output columns with explicit missing values where a row has no answer."""
+    data = {}
+    for out in outputs:
+        values = [answers[p][out.name] if p in answers else None for p in range(rows)]
+        data[out.name] = pd.array(values, dtype=_DTYPES[out.type])  # type: ignore[call-overload]
+    return pd.DataFrame(data, index=index)
+
+
+def _with_outputs(
+    frame: pd.DataFrame, outputs: Iterable[OutputField], answers: Mapping[int, dict[str, Any]]
+) -> pd.DataFrame:
+    """The source frame with the stage's output columns added (same index, same rows)."""
+    return pd.concat([frame, _columns(outputs, answers, len(frame), frame.index)], axis=1)
+
+
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    return [{str(k): v for k, v in row.items()} for row in frame.to_dict("records")]
+
+
+def missing_rows(outcomes: Iterable[StageOutcome]) -> int:
+    """Rows without a value across stages (for the final state line)."""
+    return sum(o.missing for o in outcomes)

@@ -1,30 +1,40 @@
 """A Run: one request's life, from planning through approval and execution to results.
 
 Everything a user may want afterwards hangs off the Run: the plan, each stage's frame, the final
-result, per-subtask errors and transcripts, token usage and timings. It is safe to read from the
-notebook thread while the engine thread works on it; actions (start, cancel, retry) are thread-safe.
+result, per-row failures and transcripts, token usage and timings. It is safe to read from the
+notebook thread while the engine thread works on it; actions (start, cancel, retry) are
+thread-safe and work in every state.
+
+The Run is the one owner of its state. Execution (`orchestrator.py`) never writes into it: it
+hands back one `StageOutcome` per stage, which `_apply` records. A run's life:
+
+    planning -> awaiting_approval -> running -> done | failed | cancelled
+    (planning and awaiting_approval may also end as failed or cancelled)
+
+"done" means every stage finished; `status` says "done with N failed" when rows have no value.
+"failed" means the run stopped early (planning failed, the key was refused, the endpoint is
+down): finished rows are kept and `retry_failed()` runs only what is missing.
 """
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
 
 from .errors import ApwaError, RunCancelled, UserInputError
 from .events import Event, Listener, ProgressSink, StageProgress
+from .executors.base import StopSignal
 from .models.base import Usage
-from .plans import MapStage, Plan, ReduceStage, ReplicateStage, TaskStage, validate_plan
+from .orchestrator import ExecutionSpec, Failure, StageOutcome, estimate_subtasks, execute_plan
+from .plans import Plan, validate_plan
 from .steps import transcript_text
-from .templates import chunk_count
 
 if TYPE_CHECKING:
     from .capabilities import CapabilityRegistry
@@ -36,30 +46,22 @@ if TYPE_CHECKING:
 
 RunState = Literal["planning", "awaiting_approval", "running", "done", "failed", "cancelled"]
 ACTIVE_STATES = ("planning", "running")
+FINAL_STATES = ("done", "failed", "cancelled")
 # Keep every transcript for small runs; for big ones keep only failed subtasks' transcripts.
 TRANSCRIPTS_UP_TO = 2_000
+# A failed row, as `errors_frame()` lists it (kept under its old name for callers).
+SubtaskError = Failure
 
 
 @dataclass
 class RunOptions:
-    """Knobs of one run."""
+    """Knobs of one run; `concurrency=None` leaves the executor's own setting in force."""
 
-    concurrency: int = 64
+    concurrency: int | None = None
     max_tokens: int = 1024
     keep_transcripts: bool = True
     out: str | None = None
-
-
-@dataclass(frozen=True)
-class SubtaskError:
-    """Why one subtask has no answer; `rows` are the input index labels it covered."""
-
-    stage: str
-    subtask: str
-    kind: str
-    message: str
-    attempts: int
-    rows: tuple[Any, ...] = field(default_factory=tuple)
+    max_input_chars: int | None = None  # None: the worker's default input budget
 
 
 class Run:
@@ -82,34 +84,37 @@ class Run:
         self.options = options
         self.state: RunState = "planning"
         self.error: str | None = None
+        self.error_detail: str | None = None
         self.plan: Plan | None = None
         self.plan_attempts = 0
+        self.plan_fixes: list[str] = []
         self.manager_usage = Usage()
+        self.worker_usage = Usage()
         self.worker_model: EndpointConfig | ChatModel | None = None
         self.endpoint_description = ""
         self.cell_id: str | None = None
+        self.dry_run = False
+        self.auto_start = False
+        # Tools the plan asked for but was not granted, per stage: [(tool, reason)].
+        self.denied_tools: dict[str, list[tuple[str, str]]] = {}
         self.created_at = time.time()
         self.started_at: float | None = None
         self.finished_at: float | None = None
         self.planning_seconds: float | None = None
         self.startup_seconds: float | None = None
-        self.stage_frames: dict[str, pd.DataFrame] = {}
-        self.subtask_results: dict[str, list[SubtaskResult | None]] = {}
-        self.reduce_outputs: dict[str, dict[int, dict[str, Any]]] = {}
-        self.errors: list[SubtaskError] = []
+        self.outcomes: dict[str, StageOutcome] = {}
+        self._results: dict[str, SubtaskResult] = {}
         self._listeners: list[Listener] = []
         self.sink = ProgressSink(self.id, self._listeners)
-        self.cancel_event = asyncio.Event()
         self._executor_factory = executor_factory
         self._submit = submit
         self._call_soon = call_soon
         self._future: Future[Any] | None = None
         self.plan_future: Future[Any] | None = None
-        self.error_detail: str | None = None
-        self.dry_run = False
-        self.plan_fixes: list[str] = []
-        self.auto_start = False
-        self._start_lock = threading.Lock()
+        self._stop: StopSignal | None = None
+        self._cancel_requested = False
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
 
     # -- observing ---------------------------------------------------------------------------
     def subscribe(self, listener: Listener) -> Callable[[], None]:
@@ -118,13 +123,15 @@ class Run:
         return lambda: self._listeners.remove(listener) if listener in self._listeners else None
 
     def _set_state(self, state: RunState, error: str | None = None) -> None:
-        self.state = state
-        if error is not None:
-            self.error = error
-        if state in ("done", "failed", "cancelled"):
-            self.finished_at = time.time()
-            for progress in self.sink.stages.values():
-                progress.running = 0
+        with self._lock:
+            self.state = state
+            if error is not None:
+                self.error = error
+            if state in FINAL_STATES:
+                self.finished_at = time.time()
+                for progress in self.sink.stages.values():
+                    progress.running = 0
+            self._changed.notify_all()
         self.sink.emit(Event("run_state", self.id, message=state))
 
     def progress(self) -> dict[str, StageProgress]:
@@ -133,13 +140,8 @@ class Run:
 
     @property
     def usage(self) -> Usage:
-        """Tokens of the manager plus every worker attempt so far."""
-        total = self.manager_usage
-        for results in self.subtask_results.values():
-            for result in results:
-                if result is not None:
-                    total = total + result.usage
-        return total
+        """Tokens of the manager plus every worker subtask so far."""
+        return self.manager_usage + self.worker_usage
 
     @property
     def tokens(self) -> int:
@@ -151,6 +153,22 @@ class Run:
         """Seconds since the run was created (frozen once finished)."""
         return (self.finished_at or time.time()) - self.created_at
 
+    @property
+    def missing(self) -> int:
+        """Rows of the result that have no value (0 before the output stage has run)."""
+        if self.plan is None or self.plan.output not in self.outcomes:
+            return 0
+        return self.outcomes[self.plan.output].missing
+
+    @property
+    def status(self) -> str:
+        """The state in words: "done", "done with 3 failed", "failed: <why>", "cancelled"."""
+        if self.state == "done" and self.missing:
+            return f"done with {self.missing} failed"
+        if self.state == "failed" and self.error:
+            return f"failed: {self.error}"
+        return self.state.replace("_", " ")
+
     def summary(self) -> dict[str, Any]:
         """The RunSummary the JupyterLab panel shows (see runs_comm.py for the protocol)."""
         stages = self.sink.stages.values()
@@ -158,9 +176,11 @@ class Run:
             "id": self.id,
             "prompt": (self.prompt.strip().splitlines() or [""])[0][:120],
             "state": self.state,
+            "status": self.status,
             "done": sum(p.done for p in stages),
             "total": sum(p.total for p in stages) or self.estimate_subtasks(),
             "failed": sum(p.failed for p in stages),
+            "skipped": sum(p.skipped for p in stages),
             "running": sum(max(p.running, 0) for p in stages),
             "tokens": self.tokens,
             "elapsed_s": round(self.elapsed_s, 2),
@@ -168,6 +188,7 @@ class Run:
             "cell_id": self.cell_id,
             "out": self.options.out,
             "error": self.error,
+            "side_effects": self.side_effect_stages(),
         }
 
     # -- plan ----------------------------------------------------------------------------------
@@ -175,28 +196,7 @@ class Run:
         """How many subtasks each stage expands to (estimated for stages fed by other stages)."""
         if self.plan is None:
             return {}
-        rows = {name: table.num_rows for name, table in self.tables.items()}
-        counts: dict[str, int] = {}
-        for stage_id in self.plan.order():
-            stage = self.plan.stage(stage_id)
-            if isinstance(stage, MapStage):
-                n = rows.get(stage.source, 0)
-                counts[stage_id] = chunk_count(n, stage.batch_size)
-                rows[stage_id] = n
-            elif isinstance(stage, TaskStage):
-                counts[stage_id] = len(stage.tasks)
-                rows[stage_id] = len(stage.tasks)
-            elif isinstance(stage, ReplicateStage):
-                n = rows.get(stage.source, 0) if stage.source else 1
-                counts[stage_id] = n * stage.replicas
-                rows[stage_id] = n
-            elif isinstance(stage, ReduceStage):
-                from .orchestrator import reduce_subtask_count
-
-                n = rows.get(stage.source, 0)
-                counts[stage_id] = reduce_subtask_count([n], stage.fan_in)
-                rows[stage_id] = 1
-        return counts
+        return estimate_subtasks(self.plan, {n: t.num_rows for n, t in self.tables.items()})
 
     def estimate_subtasks(self) -> int:
         """Total subtasks the plan expands to (at least one model call each)."""
@@ -215,6 +215,10 @@ class Run:
                 f"run {self.id} is {self.state}; only a plan awaiting approval can be edited"
             )
         data = self.plan.model_dump()
+        if stage_id not in [s["id"] for s in data["stages"]]:
+            raise UserInputError(
+                f"no stage {stage_id!r}; stages: {[s['id'] for s in data['stages']]}"
+            )
         if remove:
             data["stages"] = [s for s in data["stages"] if s["id"] != stage_id]
             for stage in data["stages"]:
@@ -238,141 +242,218 @@ class Run:
     # -- acting --------------------------------------------------------------------------------
     def start(self) -> Run:
         """Approve the plan and execute it in the background; returns immediately."""
-        with self._start_lock:
+        with self._lock:
             if self.state != "awaiting_approval":
                 raise UserInputError(f"run {self.id} is {self.state}, not awaiting approval")
             if self.dry_run:
                 raise UserInputError("this was a --dry-run: rerun the cell without it to execute")
-            self._start_locked()
+            if self.estimate_subtasks() > TRANSCRIPTS_UP_TO:
+                self.options.keep_transcripts = False
+            self._launch(retry=False)
         return self
-
-    def _start_locked(self) -> None:
-        if self.estimate_subtasks() > TRANSCRIPTS_UP_TO:
-            self.options.keep_transcripts = False
-        self._launch(retry_failed=False)
 
     def approve_when_planned(self) -> Run:
-        """Start as soon as the plan is ready (now, if it already is): the --yes flag."""
-        with self._start_lock:
+        """Start as soon as the plan is ready (now, if it already is): the --yes flag.
+
+        A plan that calls tools with side effects still waits for an explicit start, unless the
+        grant allowed side effects (`--allow-side-effects`).
+        """
+        with self._lock:
             self.auto_start = True
-            if self.state == "awaiting_approval":
-                self._start_locked()
+            if self.state == "awaiting_approval" and self._may_auto_start():
+                self.start()
         return self
+
+    def _may_auto_start(self) -> bool:
+        return self.auto_start and not self.dry_run and not self.needs_explicit_approval()
+
+    def side_effect_stages(self) -> list[str]:
+        """Stages of the plan that call a tool with side effects (writes, deletes, sends)."""
+        if self.plan is None:
+            return []
+        effects = {t.name for t in self.registry if getattr(t, "side_effects", False)}
+        return [s.id for s in self.plan.stages if effects.intersection(s.tools)]
+
+    def needs_explicit_approval(self) -> bool:
+        """True when the plan has side effects and the grant did not allow them without a click."""
+        allowed = getattr(self.registry, "allow_side_effects", False)
+        return bool(self.side_effect_stages()) and not allowed
 
     def plan_ready(self, plan: Plan, usage: Usage, attempts: int, fixes: list[str]) -> None:
         """Called by the session when planning succeeded: await approval, or start (--yes)."""
-        with self._start_lock:
+        with self._lock:
+            if self.state != "planning":  # cancelled while the manager was thinking
+                return
             self.plan, self.manager_usage, self.plan_attempts = plan, usage, attempts
             self.plan_fixes = fixes
             self._set_state("awaiting_approval")
-            if self.auto_start and not self.dry_run:
-                self._start_locked()
+            if self._may_auto_start():
+                self.start()
+
+    def planning_failed(self, error: str, detail: str | None = None) -> None:
+        """Called by the session when planning failed (a cancelled run stays cancelled)."""
+        with self._lock:
+            if self.state != "planning":
+                return
+            self.error_detail = detail
+            self._set_state("failed", error)
 
     def retry_failed(self) -> Run:
-        """Run failed subtasks again (and every stage downstream of them)."""
-        if self.state in ACTIVE_STATES or self.plan is None:
-            raise UserInputError(f"run {self.id} is {self.state}; wait for it to finish first")
-        self.errors = []
-        self._launch(retry_failed=True)
+        """Run again only what has no value (and what depends on it); finished rows are kept."""
+        with self._lock:
+            if self.state in ACTIVE_STATES or self.plan is None:
+                raise UserInputError(f"run {self.id} is {self.state}; wait for it to finish first")
+            if self.state == "awaiting_approval":
+                raise UserInputError(f"run {self.id} has not run yet: approve it instead")
+            self._launch(retry=True)
         return self
 
-    def _launch(self, retry_failed: bool) -> None:
-        self.cancel_event = asyncio.Event()
+    def _launch(self, retry: bool) -> None:
+        """Begin an execution (caller holds the lock). A cancel from now on is never lost."""
+        self._cancel_requested = False
+        self._stop = None
         self.started_at = time.time()
         self.finished_at = None
         self.error = None
         self._set_state("running")
-        self._future = self._submit(self._execute(retry_failed))
+        self._future = self._submit(self._execute(retry))
 
-    async def _execute(self, retry_failed: bool) -> None:
-        from .orchestrator import execute_plan
-
+    async def _execute(self, retry: bool) -> None:
+        stop = StopSignal()
+        with self._lock:
+            self._stop = stop
+            if self._cancel_requested:
+                stop.cancel()
+        assert self.plan is not None and self.worker_model is not None
+        spec = ExecutionSpec(
+            run_id=self.id,
+            plan=self.plan,
+            tables=self.tables,
+            registry=self.registry,
+            worker_model=self.worker_model,
+            concurrency=self.options.concurrency,
+            max_tokens=self.options.max_tokens,
+            keep_transcripts=self.options.keep_transcripts,
+            **(
+                {"max_input_chars": self.options.max_input_chars}
+                if self.options.max_input_chars
+                else {}
+            ),
+        )
+        crash: str | None = None
         try:
-            await execute_plan(self, self._executor_factory(), retry_failed=retry_failed)
+            self.startup_seconds = await execute_plan(
+                spec,
+                self._executor_factory(),
+                self.sink,
+                stop,
+                self._apply,
+                previous=dict(self.outcomes) if retry else None,
+            )
         except ApwaError as exc:
-            self.refresh_errors()
-            self._set_state("failed", str(exc))
-            return
+            crash = str(exc)
         except Exception as exc:  # keep what finished; say what broke
-            self.refresh_errors()
-            self._set_state("failed", f"{type(exc).__name__}: {exc}")
-            return
-        self.refresh_errors()
-        self._set_state("cancelled" if self.cancel_event.is_set() else "done")
+            crash = f"{type(exc).__name__}: {exc}"
+        if stop.cancelled:
+            self._set_state("cancelled")
+        elif crash is not None or stop.reason is not None:
+            self._set_state("failed", self._stopped_because(crash or stop.reason or ""))
+        else:
+            self._set_state("done")
+
+    def _stopped_because(self, reason: str) -> str:
+        rows = self.outcomes.get(self.plan.output) if self.plan else None
+        if rows is None:
+            return f"{reason}. Nothing finished yet; fix the cause, then %apwa retry."
+        have = rows.rows - rows.missing
+        return (
+            f"{reason}. {have} of {rows.rows} rows have values and are kept; "
+            f"{rows.missing} are listed in errors_frame(); %apwa retry runs only those."
+        )
+
+    def _apply(self, outcome: StageOutcome) -> None:
+        """Record one stage's outcome (called on the engine thread by execution)."""
+        with self._lock:
+            self.outcomes[outcome.stage_id] = outcome
+            for result in outcome.results:
+                self.worker_usage = self.worker_usage + result.usage
+                if result.error_kind not in ("cancelled", "not_run") or (
+                    result.subtask.id not in self._results
+                ):
+                    self._results[result.subtask.id] = result
+        self.sink.emit(Event("stage_finished", self.id, outcome.stage_id))
 
     def cancel(self) -> None:
-        """Stop planning or execution; finished subtasks are kept."""
-        if self.state == "awaiting_approval":
-            self._set_state("cancelled")
-            return
-        if self.state in ACTIVE_STATES:
-            self._call_soon(self.cancel_event.set)
-            if self.plan_future is not None and not self.plan_future.done():
-                self.plan_future.cancel()
+        """Stop planning or execution within a moment; finished rows are kept."""
+        with self._lock:
+            if self.state in ("planning", "awaiting_approval"):
+                if self.plan_future is not None:
+                    self.plan_future.cancel()
+                self._set_state("cancelled")
+                return
+            if self.state != "running":
+                return
+            self._cancel_requested = True
+            stop = self._stop
+        if stop is not None:
+            self._call_soon(stop.cancel)
 
     def wait(self, timeout: float | None = None) -> Run:
-        """Block until planning or execution ends; Ctrl-C / kernel interrupt cancels the run."""
+        """Block until nothing more will happen without the user; Ctrl-C cancels the run.
+
+        Returns when the run is done, failed or cancelled, or is waiting for an approval that
+        will not come by itself.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            for future in (self.plan_future, self._future):
-                while future is not None and not future.done():
+            with self._changed:
+                while not self._settled():
                     if deadline is not None and time.monotonic() > deadline:
                         raise TimeoutError(f"run {self.id} still {self.state} after {timeout} s")
-                    try:
-                        future.result(timeout=0.1)
-                    except FutureTimeout:
-                        continue
-                    except Exception:
-                        break
+                    self._changed.wait(0.1)  # short waits keep Ctrl-C responsive
         except KeyboardInterrupt:
             self.cancel()
             raise RunCancelled(
-                f"Interrupted: run {self.id} was cancelled. Finished subtasks are kept: "
-                "see run.result and run.errors_frame(); run.retry_failed() resumes the rest."
+                f"Interrupted: run {self.id} was cancelled. Finished rows are kept: see "
+                "run.result and run.errors_frame(); run.retry_failed() (or %apwa retry) runs "
+                "only the missing ones."
             ) from None
         return self
 
+    def _settled(self) -> bool:
+        if self.state in FINAL_STATES:
+            return True
+        return self.state == "awaiting_approval" and not self._may_auto_start()
+
     # -- results -------------------------------------------------------------------------------
+    @property
+    def stage_frames(self) -> dict[str, pd.DataFrame]:
+        """Every finished stage's frame, by stage id."""
+        return {stage_id: outcome.frame for stage_id, outcome in self.outcomes.items()}
+
     @property
     def result(self) -> pd.DataFrame | None:
         """The output stage's frame (None until it has run)."""
-        if self.plan is None:
+        if self.plan is None or self.plan.output not in self.outcomes:
             return None
-        return self.stage_frames.get(self.plan.output)
+        return self.outcomes[self.plan.output].frame
 
-    def refresh_errors(self) -> None:
-        """Rebuild `errors` from the latest subtask results."""
-        errors = []
-        for stage_id, results in self.subtask_results.items():
-            for result in results:
-                if result is None or result.ok or result.error_kind == "cancelled":
-                    continue
-                errors.append(
-                    SubtaskError(
-                        stage=stage_id,
-                        subtask=result.subtask.id,
-                        kind=result.error_kind or "internal",
-                        message=result.error or "",
-                        attempts=result.attempts,
-                        rows=self._row_labels(stage_id, result),
-                    )
-                )
-        self.errors = errors
+    @property
+    def subtask_results(self) -> dict[str, list[SubtaskResult]]:
+        """The latest result of every subtask, by stage."""
+        by_stage: dict[str, list[SubtaskResult]] = {}
+        for result in self._results.values():
+            by_stage.setdefault(result.subtask.stage, []).append(result)
+        return by_stage
 
-    def _row_labels(self, stage_id: str, result: SubtaskResult) -> tuple[Any, ...]:
-        part = result.subtask.rows
-        if part is None or self.plan is None:
-            return ()
-        source = getattr(self.plan.stage(stage_id), "source", None)
-        frame = self.stage_frames.get(source or "")
-        table = self.tables.get(source or "")
-        index = frame.index if frame is not None else (table.index if table is not None else None)
-        if index is None:
-            return tuple(range(part.offset, part.offset + part.length))
-        return tuple(index[part.offset : part.offset + part.length])
+    @property
+    def errors(self) -> list[Failure]:
+        """Every row without a value, with why (stage order)."""
+        order = self.plan.order() if self.plan else list(self.outcomes)
+        return [f for s in order if s in self.outcomes for f in self.outcomes[s].failures]
 
     def errors_frame(self) -> pd.DataFrame:
-        """Failed subtasks as a table: stage, subtask, kind, message, attempts, rows."""
+        """Rows without a value: stage, subtask, kind, message, attempts, rows."""
         return pd.DataFrame(
             [e.__dict__ for e in self.errors],
             columns=["stage", "subtask", "kind", "message", "attempts", "rows"],
@@ -380,13 +461,12 @@ class Run:
 
     def transcript(self, subtask_id: str) -> str:
         """What one worker saw and said (kept for all subtasks of small runs, failed ones always)."""
-        for results in self.subtask_results.values():
-            for result in results:
-                if result is not None and result.subtask.id == subtask_id:
-                    if not result.steps:
-                        return "(transcript not kept: large run and this subtask succeeded)"
-                    return transcript_text(result.steps)
-        raise KeyError(f"no subtask {subtask_id!r} in run {self.id}")
+        result = self._results.get(subtask_id)
+        if result is None:
+            raise KeyError(f"no subtask {subtask_id!r} in run {self.id}")
+        if not result.steps:
+            return "(transcript not kept: large run and this subtask succeeded)"
+        return transcript_text(result.steps)
 
     def timings(self) -> dict[str, float | None]:
         """Planning time, execution time, and per-stage durations (seconds)."""
@@ -402,4 +482,4 @@ class Run:
         return out
 
     def __repr__(self) -> str:
-        return f"<Run {self.id} {self.state}: {self.summary()['prompt']!r}>"
+        return f"<Run {self.id} {self.status}: {self.summary()['prompt']!r}>"

@@ -19,8 +19,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .capabilities import CapabilityRegistry, default_registry
-from .config import EndpointConfig, resolve_endpoint
+from .capabilities import CapabilityRegistry, GrantedRegistry, default_registry
+from .config import EndpointConfig, merge_endpoint, resolve_endpoint
 from .engine import get_engine
 from .errors import ApwaError, PlanError, UserInputError
 from .events import Event
@@ -31,6 +31,7 @@ from .runs import Run, RunOptions
 from .tables import DataTable, resolve_tables
 
 RunListener = Callable[[Run], None]
+DEFAULT_CONCURRENCY = 64
 
 
 class Session:
@@ -42,9 +43,11 @@ class Session:
         model: ChatModel | None = None,
         executor: str | Executor = "ray",
         address: str | None = None,
-        concurrency: int = 64,
+        concurrency: int | None = None,
         registry: CapabilityRegistry | None = None,
         num_actors: int = 2,
+        tools: list[str] | None = None,
+        samples: bool = True,
     ):
         if endpoint is not None and model is not None:
             raise UserInputError("Pass either endpoint= or model=, not both.")
@@ -56,6 +59,10 @@ class Session:
         self.concurrency = concurrency
         self.num_actors = num_actors
         self.registry = registry if registry is not None else default_registry
+        # The session's tool grant (issue #13): None or [] grants nothing; see `grant_tools`.
+        self.tools: list[str] | None = list(tools) if tools is not None else None
+        # False: the manager sees no value from any row (names, types and counts only).
+        self.samples = samples
         self.runs: list[Run] = []
         self._run_listeners: list[RunListener] = []
         self._manager_models = ModelPool()
@@ -66,13 +73,13 @@ class Session:
         """Change endpoint fields or executor settings for later runs (keys: see `%apwa config`)."""
         endpoint_keys = {"base_url", "api_key", "model"}
         if endpoint_keys & changes.keys():
-            current = self.endpoint
-            base_url = changes.get("base_url") or (current.base_url if current else None)
-            api_key = changes.get("api_key") or (
-                current.api_key.get_secret_value() if current else None
+            # One rule (config.merge_endpoint): a key stays with the URL it was given for.
+            self.endpoint = merge_endpoint(
+                self.endpoint,
+                base_url=changes.get("base_url") or None,
+                api_key=changes.get("api_key") or None,
+                model=changes.get("model") or None,
             )
-            model = changes.get("model") or (current.model if current else None)
-            self.endpoint = resolve_endpoint(base_url, api_key, model)
             self.model = None
         if "address" in changes and changes["address"] != self.address:
             if self._executor is not None and self.executor_kind == "ray":
@@ -81,6 +88,8 @@ class Session:
                     "the cluster address."
                 )
             self.address = changes["address"] or None
+        if "tools" in changes:
+            self.tools = parse_tool_list(changes["tools"])
         if "concurrency" in changes:
             self.concurrency = int(changes["concurrency"])
         if "executor" in changes:
@@ -108,6 +117,7 @@ class Session:
             "ray_address": self.address or "local (started on first run)",
             "concurrency": self.concurrency,
             "tools": self.registry.names(),
+            "granted": ", ".join(self.tools or []) or "none (grant with --tools or config tools=)",
         }
 
     @property
@@ -117,7 +127,7 @@ class Session:
             if self._executor is None:
                 from .executors import make_executor
 
-                options: dict[str, Any] = {"concurrency": self.concurrency}
+                options: dict[str, Any] = {"concurrency": self.concurrency or DEFAULT_CONCURRENCY}
                 if self.executor_kind == "ray":
                     options |= {"address": self.address, "num_actors": self.num_actors}
                 self._executor = make_executor(self.executor_kind, **options)
@@ -146,28 +156,47 @@ class Session:
         max_tokens: int = 1024,
         registry: CapabilityRegistry | None = None,
         endpoint: EndpointConfig | None = None,
+        tools: list[str] | None = None,
+        allow_side_effects: bool = False,
+        samples: bool | None = None,
+        max_input_chars: int | None = None,
     ) -> Run:
-        """Start planning in the background; the Run moves to "awaiting_approval" when ready."""
+        """Start planning in the background; the Run moves to "awaiting_approval" when ready.
+
+        `tools` grants capabilities to this run (see `grant_tools`); `samples=False` sends the
+        manager no row values; `max_input_chars` is the longest value a worker is sent.
+        """
         if not prompt.strip():
             raise UserInputError("The prompt is empty: say what each worker should do.")
         data_tables: dict[str, DataTable] = resolve_tables(tables)
+        granted = self.grant_tools(registry, tools, allow_side_effects)
         engine = get_engine()
+        options = RunOptions(
+            concurrency=concurrency or self.concurrency, max_tokens=max_tokens, out=out
+        )
+        if max_input_chars is not None:
+            if max_input_chars < 1:
+                raise UserInputError("--max-input-chars must be at least 1")
+            options.max_input_chars = max_input_chars
         run = Run(
             prompt,
             data_tables,
-            registry if registry is not None else self.registry,
-            RunOptions(concurrency=concurrency or self.concurrency, max_tokens=max_tokens, out=out),
+            granted,
+            options,
             executor_factory=lambda: self.executor,
             submit=engine.submit,
             call_soon=engine.call_soon,
         )
         run.subscribe(lambda event: self._notify(run, event))
         self.runs.append(run)
-        run.plan_future = engine.submit(self._plan(run, endpoint))
+        show_samples = self.samples if samples is None else samples
+        run.plan_future = engine.submit(self._plan(run, endpoint, show_samples))
         self._notify(run, None)
         return run
 
-    async def _plan(self, run: Run, endpoint: EndpointConfig | None = None) -> None:
+    async def _plan(
+        self, run: Run, endpoint: EndpointConfig | None = None, samples: bool = True
+    ) -> None:
         from .manager import make_plan
 
         began = time.perf_counter()
@@ -177,19 +206,21 @@ class Session:
             run.endpoint_description = (
                 workers.describe() if isinstance(workers, EndpointConfig) else "in-process model"
             )
-            outcome = await make_plan(run.prompt, run.tables, run.registry, manager)
+            outcome = await make_plan(
+                run.prompt, run.tables, run.registry, manager, samples=samples
+            )
         except PlanError as exc:
-            run.error_detail = exc.last_attempt
-            run._set_state("failed", str(exc))
+            run.planning_failed(str(exc), exc.last_attempt)
             return
         except ApwaError as exc:
-            run._set_state("failed", str(exc))
+            run.planning_failed(str(exc))
             return
         except Exception as exc:
-            run._set_state("failed", f"planning failed: {type(exc).__name__}: {exc}")
+            run.planning_failed(f"planning failed: {type(exc).__name__}: {exc}")
             return
         finally:
             run.planning_seconds = time.perf_counter() - began
+        run.denied_tools = outcome.denied_tools
         run.plan_ready(outcome.plan, outcome.usage, outcome.attempts, outcome.fixes)
 
     def run(self, prompt: str, tables: dict[str, Any], **options: Any) -> Run:
@@ -197,9 +228,30 @@ class Session:
         run = self.plan(prompt, tables, **options).wait()
         if run.state == "failed":
             raise PlanError(run.error or "planning failed", getattr(run, "error_detail", None))
+        if run.state == "awaiting_approval" and run.needs_explicit_approval():
+            raise UserInputError(
+                f"run {run.id}'s plan calls tools with side effects (stages "
+                f"{run.side_effect_stages()}): pass allow_side_effects=True, or plan it with "
+                "apwa_jupyter.plan(...) and approve with run.start()"
+            )
         if run.state == "awaiting_approval":
             run.start().wait()
         return run
+
+    def grant_tools(
+        self,
+        registry: CapabilityRegistry | None = None,
+        tools: list[str] | None = None,
+        allow_side_effects: bool = False,
+    ) -> GrantedRegistry:
+        """The registry a run may use: `tools` (this call's grant), else the session's grant.
+
+        No grant means no tools (issue #13); a registry that is already a grant is kept as is.
+        """
+        if isinstance(registry, GrantedRegistry):
+            return registry
+        base = registry if registry is not None else self.registry
+        return base.grant(cell=tools, session=self.tools, allow_side_effects=allow_side_effects)
 
     def get_run(self, run_id: str | None = None) -> Run:
         """A run by id, or the newest one."""
@@ -251,6 +303,14 @@ class Session:
 
         with contextlib.suppress(Exception):
             get_engine().submit(close_all()).result(timeout=10)
+
+
+def parse_tool_list(value: str | list[str] | None) -> list[str]:
+    """`"a, b"` or `["a", "b"]` -> `["a", "b"]`; empty or None -> no tools."""
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [item.strip() for item in items if item.strip()]
 
 
 _default: Session | None = None

@@ -37,6 +37,32 @@ STATE_COLOURS = {
 }
 
 
+SIDE_EFFECTS_BADGE = (
+    '<span class="apwa-side-effects" style="background:#d62728;color:white;border-radius:3px;'
+    'padding:0 4px;font-size:85%">side effects</span>'
+)
+
+
+def tools_html(run: Run, stage_id: str) -> str:
+    """A stage's tools: granted ones by name (side effects badged), denied ones struck out.
+
+    The reason is shown too, so nobody approves a plan believing it will call a tool it will not.
+    """
+    assert run.plan is not None
+    stage = run.plan.stage(stage_id)
+    parts = []
+    for name in stage.tools:
+        tool = run.registry.select([name])[name] if name in run.registry else None
+        badge = f" {SIDE_EFFECTS_BADGE}" if tool is not None and tool.side_effects else ""
+        parts.append(f"<code>{html.escape(name)}</code>{badge}")
+    for name, reason in run.denied_tools.get(stage_id, []):
+        parts.append(
+            f'<span class="apwa-denied-tool" title="{html.escape(reason)}"><s>'
+            f"{html.escape(name)}</s> <small>({html.escape(reason)})</small></span>"
+        )
+    return "tools: " + (", ".join(parts) if parts else "none")
+
+
 def dag_html(run: Run) -> str:
     """Stages laid out in columns by depth, tables first, arrows showing which feeds which."""
     plan = run.plan
@@ -64,15 +90,22 @@ def dag_html(run: Run) -> str:
             stage = plan.stage(name)
             feeds = ", ".join(dependencies(stage)) or "-"
             colour = KIND_COLOURS.get(stage.kind, "#555")
+            risky = f" {SIDE_EFFECTS_BADGE}" if name in run.side_effect_stages() else ""
             boxes.append(
                 f'<div class="apwa-node apwa-stage" title="after: {html.escape(feeds)}" '
                 f'style="border:2px solid {colour};padding:4px 8px;border-radius:4px;margin:4px 0">'
-                f"<b>{html.escape(name)}</b> <small style='color:{colour}'>{stage.kind}</small><br>"
+                f"<b>{html.escape(name)}</b> <small style='color:{colour}'>{stage.kind}</small>"
+                f"{risky}<br>"
                 f"<small>{counts.get(name, 0):,} subtasks · from {html.escape(feeds)}</small></div>"
             )
         cells.append(f'<div style="display:flex;flex-direction:column">{"".join(boxes)}</div>')
     arrow = '<div style="align-self:center;font-size:18px;padding:0 6px">&rarr;</div>'
     return f'<div class="apwa-dag" style="display:flex;align-items:flex-start">{arrow.join(cells)}</div>'
+
+
+def _short_status(run: Run) -> str:
+    """The header's state: "done with 3 failed", "failed" (the reason shows below it)."""
+    return "failed" if run.state == "failed" else run.status
 
 
 class PlanWidget:
@@ -180,7 +213,7 @@ class PlanWidget:
         summary = run.summary()
         first_line = html.escape(summary["prompt"])
         self.header.value = (
-            f'<b>APWA</b> <span class="apwa-state" style="color:{colour}">{run.state.replace("_", " ")}</span>'
+            f'<b>APWA</b> <span class="apwa-state" style="color:{colour}">{html.escape(_short_status(run))}</span>'
             f" · <code>{run.id}</code> · {first_line}"
             + (
                 f"<br><small>{html.escape(run.endpoint_description)}</small>"
@@ -223,6 +256,8 @@ class PlanWidget:
                     if stage.kind == "task"
                     else ""
                 )
+                + "<br>"
+                + tools_html(run, stage_id)
                 + "</small>"
             )
             text = W.Textarea(
@@ -244,6 +279,12 @@ class PlanWidget:
         for i, title in enumerate(titles):
             self.stages.set_title(i, title)
         fixes = "".join(f"<br>auto-fixed: {html.escape(fix)}" for fix in run.plan_fixes)
+        if run.needs_explicit_approval():
+            fixes += (
+                f"<br>{SIDE_EFFECTS_BADGE} stages {html.escape(str(run.side_effect_stages()))} "
+                "call tools that write, delete, send or spend: they start only when you click "
+                "Run (or %apwa approve), even with --yes"
+            )
         self.estimate.value = (
             f"<small>{html.escape(plan.summary)}<br>estimate: {run.estimate_subtasks():,} model calls, "
             f"~{run.estimate_tokens():,} tokens{fixes}</small>"
@@ -269,9 +310,10 @@ class PlanWidget:
                 else ("success" if p.finished == p.total and p.total else "info")
             )
             retry = f" · {p.retries} retries" if p.retries else ""
+            skipped = f" · {p.skipped:,} not run" if p.skipped else ""
             label.value = (
                 f"<small>{p.done:,}/{p.total:,} done · {max(p.running, 0)} running · "
-                f"{p.failed} failed{retry}</small>"
+                f"{p.failed} failed{skipped}{retry}</small>"
             )
         if progress or run.state in ("running", "done"):
             elapsed = run.timings().get("execution_s") or 0.0

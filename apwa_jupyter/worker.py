@@ -17,22 +17,42 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from .errors import EndpointError, ModelOutputError, TransientEndpointError
+from .errors import EndpointError, ModelOutputError, RequestRejected, TransientEndpointError
 from .models.base import ChatModel, ChatRequest, Usage
 from .steps import CorrectionStep, FinalStep, ModelStep, Step, TaskStep, ToolStep
-from .templates import StageContext, Subtask, worker_messages
+from .templates import ROW_KEY, InputTooLong, StageContext, Subtask, worker_messages
 
-ErrorKind = Literal["output", "transient", "endpoint", "internal", "cancelled"]
+# output: the model's answer was unusable; rejected: the server refused this request (400);
+# transient / unreachable / worker_lost: retried by the executor within a time budget;
+# endpoint: key or model refused (stops the run); internal: a bug; cancelled / not_run /
+# upstream: the subtask never ran (the user cancelled, the run stopped, or its input failed).
+ErrorKind = Literal[
+    "output",
+    "input",
+    "rejected",
+    "transient",
+    "unreachable",
+    "worker_lost",
+    "endpoint",
+    "internal",
+    "cancelled",
+    "not_run",
+    "upstream",
+]
 RowReader = Callable[[Subtask], list[dict[str, Any]]]
 WHITESPACE_RUN = re.compile(r"\s{40,}")
 
 
 @dataclass
 class SubtaskResult:
-    """What a subtask produced: outputs (one per input row) or an error, with usage and steps."""
+    """What a subtask produced: outputs (one per input row) or an error, with usage and steps.
+
+    In a batch some rows may be answered and others not: `outputs` then holds None for each
+    failed row and `error` names them (`ok` stays "every row answered").
+    """
 
     subtask: Subtask
-    outputs: list[dict[str, Any]] | None = None
+    outputs: list[dict[str, Any] | None] | None = None
     error: str | None = None
     error_kind: ErrorKind | None = None
     retry_after: float | None = None
@@ -58,12 +78,21 @@ async def run_subtask(
         rows = read_rows(subtask) if subtask.rows is not None else []
         system, user = worker_messages(ctx, subtask, rows)
         steps.append(TaskStep(system=system, user=user))
-        result.outputs = await _loop(ctx, subtask, model, steps)
-        steps.append(FinalStep(result.outputs))
+        outputs = await _loop(ctx, subtask, model, steps)
+        steps.append(FinalStep(outputs))
+        answered: list[dict[str, Any] | None] = list(outputs)
+        result.outputs = answered
     except TransientEndpointError as exc:
-        result.error, result.error_kind, result.retry_after = str(exc), "transient", exc.retry_after
+        result.error, result.retry_after = str(exc), exc.retry_after
+        result.error_kind = "unreachable" if exc.unreachable else "transient"
+    except RequestRejected as exc:
+        result.error, result.error_kind = str(exc), "rejected"
     except EndpointError as exc:
         result.error, result.error_kind = str(exc), "endpoint"
+    except InputTooLong as exc:  # not retried: the same row is as long next time
+        result.error, result.error_kind = str(exc), "input"
+    except RowsFailed as exc:  # the rows that were answered are kept
+        result.outputs, result.error, result.error_kind = exc.outputs, str(exc), "output"
     except ModelOutputError as exc:
         result.error, result.error_kind = str(exc), "output"
     except Exception as exc:  # a bug or a bad row must not take the whole batch down
@@ -127,10 +156,23 @@ async def _call(ctx: StageContext, call: Any) -> str:
     return await tool.call(call.arguments)
 
 
+class RowsFailed(ModelOutputError):
+    """Some rows of a batched answer are missing or invalid; `outputs` keeps the others."""
+
+    def __init__(self, message: str, outputs: list[dict[str, Any] | None]):
+        super().__init__(message)
+        self.outputs = outputs
+
+
 def parse_answer(
     ctx: StageContext, content: str | None, finish_reason: str, count: int
 ) -> list[dict[str, Any]]:
-    """Validate the model's final text; raise ModelOutputError saying exactly what is wrong."""
+    """Validate the model's final text; raise ModelOutputError saying exactly what is wrong.
+
+    A batched answer is matched to its rows by each object's "row" key, never by position: a
+    model that skips, repeats or reorders rows cannot shift answers onto the wrong rows. Rows
+    whose key is missing, repeated or whose object is invalid fail alone (`RowsFailed`).
+    """
     text = (content or "").strip()
     if finish_reason == "length":
         raise ModelOutputError(
@@ -149,24 +191,61 @@ def parse_answer(
             ) from None
         raise
     if count > 1:
-        items = data.get("results") if isinstance(data, dict) else None
-        if not isinstance(items, list) or len(items) != count:
-            got = len(items) if isinstance(items, list) else "no"
-            raise ModelOutputError(f'expected "results" with {count} objects, got {got}')
-    else:
-        items = [data]
-    model = ctx.answer_model
-    outputs = []
+        return _parse_batch(ctx, data, count)
+    try:
+        return [_validate(ctx, data)]
+    except ValidationError as exc:
+        raise ModelOutputError(_problems(exc)) from None
+
+
+def _validate(ctx: StageContext, item: Any) -> dict[str, Any]:
+    return ctx.answer_model.model_validate(item).model_dump()
+
+
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(map(str, e['loc'])) or 'answer'}: {e['msg']}" for e in exc.errors()
+    )
+
+
+def _parse_batch(ctx: StageContext, data: Any, count: int) -> list[dict[str, Any]]:
+    items = data.get("results") if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        raise ModelOutputError(f'expected "results" with {count} objects, got no list')
+    outputs: list[dict[str, Any] | None] = [None] * count
+    problems: dict[int, str] = {}
+    extra: list[str] = []
+    seen: set[int] = set()
     for position, item in enumerate(items):
+        key = item.get(ROW_KEY) if isinstance(item, dict) else None
+        if isinstance(key, bool) or not isinstance(key, int):
+            extra.append(f'result {position + 1} has no integer "{ROW_KEY}" key')
+            continue
+        if not 1 <= key <= count:
+            extra.append(f"result {position + 1} names row {key}, which is not one of 1..{count}")
+            continue
+        if key in seen:  # two answers for one row: neither can be trusted
+            problems[key] = "answered more than once"
+            outputs[key - 1] = None
+            continue
+        seen.add(key)
+        fields = {k: v for k, v in item.items() if k != ROW_KEY}
         try:
-            outputs.append(model.model_validate(item).model_dump())
+            outputs[key - 1] = _validate(ctx, fields)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or 'answer'}: {e['msg']}" for e in exc.errors()
-            )
-            where = f"result {position + 1}: " if count > 1 else ""
-            raise ModelOutputError(f"{where}{problems}") from None
-    return outputs
+            problems[key] = _problems(exc)
+    for key in range(1, count + 1):
+        if key not in seen:
+            problems[key] = "no answer"
+    if not problems:  # every row answered once and validly; stray objects are only noise
+        return [out for out in outputs if out is not None]
+    failed = sorted(problems)
+    detail = "; ".join([f"row {k}: {problems[k]}" for k in failed] + extra)
+    raise RowsFailed(
+        f"rows {', '.join(map(str, failed))} of {count} in this batch have no valid answer "
+        f"({detail})",
+        outputs,
+    )
 
 
 def _loads(text: str) -> Any:

@@ -24,7 +24,8 @@ from apwa_jupyter.testing.fake_server import is_manager_request
 for _var in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "APWA_MODEL", "RAY_ADDRESS"):
     os.environ.pop(_var, None)
 
-FAST_RETRY = RetryPolicy(max_attempts=4, base_delay=0.01, max_delay=0.05)
+# Fast backoff; a 5 s retry budget per subtask; an endpoint refusing connections for 1 s is down.
+FAST_RETRY = RetryPolicy(budget_s=5, base_delay=0.01, max_delay=0.05, down_after_s=1)
 
 
 def plan_responder(plan: dict[str, Any], worker: Callable[[dict[str, Any]], Any]) -> Callable:

@@ -91,9 +91,12 @@ def test_endpoint_down_stops_the_run_with_what_to_do(registry, reviews):
 
 def test_rejected_key_aborts_at_once(fake_server, registry, reviews):
     server = fake_server(plan_responder(PLAN, lambda body: Reply.error(401)))
-    run = local_session(server, registry).run("count {reviews}", {"reviews": reviews})
+    run = local_session(server, registry, concurrency=1).run(
+        "count {reviews}", {"reviews": reviews}
+    )
     assert run.state == "failed" and "refused the API key" in run.error
-    assert server.count <= 1 + 16  # the plan plus at most one window, not retries of everything
+    assert server.count == 1 + 1  # the plan and one refused call; no retry, no other row sent
+    assert len(run.errors_frame()) == len(reviews)  # every row is listed with its reason
 
 
 def test_cancel_keeps_finished_work(fake_server, registry):
@@ -114,7 +117,9 @@ def test_cancel_keeps_finished_work(fake_server, registry):
     assert run.state == "cancelled"
     done = run.result["n_chars"].notna().sum()
     assert 8 <= done < 200
-    assert run.errors == []  # cancelled subtasks are not errors
+    errors = run.errors_frame()  # every row without a value is listed, as cancelled
+    assert set(errors["kind"]) == {"cancelled"}
+    assert sum(len(rows) for rows in errors["rows"]) == 200 - done
 
 
 def test_unknown_model_is_a_clear_error(fake_server, registry, reviews):
@@ -154,7 +159,7 @@ def test_interrupt_while_waiting_cancels_and_keeps_finished_rows(fake_server, re
             and _thread.interrupt_main()
         )
     )
-    with pytest.raises(RunCancelled, match="Finished subtasks are kept"):
+    with pytest.raises(RunCancelled, match="Finished rows are kept"):
         run.start().wait(60)
     run.wait(30)
     assert run.state == "cancelled"

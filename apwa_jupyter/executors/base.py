@@ -1,64 +1,164 @@
-"""What every executor shares: a bounded in-flight window, retries with backoff, abort rules.
+"""What every executor shares: a bounded in-flight window, retries within a time budget, stops.
 
 An executor only has to say how to run ONE attempt of a subtask (`_attempt`) and how to place
 data and stage context where workers can read them. This driver keeps at most `concurrency`
-subtasks in flight (and at most the endpoint's own limit across all runs in this process),
-streams results back as they complete, retries transient failures with exponential backoff and
-full jitter (honouring Retry-After), and stops early when retrying cannot help: a rejected key or
-unknown model (`endpoint` errors), or an endpoint that stays unreachable for several subtasks in
-a row.
+subtasks in flight (and at most the endpoint's own limit across all runs in this process) and
+streams results back as they complete.
+
+The contract that the rest of the engine relies on: `execute` yields exactly ONE final result per
+subtask it was given, whatever happens. A subtask that never ran (the run was cancelled, or it
+stopped because retrying could not help) comes back as a result saying so, so finished work is
+never lost and every missing value has a reason that `retry` can act on.
+
+Transient failures (429, 5xx, timeouts, a lost worker) are retried with full-jitter exponential
+backoff until the subtask's time budget runs out, not a fixed number of times. A server's
+Retry-After pauses every subtask sharing that endpoint, not only the one that got it. The run
+stops early only when retrying cannot help: the endpoint refused the key or does not know the
+model (`endpoint`), rejects every request (`rejected` for several subtasks in a row), or has been
+unreachable for `down_after_s` with no success in between.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
-from ..errors import EndpointError
 from ..events import ProgressSink
 from ..templates import StageContext, Subtask
 from ..worker import SubtaskResult
 
-# After this many subtasks in a row exhaust their retries on transient endpoint errors, the
-# endpoint is declared down and the run stops instead of waiting out every remaining subtask.
-CONSECUTIVE_FAILURES_TO_ABORT = 3
+# Subtasks in a row rejected with the same kind of 400 before the run stops: one bad row fails
+# its own subtask, a request the server refuses for every row stops the run.
+REJECTIONS_IN_A_ROW_TO_STOP = 3
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Attempts per subtask and the backoff between them (seconds)."""
+    """How long a subtask may keep retrying transient failures, and the backoff between tries.
 
-    max_attempts: int = 5
+    `budget_s` bounds one subtask's retries (wall time since its first attempt); `max_attempts`
+    optionally caps the count too. `down_after_s`: an endpoint that refuses connections for this
+    long with no success in between is declared down and the run stops.
+    """
+
+    budget_s: float = 600.0
     base_delay: float = 0.5
     max_delay: float = 20.0
+    down_after_s: float = 30.0
+    max_attempts: int | None = None
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         """Full-jitter exponential backoff, never shorter than the server's Retry-After."""
-        ceiling = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
+        ceiling = min(self.max_delay, self.base_delay * 2 ** min(attempt - 1, 30))
         jittered = random.uniform(0, ceiling)
         return max(jittered, retry_after or 0.0)
+
+    def gives_up(self, attempt: int, first_attempt_at: float, next_delay: float) -> bool:
+        """True when another attempt would exceed the attempt cap or the time budget."""
+        if self.max_attempts is not None and attempt >= self.max_attempts:
+            return True
+        return time.monotonic() + next_delay - first_attempt_at > self.budget_s
 
 
 class WorkerLost(Exception):
     """The process running a subtask died; the subtask is safe to run again."""
 
 
-_endpoint_slots: dict[tuple[int, str], asyncio.Semaphore] = {}
+class StopSignal:
+    """Why a run's execution should stop: the user cancelled, or retrying cannot help.
+
+    Lives on the engine loop; every stage of a run shares one, so an abort in one stage stops its
+    siblings too. `reason` is None for a user's cancel.
+    """
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.reason: str | None = None
+
+    def cancel(self) -> None:
+        """The user cancelled."""
+        self.event.set()
+
+    def abort(self, reason: str) -> None:
+        """Retrying cannot help; keep the first reason."""
+        if self.reason is None and not self.event.is_set():
+            self.reason = reason
+        self.event.set()
+
+    def is_set(self) -> bool:
+        """True once execution should stop."""
+        return self.event.is_set()
+
+    @property
+    def cancelled(self) -> bool:
+        """True when the user cancelled (as opposed to an abort)."""
+        return self.event.is_set() and self.reason is None
+
+    def unrun(self, subtask: Subtask, attempts: int = 0) -> SubtaskResult:
+        """The final result of a subtask that will not run because of this stop."""
+        if self.reason is None:
+            return SubtaskResult(
+                subtask, error="cancelled", error_kind="cancelled", attempts=attempts
+            )
+        return SubtaskResult(
+            subtask, error=f"not run: {self.reason}", error_kind="not_run", attempts=attempts
+        )
 
 
-def _endpoint_semaphore(key: str, limit: int) -> asyncio.Semaphore:
-    """One semaphore per endpoint per event loop, shared by all runs in this process."""
+@dataclass
+class EndpointGate:
+    """Shared by every subtask talking to one endpoint (in this process): pauses and health.
+
+    A 429 with Retry-After pauses everyone, so the window does not keep hammering a server that
+    asked for quiet. Connection failures are timed against the last success to tell "one flaky
+    request" from "the server is down".
+    """
+
+    limit: asyncio.Semaphore
+    paused_until: float = 0.0
+    last_success: float = field(default_factory=time.monotonic)
+    unreachable_since: float | None = None
+
+    async def ready(self, stop: StopSignal) -> None:
+        """Wait out a shared pause (returns early on stop)."""
+        while (wait := self.paused_until - time.monotonic()) > 0 and not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.event.wait(), timeout=wait)
+
+    def pause(self, seconds: float) -> None:
+        """Everyone waits at least `seconds` before the next request."""
+        self.paused_until = max(self.paused_until, time.monotonic() + seconds)
+
+    def succeeded(self) -> None:
+        """A request got an answer: the endpoint is up."""
+        self.last_success = time.monotonic()
+        self.unreachable_since = None
+
+    def unreachable(self) -> float:
+        """A connection failed; returns for how long the endpoint has been unreachable."""
+        now = time.monotonic()
+        if self.unreachable_since is None or self.unreachable_since < self.last_success:
+            self.unreachable_since = now
+        return now - self.unreachable_since
+
+
+_gates: dict[tuple[int, str], EndpointGate] = {}
+
+
+def endpoint_gate(key: str, limit: int) -> EndpointGate:
+    """One gate per endpoint per event loop, shared by all runs in this process."""
     loop_key = (id(asyncio.get_running_loop()), key)
-    if loop_key not in _endpoint_slots:
-        _endpoint_slots[loop_key] = asyncio.Semaphore(limit)
-    return _endpoint_slots[loop_key]
+    if loop_key not in _gates:
+        _gates[loop_key] = EndpointGate(asyncio.Semaphore(limit))
+    return _gates[loop_key]
 
 
 class Executor(ABC):
@@ -104,113 +204,145 @@ class Executor(ABC):
         ctx: StageContext,
         tables: dict[str, Any],
         sink: ProgressSink,
-        cancel: asyncio.Event,
+        stop: StopSignal,
         concurrency: int | None = None,
     ) -> AsyncIterator[SubtaskResult]:
-        """Run subtasks with a bounded window; yield each result as soon as it is final."""
+        """Yield exactly one final result per subtask, each as soon as it is final."""
         stage_handle = await self.put_stage(ctx)
         limit = max(1, concurrency or self.concurrency)
         endpoint_limit = getattr(ctx.model, "max_concurrency", limit)
-        slots = _endpoint_semaphore(ctx.endpoint_key, endpoint_limit)
+        gate = endpoint_gate(ctx.endpoint_key, endpoint_limit)
         pending = iter(subtasks)
         results: asyncio.Queue[Any] = asyncio.Queue()
-        abort: list[BaseException] = []
-        streak = [0]
+        rejected_streak = [0]
+        policy = self.retry
 
         async def attempt_with_retries(subtask: Subtask) -> SubtaskResult:
             attempt = 0
+            first = time.monotonic()
+            tokens = 0
             while True:
-                attempt += 1
-                async with slots:
-                    if cancel.is_set() or abort:
-                        return _cancelled(subtask, attempt)
+                await gate.ready(stop)
+                async with gate.limit:
+                    if stop.is_set():
+                        return stop.unrun(subtask, attempt)
+                    attempt += 1
                     sink.started(ctx.stage_id, subtask.id)
                     started = time.perf_counter()
                     try:
                         result = await self._attempt(subtask, stage_handle, tables)
                     except WorkerLost as exc:
                         result = SubtaskResult(
-                            subtask, error=f"worker lost: {exc}", error_kind="transient"
+                            subtask, error=f"worker lost: {exc}", error_kind="worker_lost"
                         )
+                    finally:
+                        sink.attempt_ended(ctx.stage_id)
                     result.attempts = attempt
                     result.elapsed_s = time.perf_counter() - started
-                if result.error_kind != "transient" or attempt >= self.retry.max_attempts:
+                tokens += result.usage.total_tokens
+                if result.error_kind not in ("transient", "unreachable", "worker_lost"):
+                    if result.error_kind != "endpoint":
+                        gate.succeeded()  # the server answered (even if the answer was bad)
                     return result
-                delay = self.retry.delay(attempt, result.retry_after)
+                if result.error_kind == "unreachable":
+                    down_for = gate.unreachable()
+                    if down_for >= policy.down_after_s:
+                        stop.abort(
+                            f"{result.error} (no answer for {down_for:.0f} s); the endpoint "
+                            "looks down: start it or fix --base-url, then retry"
+                        )
+                        return result
+                delay = policy.delay(attempt, result.retry_after)
+                if result.retry_after:
+                    gate.pause(result.retry_after)
+                if policy.gives_up(attempt, first, delay):
+                    budget = f"{policy.budget_s:g} s retry budget"
+                    result.error = f"{result.error} (gave up after {attempt} attempts, {budget})"
+                    return result
                 sink.retrying(
                     ctx.stage_id,
                     subtask.id,
-                    f"{result.error}; retry {attempt + 1}/{self.retry.max_attempts} in {delay:.1f}s",
+                    f"{result.error}; attempt {attempt + 1} in {delay:.1f}s",
                     result.usage.total_tokens,
                 )
                 try:
-                    await asyncio.wait_for(cancel.wait(), timeout=delay)
-                    return _cancelled(subtask, attempt)
+                    await asyncio.wait_for(stop.event.wait(), timeout=delay)
+                    return stop.unrun(subtask, attempt)
                 except asyncio.TimeoutError:
                     pass
 
         async def lane() -> None:
             for subtask in pending:  # lanes share one iterator: each subtask is taken once
-                if cancel.is_set() or abort:
-                    break
+                in_flight[subtask.id] = subtask
+                if stop.is_set():
+                    await results.put(stop.unrun(subtask))
+                    continue
                 try:
                     result = await attempt_with_retries(subtask)
-                except BaseException as exc:  # unexpected: surface it, stop the stage
-                    abort.append(exc)
-                    await results.put(exc)
-                    break
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # a bug: the subtask fails, the run goes on
+                    result = SubtaskResult(
+                        subtask, error=f"{type(exc).__name__}: {exc}", error_kind="internal"
+                    )
                 if result.error_kind == "endpoint":
-                    abort.append(EndpointError(result.error or "endpoint error"))
-                elif result.error_kind == "transient":
-                    streak[0] += 1
-                    if streak[0] >= CONSECUTIVE_FAILURES_TO_ABORT:
-                        abort.append(
-                            EndpointError(
-                                f"{result.error} (after {self.retry.max_attempts} attempts, "
-                                f"for {streak[0]} subtasks in a row); the endpoint looks down: "
-                                "start it or fix --base-url, then use 'retry failed'"
-                            )
+                    stop.abort(result.error or "the endpoint refused the request")
+                elif result.error_kind == "rejected":
+                    rejected_streak[0] += 1
+                    if rejected_streak[0] >= REJECTIONS_IN_A_ROW_TO_STOP:
+                        stop.abort(
+                            f"{result.error} (for {rejected_streak[0]} subtasks in a row); fix "
+                            "the request (model, --max-tokens, tools), then retry"
                         )
-                elif result.error_kind != "cancelled":
-                    streak[0] = 0
+                elif result.ok:
+                    rejected_streak[0] = 0
                 await results.put(result)
             await results.put(None)
 
-        async def watch_cancel() -> None:
-            await cancel.wait()
-            await results.put(CANCELLED)
-
+        in_flight: dict[str, Subtask] = {}
         lanes = [asyncio.create_task(lane()) for _ in range(limit)]
-        watcher = asyncio.create_task(watch_cancel())
+        stop_watch = asyncio.create_task(stop.event.wait())
         open_lanes = len(lanes)
         try:
             while open_lanes:
-                item = await results.get()
+                getter = asyncio.ensure_future(results.get())
+                done, _ = await asyncio.wait(
+                    {getter, stop_watch}, return_when=asyncio.FIRST_COMPLETED
+                )
+                if getter not in done:
+                    getter.cancel()
+                    # Stopped: in-flight attempts are cancelled, queued subtasks drain as unrun.
+                    await self.cancel_inflight()
+                    for task in lanes:
+                        task.cancel()
+                    await asyncio.gather(*lanes, return_exceptions=True)
+                    while not results.empty():
+                        item = results.get_nowait()
+                        if item is not None:
+                            in_flight.pop(item.subtask.id, None)
+                            yield self._final(item, sink, ctx)
+                    for subtask in [*in_flight.values(), *pending]:
+                        yield self._final(stop.unrun(subtask), sink, ctx)
+                    return
+                item = getter.result()
                 if item is None:
                     open_lanes -= 1
                     continue
-                if item is CANCELLED:
-                    await self.cancel_inflight()
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                assert isinstance(item, SubtaskResult)
-                if item.error_kind != "cancelled":
-                    sink.finished(
-                        ctx.stage_id, item.subtask.id, item.usage.total_tokens, item.error
-                    )
-                yield item
-            if abort and not cancel.is_set():
-                raise abort[0]
+                in_flight.pop(item.subtask.id, None)
+                yield self._final(item, sink, ctx)
         finally:
-            watcher.cancel()
+            stop_watch.cancel()
             for task in lanes:
                 task.cancel()
-            await asyncio.gather(watcher, *lanes, return_exceptions=True)
+            await asyncio.gather(stop_watch, *lanes, return_exceptions=True)
 
-
-CANCELLED = RuntimeError("cancelled")
-
-
-def _cancelled(subtask: Subtask, attempt: int) -> SubtaskResult:
-    return SubtaskResult(subtask, error="cancelled", error_kind="cancelled", attempts=attempt)
+    @staticmethod
+    def _final(result: SubtaskResult, sink: ProgressSink, ctx: StageContext) -> SubtaskResult:
+        sink.finished(
+            ctx.stage_id,
+            result.subtask.id,
+            result.usage.total_tokens,
+            result.error,
+            result.error_kind,
+        )
+        return result

@@ -6,24 +6,29 @@ here, while a few async actors with `max_concurrency` matched plain asyncio (see
 notes). The driver keeps a bounded window of calls in flight; actors are `num_cpus=0` (they wait
 on the network) and restart if their process dies, and a lost call is simply run again.
 
-Data goes into the object store once per table and once per stage context; each call carries
-only a subtask (a slice pointer) and references, and each actor caches what it has fetched.
+Data goes into the object store once per table and once per stage context (without the API
+key); each call carries only a subtask (a slice pointer), references and the key, and each actor
+caches what it has fetched.
 This is the only module that imports ray.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import os
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 
+from ..config import EndpointConfig
 from ..errors import UserInputError
 from ..models.pool import ModelPool
 from ..templates import StageContext, Subtask
@@ -32,6 +37,36 @@ from .base import Executor, RetryPolicy, WorkerLost
 
 NAMESPACE = "apwa"
 CACHE_ENTRIES = 32
+# Actors per alive node at start; each serves thousands of concurrent calls (async).
+ACTORS_PER_NODE = 2
+PROBE_INTERVAL_S = 0.5
+PROBE_TIMEOUT_S = 5.0
+
+
+def _on_parked_thread(function: Any) -> concurrent.futures.Future[Any]:
+    """Run `function` on a new daemon thread that then parks forever, and return its future."""
+    future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+    def target() -> None:
+        try:
+            future.set_result(function())
+        except BaseException as exc:
+            future.set_exception(exc)
+        threading.Event().wait()
+
+    threading.Thread(target=target, name="apwa-ray-start", daemon=True).start()
+    return future
+
+
+class StageHandle(NamedTuple):
+    """A stage in the object store (key-free) and its API key, held only in driver memory.
+
+    Ray inlines small call arguments in the task spec it sends to the actor, so the key goes to
+    the worker with each call and is never written to the object store (which can spill to disk).
+    """
+
+    ref: Any
+    api_key: str | None
 
 
 class _WorkerActor:
@@ -44,6 +79,12 @@ class _WorkerActor:
     def pid(self) -> int:
         return os.getpid()
 
+    def placement(self) -> tuple[str, int]:
+        """(node id, process id) of this actor: `%apwa cluster` shows where the pool runs."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id(), os.getpid()
+
     async def _fetch(self, ref: Any) -> Any:
         key = ref.hex()
         if key not in self._cache:
@@ -54,8 +95,13 @@ class _WorkerActor:
         return self._cache[key]
 
     async def run(
-        self, subtask: Subtask, stage_box: list[Any], table_box: list[Any]
+        self,
+        subtask: Subtask,
+        stage_box: list[Any],
+        table_box: list[Any],
+        api_key: str | None = None,
     ) -> SubtaskResult:
+        """One subtask; `api_key` arrives inline with the call, never from the object store."""
         from apwa_jupyter.executors.rows import read_rows
         from apwa_jupyter.worker import run_subtask
 
@@ -63,8 +109,9 @@ class _WorkerActor:
         tables = {}
         if subtask.rows is not None and table_box:
             tables[subtask.rows.table] = await self._fetch(table_box[0])
+        source = ctx.model.with_key(api_key) if isinstance(ctx.model, EndpointConfig) else ctx.model
         return await run_subtask(
-            subtask, ctx, self._models.get(ctx.model), lambda st: read_rows(st, tables)
+            subtask, ctx, self._models.get(source), lambda st: read_rows(st, tables)
         )
 
 
@@ -125,29 +172,36 @@ class RayExecutor(Executor):
         self,
         address: str | None = None,
         concurrency: int = 128,
-        num_actors: int = 2,
+        num_actors: int | None = None,
         retry: RetryPolicy | None = None,
+        actors_per_node: int = ACTORS_PER_NODE,
     ):
         super().__init__(concurrency, retry)
         self.address = address
         self.num_actors = num_actors
+        self.actors_per_node = actors_per_node
         self.start_seconds: float | None = None
         self._actors: list[Any] = []
         self._load: list[int] = []
+        self._alive: list[bool] = []
         self._inflight: set[Any] = set()
+        self._probes: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
         self._owns_ray = False
 
     async def start(self) -> None:
-        """Start or attach to Ray and create the actor pool, once."""
+        """Start or attach to Ray and create the actor pool, once.
+
+        The engine loop keeps running meanwhile (a cancel during a 10 s Ray start is handled at
+        once): the blocking start runs on a thread of its own that then stays parked for the
+        life of the process, because Ray's processes die with the *thread* that spawned them
+        (PR_SET_PDEATHSIG), so a pool thread (asyncio.to_thread) would take them down with it.
+        """
         async with self._lock:
             if self._actors:
                 return
             began = time.perf_counter()
-            # Not asyncio.to_thread: Ray's processes die with the *thread* that spawned them
-            # (PR_SET_PDEATHSIG), and pool threads are reaped. The calling thread (the engine's
-            # daemon thread, or the main thread) lives as long as the process.
-            self._start_blocking()
+            await asyncio.wrap_future(_on_parked_thread(self._start_blocking))
             self.start_seconds = time.perf_counter() - began
 
     def _start_blocking(self) -> None:
@@ -163,12 +217,22 @@ class RayExecutor(Executor):
                     f" {exc}. Check `ray status` there, or drop --address to use a local cluster."
                 ) from None
             self._owns_ray = True
+        nodes = len([n for n in ray.nodes() if n.get("Alive")]) or 1
+        count = self.num_actors or self.actors_per_node * nodes
+        # SPREAD places the pool over the alive nodes; num_cpus=0: actors wait on the network.
         actor_class = ray.remote(  # type: ignore[call-overload]
-            num_cpus=0, max_concurrency=4096, max_restarts=-1, max_task_retries=0
+            num_cpus=0,
+            max_concurrency=4096,
+            max_restarts=-1,
+            max_task_retries=0,
+            scheduling_strategy="SPREAD",
         )(_WorkerActor)
-        self._actors = [actor_class.remote() for _ in range(self.num_actors)]
-        self._load = [0] * self.num_actors
-        ray.get([actor.pid.remote() for actor in self._actors])  # wait until they are up
+        actors = [actor_class.remote() for _ in range(count)]
+        ray.get([actor.pid.remote() for actor in actors])  # wait until they are up
+        self._load = [0] * count
+        self._alive = [True] * count
+        self._actors = actors
+        self.num_actors = count
 
     async def put_table(self, name: str, table: pa.Table) -> Any:
         """One copy in the object store; workers slice it zero-copy."""
@@ -176,29 +240,60 @@ class RayExecutor(Executor):
 
         return await asyncio.to_thread(ray.put, table)
 
-    async def put_stage(self, ctx: StageContext) -> Any:
-        """The stage context (instruction, outputs, tools, endpoint) once per stage."""
+    async def put_stage(self, ctx: StageContext) -> StageHandle:
+        """The stage context (instruction, outputs, tools, endpoint) once per stage, WITHOUT key.
+
+        The object store can spill to disk and outlives the call, so the API key stays in the
+        driver's memory (the handle) and rides inline with each actor call instead.
+        """
         import ray
 
-        return await asyncio.to_thread(ray.put, ctx)
+        key = None
+        if isinstance(ctx.model, EndpointConfig):
+            key = ctx.model.key()
+            ctx = dataclasses.replace(ctx, model=ctx.model.without_key())
+        return StageHandle(await asyncio.to_thread(ray.put, ctx), key)
+
+    def _pick(self) -> int:
+        """The least-loaded live actor; a lost one is skipped until it answers again."""
+        live = [i for i, alive in enumerate(self._alive) if alive] or list(range(len(self._load)))
+        return min(live, key=lambda i: self._load[i])
 
     async def _attempt(self, subtask: Subtask, stage: Any, tables: dict[str, Any]) -> SubtaskResult:
         import ray
 
-        slot = self._load.index(min(self._load))  # least-loaded actor
+        slot = self._pick()
         table_box = [tables[subtask.rows.table]] if subtask.rows is not None else []
-        ref = self._actors[slot].run.remote(subtask, [stage], table_box)
+        ref = self._actors[slot].run.remote(subtask, [stage.ref], table_box, stage.api_key)
         self._load[slot] += 1
         self._inflight.add(ref)
         try:
             return await ref
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+            self._lost(slot)
             raise WorkerLost(type(exc).__name__) from None
         except ray.exceptions.TaskCancelledError:
             return SubtaskResult(subtask, error="cancelled", error_kind="cancelled")
         finally:
             self._load[slot] -= 1
             self._inflight.discard(ref)
+
+    def _lost(self, slot: int) -> None:
+        """Stop choosing an actor whose process or node died; probe it until Ray restarts it."""
+        if not self._alive[slot]:
+            return
+        self._alive[slot] = False
+        probe = asyncio.ensure_future(self._probe(slot))
+        self._probes.add(probe)
+        probe.add_done_callback(self._probes.discard)
+
+    async def _probe(self, slot: int) -> None:
+        while self._actors and not self._alive[slot]:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._actors[slot].pid.remote(), timeout=PROBE_TIMEOUT_S)
+                self._alive[slot] = True
+                return
+            await asyncio.sleep(PROBE_INTERVAL_S)
 
     async def cancel_inflight(self) -> None:
         """Ask Ray to cancel every call still running in the actors."""
@@ -213,19 +308,33 @@ class RayExecutor(Executor):
         return [await actor.pid.remote() for actor in self._actors]
 
     def describe(self) -> dict[str, Any]:
-        """Cluster facts for `%apwa cluster`: nodes, CPUs, dashboard, pool size."""
+        """Cluster facts for `%apwa cluster`: nodes with resources, and which actors run where."""
         info = super().describe() | {"actors": self.num_actors, "address": self.address}
         try:
             import ray
 
             if ray.is_initialized():
                 context = ray.get_runtime_context()
-                info["nodes"] = len([n for n in ray.nodes() if n.get("Alive")])
-                info["cpus"] = ray.cluster_resources().get("CPU", 0)
                 info["gcs_address"] = context.gcs_address
-                info["dashboard_url"] = ray._private.worker.get_dashboard_url() or None
+                info["nodes"] = [
+                    {
+                        "node": n["NodeID"][:8],
+                        "address": n.get("NodeManagerAddress"),
+                        "alive": n.get("Alive", False),
+                        "resources": {
+                            k: v for k, v in n.get("Resources", {}).items() if "_group_" not in k
+                        },
+                    }
+                    for n in ray.nodes()
+                ]
+                if self._actors:
+                    places = ray.get([a.placement.remote() for a in self._actors], timeout=5)
+                    info["placement"] = [
+                        {"actor": i, "node": node[:8], "pid": pid, "alive": self._alive[i]}
+                        for i, (node, pid) in enumerate(places)
+                    ]
         except Exception as exc:  # describing must never fail the caller
-            info["error"] = str(exc)
+            info["error"] = f"{type(exc).__name__}: {exc}"
         return info
 
     def shutdown(self) -> None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ..config import EndpointConfig
-from ..errors import EndpointError, TransientEndpointError
+from ..errors import EndpointError, RequestRejected, TransientEndpointError
 from .base import ChatRequest, ChatResponse, ToolCall, Usage
 
 if TYPE_CHECKING:
@@ -49,9 +49,14 @@ class OpenAIChatModel:
                 )
             except RuntimeError:  # aiohttp extra missing: fall back to httpx, slower but correct
                 http_client = openai.DefaultAsyncHttpxClient(trust_env=trust_env)
+            # The key is exactly the endpoint's (config.merge_endpoint decided which URL it may
+            # go to): always passed explicitly, so the client never falls back to OPENAI_API_KEY,
+            # and set as the Authorization header, so OPENAI_CUSTOM_HEADERS cannot replace it.
+            key = self.endpoint.api_key.get_secret_value()
             self._client = openai.AsyncOpenAI(
                 base_url=self.endpoint.base_url,
-                api_key=self.endpoint.api_key.get_secret_value(),
+                api_key=key,
+                default_headers={"Authorization": f"Bearer {key}"},
                 timeout=self.endpoint.timeout_s,
                 max_retries=0,
                 http_client=http_client,
@@ -97,14 +102,16 @@ class OpenAIChatModel:
         except openai.APITimeoutError as exc:
             if "Connect" in type(exc.__cause__).__name__:  # aiohttp reports refusals as timeouts
                 raise TransientEndpointError(
-                    f"cannot connect to {self.endpoint.base_url}: is the server running?"
+                    f"cannot connect to {self.endpoint.base_url}: is the server running?",
+                    unreachable=True,
                 ) from None
             raise TransientEndpointError(
                 f"no answer from {self.endpoint.base_url} within {self.endpoint.timeout_s:g} s"
             ) from None
         except openai.APIConnectionError:
             raise TransientEndpointError(
-                f"cannot connect to {self.endpoint.base_url}: is the server running?"
+                f"cannot connect to {self.endpoint.base_url}: is the server running?",
+                unreachable=True,
             ) from None
         except openai.AuthenticationError:
             raise EndpointError(
@@ -116,7 +123,16 @@ class OpenAIChatModel:
                 f"{self.endpoint.base_url} does not know model {self.endpoint.model!r} or the "
                 "path (HTTP 404): check --model and that --base-url ends in /v1"
             ) from None
+        except openai.BadRequestError as exc:
+            raise RequestRejected(
+                f"{self.endpoint.base_url} refused this request (HTTP 400): {_short(exc.message)}"
+            ) from None
         except openai.APIStatusError as exc:
+            if exc.status_code in (408, 409) or exc.status_code >= 500:
+                raise TransientEndpointError(
+                    f"{self.endpoint.base_url} answered HTTP {exc.status_code}",
+                    retry_after=_retry_after(exc),
+                ) from None
             raise EndpointError(
                 f"{self.endpoint.base_url} rejected the request (HTTP {exc.status_code}): "
                 f"{_short(exc.message)}"

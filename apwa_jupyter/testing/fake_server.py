@@ -99,7 +99,11 @@ def fill_schema(schema: dict[str, Any], root: dict[str, Any] | None = None, seed
         }
     if kind == "array":
         count = max(schema.get("minItems", 1), 1)
-        return [fill_schema(schema.get("items", {}), root, seed) for _ in range(count)]
+        items = [fill_schema(schema.get("items", {}), root, seed) for _ in range(count)]
+        for key, item in enumerate(items, 1):  # a batch answer's row keys must differ
+            if isinstance(item, dict) and "row" in item:
+                item["row"] = key
+        return items
     if kind == "string":
         pattern = schema.get("pattern", "")
         text = seed if pattern.startswith("^[A-Za-z_]") else f"{seed} value"
@@ -121,21 +125,28 @@ def schema_responder(body: dict[str, Any]) -> Reply:
 
 
 def worker_input(body: dict[str, Any]) -> Any:
-    """The JSON input a worker message carries (the line(s) after "Input:" / "Inputs ...:")."""
+    """The input a worker message carries, decoded from its last <data> block.
+
+    One row: its dict. A batch: the rows' dicts in order (`worker_rows` gives their keys too).
+    A reduce: the list of items. None when the message has no data block (task stages).
+    """
     user = next(m["content"] for m in body["messages"] if m["role"] == "user")
-    for marker in ("\nInput:\n", "\nInputs:\n"):
-        if marker in user:
-            block = user.split(marker, 1)[1]
-            lines = [
-                line.split(". ", 1)[1] if marker == "\nInputs:\n" else line
-                for line in block.splitlines()
-            ]
-            values = [json.loads(line) for line in lines if line.strip()]
-            return values[0] if marker == "\nInput:\n" else values
-    if "items" in user and ":\n" in user:
-        block = user.rsplit(":\n", 1)[1]
-        return [json.loads(line) for line in block.splitlines() if line.strip()]
-    return None
+    head, sep, rest = user.rpartition("<data>\n")
+    if not sep:
+        return None
+    lines = [json.loads(line) for line in rest.split("\n</data>", 1)[0].splitlines() if line]
+    if head.endswith("\nInput:\n"):
+        return lines[0]
+    if head.endswith("\nInputs:\n"):
+        return [line["input"] for line in lines]
+    return lines
+
+
+def worker_rows(body: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+    """A batch's (row key, row) pairs: answer each with `{"row": key, ...}`."""
+    user = next(m["content"] for m in body["messages"] if m["role"] == "user")
+    block = user.rpartition("<data>\n")[2].split("\n</data>", 1)[0]
+    return [(line["row"], line["input"]) for line in map(json.loads, block.splitlines())]
 
 
 def is_manager_request(body: dict[str, Any]) -> bool:
@@ -160,6 +171,9 @@ class FakeOpenAIServer:
         self.port = port
         self.record = record
         self.requests: list[dict[str, Any]] = []
+        # The Authorization header of every chat request, in arrival order (None when absent):
+        # tests read it to prove which key reached which server.
+        self.authorizations: list[str | None] = []
         self.count = 0
         self.in_flight = 0
         self.max_in_flight = 0
@@ -211,6 +225,8 @@ class FakeOpenAIServer:
 
     async def _chat(self, request: web.Request) -> web.Response:
         body = await request.json()
+        if self.record:
+            self.authorizations.append(request.headers.get("Authorization"))
         if self._semaphore is None:
             return await self._answer(body)
         async with self._semaphore:

@@ -42,6 +42,12 @@ export interface RunSummary {
   cell_id: string | null;
   out: string | null;
   error: string | null;
+  /** The state in words ("done with 3 failed"); null from kernels that do not send it. */
+  status: string | null;
+  /** Subtasks that never ran (cancelled, stopped early, input failed upstream). */
+  skipped: number;
+  /** Stages that call tools with side effects (writes, deletes, sends). */
+  side_effects: string[];
 }
 
 export interface SnapshotMessage {
@@ -107,7 +113,12 @@ export function parseRunSummary(value: unknown): RunSummary | null {
     started_at: count(value.started_at),
     cell_id: optionalString(value.cell_id),
     out: optionalString(value.out),
-    error: optionalString(value.error)
+    error: optionalString(value.error),
+    status: optionalString(value.status),
+    skipped: count(value.skipped),
+    side_effects: Array.isArray(value.side_effects)
+      ? value.side_effects.filter((s): s is string => typeof s === 'string')
+      : []
   };
 }
 

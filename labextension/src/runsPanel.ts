@@ -51,7 +51,7 @@ class RunRow {
   constructor(runId: string) {
     this.node.dataset.runId = runId;
     const meta = element('div', 'apwa-Run-meta');
-    meta.append(this._state, this._progress, this._elapsed, this._tokens);
+    meta.append(this._state, this._effects, this._progress, this._elapsed, this._tokens);
     const bar = element('div', 'apwa-Run-bar');
     bar.append(this._barFill);
     const actions = element('div', 'apwa-Run-actions');
@@ -68,7 +68,11 @@ class RunRow {
     this.node.dataset.state = run.state;
     this._prompt.textContent = run.prompt || '(empty prompt)';
     this._prompt.title = run.prompt;
-    this._state.textContent = STATE_LABELS[run.state];
+    this._state.textContent =
+      run.state === 'failed' ? STATE_LABELS.failed : (run.status ?? STATE_LABELS[run.state]);
+    this._effects.hidden = run.side_effects.length === 0;
+    this._effects.textContent = 'side effects';
+    this._effects.title = `Stages calling tools that write, delete, send or spend: ${run.side_effects.join(', ')}`;
     this._state.className = `apwa-Run-state apwa-mod-${run.state}`;
     this._progress.textContent = formatProgress(run);
     this._elapsed.textContent = formatElapsed(liveElapsed(run, nowMs));
@@ -86,6 +90,7 @@ class RunRow {
 
   private readonly _prompt = element('div', 'apwa-Run-prompt');
   private readonly _state = element('span', 'apwa-Run-state');
+  private readonly _effects = element('span', 'apwa-Run-effects');
   private readonly _progress = element('span', 'apwa-Run-progress');
   private readonly _elapsed = element('span', 'apwa-Run-elapsed');
   private readonly _tokens = element('span', 'apwa-Run-tokens');

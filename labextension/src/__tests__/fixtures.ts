@@ -16,6 +16,9 @@ export function makeRun(overrides: Partial<RunSummary> = {}): RunSummary {
     cell_id: 'cell-a',
     out: 'result',
     error: null,
+    status: null,
+    skipped: 0,
+    side_effects: [],
     ...overrides
   };
 }

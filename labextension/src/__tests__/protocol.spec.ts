@@ -41,8 +41,24 @@ describe('parseRunSummary', () => {
       started_at: 0,
       cell_id: null,
       out: null,
-      error: null
+      error: null,
+      status: null,
+      skipped: 0,
+      side_effects: []
     });
+  });
+
+  it('keeps the status line, skipped count and side-effect stages', () => {
+    const run = parseRunSummary({
+      id: 'r',
+      state: 'done',
+      status: 'done with 3 failed',
+      skipped: 4,
+      side_effects: ['send', 7]
+    });
+    expect(run?.status).toBe('done with 3 failed');
+    expect(run?.skipped).toBe(4);
+    expect(run?.side_effects).toEqual(['send']);
   });
 });
 
