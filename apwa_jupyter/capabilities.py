@@ -12,12 +12,24 @@ Args:
 The JSON schema comes from the type hints (through pydantic) and the descriptions from the
 docstring's Args section. A declaration we could not describe to a model (a parameter without a
 type hint, no docstring, an undocumented argument, `*args`) fails right here, at registration, with
-a message naming the fix, rather than later inside a worker. A worker is handed only the tools its
-stage names: nothing in the data can add one.
+a message naming the fix, rather than later inside a worker.
+
+Least privilege (issue #13): registering a tool does not let any run use it. A run sees only the
+tools the user granted (`--tools a,b` in the cell, or a session grant), through `grant()`, which
+returns a registry holding just those; a tool with `side_effects=True` (writes, deletes, sends,
+spends) needs the grant in the cell itself, because a session grant made hours earlier is not
+consent to what today's plan does with it. A worker is handed only the tools its stage names,
+from that granted registry: nothing in the data can add one.
+
+Synchronous tools run on a small thread pool, never on the engine's event loop, and every call has
+a timeout: a slow tool then delays only its own subtask, not every run and every cancel.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import functools
 import inspect
 import json
 import keyword
@@ -31,6 +43,21 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from .errors import CapabilityError
 
 MAX_RESULT_CHARS = 4_000
+DEFAULT_TIMEOUT_S = 60.0
+# Sync tools run here rather than in asyncio's default executor (6 threads on this 2-core machine,
+# shared with DNS lookups): a few stuck tools must not starve the HTTP clients. A thread that
+# outlives its timeout cannot be killed; it keeps its slot until the function returns.
+TOOL_THREADS = 32
+_tool_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _tool_pool
+    if _tool_pool is None:
+        _tool_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=TOOL_THREADS, thread_name_prefix="apwa-tool"
+        )
+    return _tool_pool
 
 
 @dataclass(frozen=True)
@@ -41,6 +68,8 @@ class Capability:
     description: str
     function: Callable[..., Any]
     arguments: type[BaseModel]
+    side_effects: bool = False
+    timeout_s: float = DEFAULT_TIMEOUT_S
 
     @property
     def parameters_schema(self) -> dict[str, Any]:
@@ -65,8 +94,9 @@ class Capability:
     async def call(self, arguments_json: str) -> str:
         """Validate the model's arguments, run the function, return a JSON string for the model.
 
-        Bad arguments and exceptions become an error string the model can read and correct; they
-        never escape to crash the worker.
+        Bad arguments, exceptions and timeouts become an error string the model can read and
+        correct; they never escape to crash the worker. A sync function runs on the tool thread
+        pool, so the event loop (every other subtask, and cancel) keeps moving while it works.
         """
         try:
             raw = json.loads(arguments_json or "{}")
@@ -79,20 +109,44 @@ class Capability:
             )
             return json.dumps({"error": f"invalid arguments for {self.name}: {problems}"})
         try:
-            result = self.function(**dict(args))
-            if inspect.isawaitable(result):
-                result = await result
+            result = await asyncio.wait_for(self._invoke(dict(args)), timeout=self.timeout_s)
+        except asyncio.TimeoutError:
+            return json.dumps(
+                {"error": f"{self.name} timed out after {self.timeout_s:g} s; do without it"}
+            )
         except Exception as exc:
             return json.dumps({"error": f"{self.name} failed: {type(exc).__name__}: {exc}"})
         text = json.dumps(result, default=str)
-        return text if len(text) <= MAX_RESULT_CHARS else text[:MAX_RESULT_CHARS] + "…"
+        if len(text) <= MAX_RESULT_CHARS:
+            return text
+        # Say so: a model reading a silently cut result would take the cut for the whole answer.
+        return (
+            text[:MAX_RESULT_CHARS]
+            + f"… [TRUNCATED: the result has {len(text):,} characters; only the first "
+            f"{MAX_RESULT_CHARS:,} are shown]"
+        )
+
+    async def _invoke(self, arguments: dict[str, Any]) -> Any:
+        if inspect.iscoroutinefunction(self.function):
+            return await self.function(**arguments)
+        loop = asyncio.get_running_loop()
+        call = functools.partial(self.function, **arguments)
+        result = await loop.run_in_executor(_pool(), call)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
 
 
 def _first_line(exc: Exception) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-def describe_function(function: Callable[..., Any], name: str | None = None) -> Capability:
+def describe_function(
+    function: Callable[..., Any],
+    name: str | None = None,
+    side_effects: bool = False,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> Capability:
     """Build a Capability from a typed, documented function, or explain what to add."""
     name = str(name or getattr(function, "__name__", ""))
     where = f"capability {name!r}"
@@ -145,7 +199,16 @@ def describe_function(function: Callable[..., Any], name: str | None = None) -> 
             f"{where}: a parameter type has no JSON schema ({_first_line(exc)}); use str, int, "
             "float, bool, lists, dicts or pydantic models."
         ) from None
-    return Capability(name=name, description=summary, function=function, arguments=arguments)
+    if not timeout_s > 0:
+        raise CapabilityError(f"{where}: timeout_s must be a positive number of seconds.")
+    return Capability(
+        name=name,
+        description=summary,
+        function=function,
+        arguments=arguments,
+        side_effects=side_effects,
+        timeout_s=float(timeout_s),
+    )
 
 
 class CapabilityRegistry:
@@ -154,21 +217,31 @@ class CapabilityRegistry:
     def __init__(self) -> None:
         self._tools: dict[str, Capability] = {}
 
-    def register(self, function: Callable[..., Any], name: str | None = None) -> Capability:
+    def register(
+        self,
+        function: Callable[..., Any],
+        name: str | None = None,
+        side_effects: bool = False,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> Capability:
         """Register a function (see module docstring); a taken name is an error, not an overwrite."""
-        tool = describe_function(function, name)
+        tool = describe_function(function, name, side_effects=side_effects, timeout_s=timeout_s)
+        self._add(tool)
+        return tool
+
+    def _add(self, tool: Capability) -> None:
+        function = tool.function
         existing = self._tools.get(tool.name)
         if existing is not None and existing.function is not function:
             if _same_definition(existing.function, function):
                 # Re-running a notebook cell redefines the function: replace, do not complain.
                 self._tools[tool.name] = tool
-                return tool
+                return
             raise CapabilityError(
                 f"a capability named {tool.name!r} is already registered; pick another name "
                 f"(@capability(name='...')) or unregister it first."
             )
         self._tools[tool.name] = tool
-        return tool
 
     def unregister(self, name: str) -> None:
         """Forget a tool (no error if absent)."""
@@ -200,6 +273,66 @@ class CapabilityRegistry:
         """What the manager is told: name and one-line description per tool."""
         return [{"name": t.name, "description": t.description[:200]} for t in self]
 
+    def denial_reason(self, name: str) -> str:
+        """Why a plan may not use `name` in a run with this registry."""
+        if name in self._tools:
+            return "granted"
+        return "not registered"
+
+    def grant(
+        self,
+        cell: Iterable[str] | None = None,
+        session: Iterable[str] | None = None,
+        allow_side_effects: bool = False,
+    ) -> GrantedRegistry:
+        """The registry one run may use: only the granted tools (see the module docstring).
+
+        `cell` is the grant of this cell or call (`--tools`, `run(tools=...)`; an empty list grants
+        nothing); when it is None, `session` applies (`%apwa config tools=`, `Session(tools=)`),
+        except for tools with side effects, which only a cell grant can give. No grant at all means
+        no tools. Naming a tool that is not registered is an error, not a silent no-op.
+        """
+        return GrantedRegistry(self, cell, session, allow_side_effects)
+
+
+class GrantedRegistry(CapabilityRegistry):
+    """The tools one run was granted, and for every other name the reason it was not."""
+
+    def __init__(
+        self,
+        base: CapabilityRegistry,
+        cell: Iterable[str] | None,
+        session: Iterable[str] | None,
+        allow_side_effects: bool,
+    ):
+        super().__init__()
+        self.cell = None if cell is None else tuple(cell)
+        self.session = tuple(session or ())
+        self.allow_side_effects = allow_side_effects
+        self._base = base
+        wanted = self.cell if self.cell is not None else self.session
+        base.select(wanted)  # unknown names: one clear error now
+        self._reasons: dict[str, str] = {}
+        for tool in base:
+            if tool.name not in wanted:
+                self._reasons[tool.name] = f"not granted (add --tools {tool.name})"
+            elif tool.side_effects and self.cell is None:
+                self._reasons[tool.name] = (
+                    f"has side effects: grant it in the cell itself (--tools {tool.name})"
+                )
+            else:
+                self._add(tool)
+
+    def denial_reason(self, name: str) -> str:
+        """Why a plan may not use `name` (or "granted")."""
+        if name in self:
+            return "granted"
+        return self._reasons.get(name, "not registered")
+
+    def side_effect_tools(self) -> list[str]:
+        """Granted tools that write, delete, send or spend."""
+        return [t.name for t in self if t.side_effects]
+
 
 def _same_definition(a: Callable[..., Any], b: Callable[..., Any]) -> bool:
     return getattr(a, "__qualname__", None) == getattr(b, "__qualname__", None) and getattr(
@@ -215,11 +348,19 @@ def capability(
     *,
     name: str | None = None,
     registry: CapabilityRegistry | None = None,
+    side_effects: bool = False,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> Any:
-    """Decorator: register a typed, documented function as a tool; returns the function unchanged."""
+    """Decorator: register a typed, documented function as a tool; returns the function unchanged.
+
+    `side_effects=True` marks a tool that writes, deletes, sends or spends: it needs a grant in
+    the cell and an explicit approval click. `timeout_s` bounds each call (default 60 s).
+    """
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        (registry if registry is not None else default_registry).register(fn, name=name)
+        (registry if registry is not None else default_registry).register(
+            fn, name=name, side_effects=side_effects, timeout_s=timeout_s
+        )
         return fn
 
     return decorate(function) if function is not None else decorate

@@ -12,9 +12,33 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from .capabilities import CapabilityRegistry
 from .plans import PLACEHOLDER, Plan, stage_columns
 
 SourceKinds = ("map", "replicate", "reduce")
+# Batched answers are matched to their rows by this key (see templates.ROW_KEY).
+RESERVED_BATCH_OUTPUT = "row"
+DeniedTools = dict[str, list[tuple[str, str]]]
+
+
+def deny_tools(plan: Plan, registry: CapabilityRegistry) -> tuple[Plan, DeniedTools]:
+    """Remove every tool the run was not granted; return the plan and, per stage, (tool, reason).
+
+    This runs before anything else looks at a plan's tools, so a plan that names an ungranted tool
+    (the manager was talked into it by a row, or just guessed) is never run with it. The removal is
+    not a repair the model is asked to make: it is recorded, shown struck out, and final.
+    """
+    data = plan.model_dump()
+    denied: DeniedTools = {}
+    for stage in data["stages"]:
+        kept = []
+        for name in _unique(stage["tools"]):
+            if name in registry:
+                kept.append(name)
+            else:
+                denied.setdefault(stage["id"], []).append((name, registry.denial_reason(name)))
+        stage["tools"] = kept
+    return (Plan.model_validate(data), denied) if denied else (plan, {})
 
 
 def fix_plan(
@@ -49,6 +73,14 @@ def fix_plan(
                 f"{where}: source {source!r} is unknown; using the only table {tables[0]!r}"
             )
             stage["source"] = tables[0]
+        if stage["kind"] == "map" and stage.get("batch_size", 1) > 1:
+            for field in stage["outputs"]:
+                if field["name"] == RESERVED_BATCH_OUTPUT:
+                    field["name"] = f"{RESERVED_BATCH_OUTPUT}_value"
+                    fixes.append(
+                        f"{where}: output 'row' renamed 'row_value' (batched answers use 'row' "
+                        "as the row key)"
+                    )
         names: list[str] = []
         kept = []
         for field in stage["outputs"]:

@@ -7,6 +7,10 @@ expensive on large tables (distinct counts, frequent values) come from a bounded
 sample, so the metadata costs the same for 100 rows as for 10,000,000 and never contains a value
 from outside the rows it samples.
 
+Sample values are row text, and row text may be written by someone hostile: the metadata goes to
+the manager inside an escaped <data> block (`escape_data`), free-text columns show shorter samples
+than short categorical ones, and `metadata(samples=False)` holds no value from any row at all.
+
 Workers never receive the table: they receive `(name, offset, length)` slices and read only
 those rows (zero-copy Arrow slices of the one object-store copy on Ray).
 """
@@ -15,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +39,10 @@ DOCUMENT_COLUMN = "text"
 METADATA_BUDGET_CHARS = 4_800
 # (sample rows, characters per sample value, top values per column, per-column stats),
 # most detailed first; the last level is names and types only.
+# A string column averaging this many characters is free text: its samples are cut much shorter
+# (the manager needs its shape, not its content, and long text is where instructions hide).
+FREE_TEXT_AVG_CHARS = 100
+FREE_TEXT_SAMPLE_CHARS = 30
 DETAIL_LEVELS = [
     (3, 60, 5, True),
     (2, 40, 3, True),
@@ -117,11 +125,16 @@ class DataTable:
                     f"{name} has a column Arrow cannot store ({exc}); convert mixed-type columns "
                     "with .astype(str) first."
                 ) from None
+            except UnicodeEncodeError:
+                raise UserInputError(_unencodable_text(name, frame)) from None
             table = cls(name, arrow, "dataframe", index=value.index)
         elif isinstance(value, pa.Table):
             table = cls(name, value, "arrow")
         elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
-            table = cls(name, _documents_to_arrow(name, value), "documents")
+            try:
+                table = cls(name, _documents_to_arrow(name, value), "documents")
+            except UnicodeEncodeError:
+                raise UserInputError(_unencodable_text(name, value)) from None
         else:
             raise UserInputError(
                 f"{name} is a {type(value).__name__}; a data table must be a pandas DataFrame, "
@@ -151,15 +164,28 @@ class DataTable:
         """Zero-copy view of a slice."""
         return self.arrow.slice(part.offset, part.length)
 
-    def metadata(self, budget_chars: int = METADATA_BUDGET_CHARS) -> TableMetadata:
-        """Compact description for the manager: flat in the row count, bounded in the width."""
+    def metadata(
+        self, budget_chars: int = METADATA_BUDGET_CHARS, samples: bool = True
+    ) -> TableMetadata:
+        """Compact description for the manager: flat in the row count, bounded in the width.
+
+        With `samples=False` (sensitive data) no value from any row is included: no sample rows,
+        no frequent values, no min/max; names, types and counts only.
+        """
         stats_sample = self.arrow.take(_evenly_spaced(self.num_rows, STATS_SAMPLE_ROWS))
         scale = self.num_rows / max(stats_sample.num_rows, 1)
         columns = [
             _describe_column(name, self.arrow.column(name), stats_sample.column(name), scale)
             for name in self.column_names
         ]
-        sample_rows = self.arrow.take(self.sample_positions()).to_pylist()
+        if not samples:
+            columns = [c.model_copy(update={"min": None, "max": None}) for c in columns]
+        sample_rows = self.arrow.take(self.sample_positions()).to_pylist() if samples else []
+        free_text = {
+            c.name
+            for c in columns
+            if c.avg_chars is not None and c.avg_chars >= FREE_TEXT_AVG_CHARS
+        }
         meta = TableMetadata(
             name=self.name, kind=self.kind, rows=self.num_rows, columns=[], sample=[]
         )
@@ -169,19 +195,37 @@ class DataTable:
                 kind=self.kind,
                 rows=self.num_rows,
                 columns=[
-                    c.model_copy(update={"top_values": c.top_values[:top]})
+                    c.model_copy(update={"top_values": c.top_values[:top] if samples else []})
                     if stats
                     else ColumnInfo(name=c.name, type=c.type)
                     for c in columns
                 ],
                 sample=[
-                    {k: _truncate(v, value_chars) for k, v in row.items()}
+                    {
+                        k: _truncate(
+                            v,
+                            min(value_chars, FREE_TEXT_SAMPLE_CHARS)
+                            if k in free_text
+                            else value_chars,
+                        )
+                        for k, v in row.items()
+                    }
                     for row in sample_rows[:rows]
                 ],
             )
             if len(meta.to_prompt()) <= budget_chars:
                 break
         return meta
+
+
+def escape_data(text: str) -> str:
+    """Make JSON text safe to put between <data> and </data>: no `<` or `>` survives.
+
+    `<` and `>` only occur inside JSON strings, where their JSON escapes mean the same
+    characters, so the JSON still decodes to exactly the original values, yet no row can write
+    `</data>` and step out of the block.
+    """
+    return text.replace("<", "\\u003c").replace(">", "\\u003e")
 
 
 def _documents_to_arrow(name: str, items: Sequence[Any]) -> pa.Table:
@@ -254,3 +298,42 @@ def resolve_tables(tables: dict[str, Any]) -> dict[str, DataTable]:
             "tables={'name': frame}."
         )
     return {name: DataTable.from_value(name, value) for name, value in tables.items()}
+
+
+def _unencodable_text(name: str, value: Any) -> str:
+    """Say which cell holds text Arrow cannot store (a lone surrogate), and how to clean it.
+
+    Such strings come from decoding bytes with errors="surrogateescape" or from broken JSON;
+    Arrow stores UTF-8 only, and its own error names neither the column nor the row.
+    """
+    import pandas as pd
+
+    cells: Iterator[tuple[str, Any, str | None]]
+    if isinstance(value, pd.DataFrame):
+        cells = (
+            (f"column {column!r}, row {label!r}", cell, f"{name}[{column!r}]")
+            for column in value.columns
+            for label, cell in value[column].items()
+        )
+    else:
+        cells = (
+            (f"item {i}" + (f", key {key!r}" if key is not None else ""), cell, None)
+            for i, item in enumerate(value)
+            for key, cell in (item.items() if isinstance(item, dict) else [(None, item)])
+        )
+    for where, cell, column in cells:
+        if not isinstance(cell, str):
+            continue
+        try:
+            cell.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            fix = (
+                f"{column} = {column}.str.encode('utf-8', 'replace').str.decode('utf-8')"
+                if column
+                else "text.encode('utf-8', 'replace').decode('utf-8') on each string"
+            )
+            return (
+                f"{name}: {where} has text that is not valid Unicode ({cell[exc.start]!r} at "
+                f"character {exc.start}, a lone surrogate); clean it first, e.g. {fix}"
+            )
+    return f"{name} has text that is not valid Unicode (a lone surrogate); clean it first."

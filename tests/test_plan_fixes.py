@@ -1,5 +1,5 @@
-from apwa_jupyter.plans import Plan, validate_plan
 from apwa_jupyter.plan_fixes import fix_plan
+from apwa_jupyter.plans import Plan, validate_plan
 
 TABLES = {"reviews": ["text"]}
 

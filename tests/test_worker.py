@@ -52,17 +52,21 @@ def test_single_row_answer_is_validated_and_prompt_holds_only_that_row():
     assert model.requests[0].response_schema["required"] == ["product", "negative"]
 
 
+def keyed(values):
+    return enumerate(values, 1)
+
+
 def test_batch_needs_exactly_one_result_per_row():
     answers = iter(
         [
-            {"results": [{"product": "a", "negative": True}]},  # one short: corrected
-            {"results": [{"product": p, "negative": False} for p in "abc"]},
+            {"results": [{"row": 1, "product": "a", "negative": True}]},  # two short: corrected
+            {"results": [{"row": k, "product": p, "negative": False} for k, p in keyed("abc")]},
         ]
     )
     model = ScriptedModel(lambda req: next(answers))
     result = run(model, Subtask("s/0", "s", 0, rows=TableSlice("t", 0, 3)))
     assert result.ok and [o["product"] for o in result.outputs] == ["a", "b", "c"]
-    assert 'expected "results" with 3 objects, got 1' in model.requests[1].messages[-1]["content"]
+    assert "rows 2, 3 of 3 in this batch" in model.requests[1].messages[-1]["content"]
 
 
 def test_invalid_output_gets_one_correction_then_an_error_value():
