@@ -54,11 +54,15 @@ def progress_text(run: Run) -> str:
     return "\n".join(lines)
 
 
+def state_line(run: Run) -> str:
+    """The run in one line: id, state, time, tokens (what `%apwa wait` prints at the end)."""
+    summary = run.summary()
+    return f"APWA run {run.id} · {run.state} · {summary['elapsed_s']:.1f}s · {summary['tokens']:,} tokens"
+
+
 def run_text(run: Run) -> str:
     """Everything a person needs to know about a run, as text."""
-    summary = run.summary()
-    head = f"APWA run {run.id} · {run.state} · {summary['elapsed_s']:.1f}s · {summary['tokens']:,} tokens"
-    parts = [head]
+    parts = [state_line(run)]
     if run.endpoint_description:
         parts.append(f"  model: {run.endpoint_description}")
     if run.plan is not None:

@@ -6,15 +6,25 @@ ipywidgets, no pandas. The session (and with it the engine) is created by the fi
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import time
 from typing import TYPE_CHECKING, Any
 
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.display import display
-from traitlets import Enum, Int, Unicode
+from traitlets import Enum, Int, List, Unicode
 
 from .errors import ApwaError, UserInputError
-from .parsers import CELL_HELP, LINE_COMMANDS, CellOptions, parse_cell_options, parse_line
+from .parsers import (
+    CELL_HELP,
+    LINE_COMMANDS,
+    CellOptions,
+    parse_cell_options,
+    parse_config_settings,
+    parse_line,
+)
 
 if TYPE_CHECKING:
     from .runs import Run
@@ -43,12 +53,22 @@ class ApwaMagics(Magics):
     ).tag(config=True)
     concurrency = Int(64, help="Subtasks in flight at once.").tag(config=True)
     executor = Enum(["ray", "local"], "ray", help="Where workers run.").tag(config=True)
+    tools = List(
+        Unicode(),
+        default_value=None,
+        allow_none=True,
+        help="Capabilities every cell may use unless it says --tools (default: none). Tools "
+        "with side effects still need --tools in the cell.",
+    ).tag(config=True)
 
     def __init__(self, shell: Any = None, **kwargs: Any):
         super().__init__(shell=shell, **kwargs)
         self._session: Session | None = None
         self._told_embedded = False
         self._widgets: dict[str, Any] = {}
+        # One-line notes from binding (what was replaced, what was left alone), shown at the
+        # next chance the user looks: the end of a wait, or the start of the next cell.
+        self._notes: list[str] = []
 
     @property
     def user_ns(self) -> dict[str, Any]:
@@ -61,11 +81,12 @@ class ApwaMagics(Magics):
     def session(self) -> Session:
         """The kernel's session, created on first use with the traitlets settings."""
         if self._session is None:
-            from .config import resolve_endpoint
+            from .config import merge_endpoint
             from .session import Session
 
+            # Traitlets follow the one rule too: the env key never goes to a traitlet base_url.
             endpoint = (
-                resolve_endpoint(self.base_url, None, self.model)
+                merge_endpoint(None, base_url=self.base_url, model=self.model)
                 if (self.base_url or self.model)
                 else None
             )
@@ -98,11 +119,15 @@ class ApwaMagics(Magics):
         if options.help:
             print(CELL_HELP)
             return None
-        from .namespace import resolve_prompt
+        from .namespace import MISSING, check_out_name, resolve_prompt
 
-        prompt, tables = resolve_prompt(
-            cell, self.user_ns, getattr(self.shell, "user_ns_hidden", ())
-        )
+        hidden = getattr(self.shell, "user_ns_hidden", ())
+        prompt, tables = resolve_prompt(cell, self.user_ns, hidden)
+        before = None
+        if options.out is not None:
+            check_out_name(options.out, self.user_ns, tables, hidden)
+            # What --out holds now: the run binds only if the user has not re-assigned it since.
+            before = self.user_ns.get(options.out, MISSING)
         session = self.session
         self._apply_cell_options(session, options)
         run = session.plan(
@@ -113,11 +138,13 @@ class ApwaMagics(Magics):
             max_tokens=options.max_tokens,
             registry=self._registry_for(session, options),
             endpoint=self._endpoint_override(session, options),
+            samples=False if options.no_samples else None,
+            max_input_chars=options.max_input_chars,
         )
         run.dry_run = options.dry_run
         run.cell_id = self._cell_id()
         self._maybe_tell_embedded(session)
-        self._bind_when_finished(run)
+        self._bind_when_finished(run, before)
         view = self._show(run)
         if options.yes:
             run.approve_when_planned()
@@ -134,38 +161,86 @@ class ApwaMagics(Magics):
     def _endpoint_override(self, session: Session, options: CellOptions) -> Any:
         if not (options.base_url or options.model):
             return None
-        from .config import resolve_endpoint
+        from .config import merge_endpoint
 
-        current = session.resolved_endpoint()
-        base_url = options.base_url or (current.base_url if current else None)
-        api_key = current.api_key.get_secret_value() if current and not options.base_url else None
-        return resolve_endpoint(
-            base_url, api_key, options.model or (current.model if current else None)
-        )
+        # --base-url to another host carries no key (neither the session's nor the env's).
+        return merge_endpoint(session.endpoint, base_url=options.base_url, model=options.model)
 
     def _registry_for(self, session: Session, options: CellOptions) -> Any:
-        if options.tools is None:
-            return None
-        from .capabilities import CapabilityRegistry
+        """The tools this cell may use (issue #13): no grant means no tools.
 
-        chosen = CapabilityRegistry()
-        for name, tool in session.registry.select(options.tools).items():
-            chosen.register(tool.function, name=name)
-        return chosen
+        The cell's --tools wins; without it, `%apwa config tools=`, else the `tools` traitlet.
+        """
+        if session.tools is None and self.tools is not None:
+            session.tools = list(self.tools)
+        return session.grant_tools(None, options.tools, options.allow_side_effects)
 
-    def _bind_when_finished(self, run: Run) -> None:
+    def _bind_when_finished(self, run: Run, before: Any) -> None:
         """Bind `--out` and `_apwa` as soon as a run ends, independently of any display.
 
         The listener runs on the engine thread before the run's future completes, so `--wait`
-        and `run.wait()` always return with the variables already bound.
+        and `run.wait()` always return with the variables already bound. `before` is what `--out`
+        held when the cell ran: a user who re-assigned the name since keeps their value. After a
+        bind the result itself becomes the expected value, so `%apwa retry` rebinds it.
         """
         from .namespace import bind_result
 
+        expected = [before]
+
         def on_state(event: Any) -> None:
-            if event.kind == "run_state" and run.state in ("done", "failed", "cancelled"):
-                bind_result(self.user_ns, run.options.out, run)
+            if event.kind == "run_state" and run.state not in PENDING_STATES:
+                name = run.options.out
+                note = bind_result(self.user_ns, name, run, expected[0])
+                if name is not None and self.user_ns.get(name) is run.result is not None:
+                    expected[0] = run.result
+                if note:
+                    self._notes.append(note)
 
         run.subscribe(on_state)
+
+    def _print_notes(self) -> None:
+        notes, self._notes = self._notes, []
+        for note in notes:
+            print(note)
+
+    # -- Run All: a cell that reads a pending --out waits for it --------------------------------
+    def pending_runs_read_by(self, code: str) -> list[Run]:
+        """Runs that will bind an `--out` name this code reads and have not finished yet.
+
+        An `%%apwa` cell's option line is not a read (re-running a cell with `--out labels` must
+        not wait for the previous labels); its `{name}` references in the body are.
+        """
+        if self._session is None or not code.strip():
+            return []
+        if code.lstrip().startswith("%%apwa"):
+            code = code.lstrip().split("\n", 1)[1] if "\n" in code.lstrip() else ""
+        return [
+            run
+            for run in self._session.runs
+            if run.options.out
+            and _will_bind(run)
+            and re.search(rf"(?<![\w.]){re.escape(run.options.out)}(?!\w)", code)
+        ]
+
+    def wait_for_pending_reads(self, info: Any) -> None:
+        """IPython `pre_run_cell` hook: Run All, nbconvert and papermill see finished results.
+
+        Queued cells run as soon as the previous one returns, and `%%apwa --yes` returns while
+        the run goes on; a cell that reads its `--out` would fail with NameError. So wait, with
+        one line saying so. An interrupt stops the wait, not the run (`%apwa cancel` stops it).
+        """
+        code = getattr(info, "raw_cell", None) or ""
+        pending = self.pending_runs_read_by(code)
+        try:
+            for run in pending:
+                print(f"apwa: waiting for run {run.id} (--out {run.options.out})...", flush=True)
+                _wait_until_settled(run)
+        except KeyboardInterrupt:
+            print(
+                f"apwa: stopped waiting; run {run.id} keeps running (%apwa cancel {run.id} "
+                "stops it), so this cell runs without its result."
+            )
+        self._print_notes()
 
     def _show(self, run: Run) -> Any:
         try:
@@ -185,11 +260,12 @@ class ApwaMagics(Magics):
 
         try:
             run.wait()
-            if run.state == "awaiting_approval":  # --wait without --yes: nothing more will happen
-                return
-            run.wait()
+            # --wait without --yes (or --dry-run) stops at the plan: refresh the view to show it.
+            if run.state != "awaiting_approval":
+                run.wait()
         except RunCancelled as exc:
             print(f"apwa: {exc}")
+        self._print_notes()
         widget = self._widgets.get(run.id)
         if widget is not None:
             widget.refresh()
@@ -224,21 +300,22 @@ class ApwaMagics(Magics):
             print(f"%apwa {name:<8} {text}")
 
     def _cmd_config(self, args: list[str], settings: dict[str, str]) -> None:
-        known = {"model", "base_url", "api_key", "address", "concurrency", "executor"}
+        known = {"model", "base_url", "api_key", "address", "concurrency", "executor", "tools"}
         unknown = set(settings) - known
         if unknown:
             raise UserInputError(f"unknown setting(s) {sorted(unknown)}; known: {sorted(known)}")
+        values = parse_config_settings(settings)  # typed: concurrency=abc is one line, here
         if "api_key" in args:  # `%apwa config api_key`: ask, so the key is never in the notebook
             import getpass
 
-            settings["api_key"] = getpass.getpass("API key (not echoed, not saved): ")
-        elif "api_key" in settings:
+            values["api_key"] = getpass.getpass("API key (not echoed, not saved): ")
+        elif "api_key" in values:
             print(
                 "apwa: the key is now in this cell's source and will be saved with the notebook; "
                 "prefer OPENAI_API_KEY or `%apwa config api_key` (asks without echo)."
             )
-        if settings:
-            self.session.configure(**settings)
+        if values:
+            self.session.configure(**values)
         for key, value in self.session.describe().items():
             print(f"{key:<12} {value}")
 
@@ -302,7 +379,48 @@ class ApwaMagics(Magics):
         self._run_arg(args).retry_failed()
 
     def _cmd_wait(self, args: list[str], settings: dict[str, str]) -> None:
-        self._wait(self._run_arg(args), None)
+        from .display import state_line
+
+        run = self._run_arg(args)
+        self._wait(run, None)
+        if run.id in self._widgets:  # the widget lives in its own cell: say how it ended here
+            print(state_line(run))
+
+
+PENDING_STATES = ("planning", "running", "awaiting_approval")
+
+
+def _will_bind(run: Run) -> bool:
+    """Whether the run is still going and will end by binding its result (not a dry run)."""
+    if run.dry_run:
+        return False
+    if run.state == "planning":
+        return run.auto_start  # --yes; without it the run stops at the plan and binds nothing
+    if run.state == "awaiting_approval":  # planned; starts by itself unless it needs a click
+        return run.auto_start and not run.needs_explicit_approval()
+    return run.state == "running"
+
+
+def _wait_until_settled(run: Run) -> None:
+    """Block until the run's work is over and its listeners (the binding) have run.
+
+    Waits on the futures, not the state: the state turns "done" just before the binding
+    listener runs, while the future completes only after it.
+    """
+    import concurrent.futures
+
+    while True:
+        futures = [
+            f
+            for f in (run.plan_future, getattr(run, "_future", None))
+            if f is not None and not f.done()
+        ]
+        if futures:
+            concurrent.futures.wait(futures, timeout=0.1)
+        elif _will_bind(run):  # between planned and started (--yes): a moment
+            time.sleep(0.02)
+        else:
+            return
 
 
 def _has_widget_frontend() -> bool:
@@ -328,6 +446,9 @@ def load(ipython: Any) -> None:
     global _magics
     _magics = ApwaMagics(shell=ipython)
     ipython.register_magics(_magics)
+    ipython.events.register("pre_run_cell", _magics.wait_for_pending_reads)
+    if hasattr(ipython, "observe"):
+        ipython.observe(_release_on_exit, names="exit_now")
     from . import runs_comm
 
     runs_comm.register(ipython)  # the JupyterLab panel can list runs from now on
@@ -340,6 +461,12 @@ def unload(ipython: Any) -> None:
     from . import runs_comm
 
     runs_comm.unregister(ipython)
+    if hasattr(ipython, "unobserve"):
+        with contextlib.suppress(ValueError):
+            ipython.unobserve(_release_on_exit, names="exit_now")
+    if _magics is not None:
+        with contextlib.suppress(ValueError):
+            ipython.events.unregister("pre_run_cell", _magics.wait_for_pending_reads)
     if _magics is not None and _magics._session is not None:
         _magics._session.shutdown()
     _magics = None
@@ -347,3 +474,17 @@ def unload(ipython: Any) -> None:
 
     if "apwa_jupyter.models.embedded" in sys.modules:
         sys.modules["apwa_jupyter.models.embedded"].shutdown_embedded()
+
+
+def _release_on_exit(change: Any) -> None:
+    """Stop runs, Ray and the embedded model as soon as the kernel is asked to shut down.
+
+    ipykernel's shutdown_request sets `shell.exit_now`, then signals every child process of the
+    kernel (SIGTERM, then SIGKILL) with growing sleeps (0.01 s ... 10 s) for as long as any is
+    left. Ray's processes are the kernel's children, so a kernel with Ray took ~35 s to exit and
+    Ray printed a "SIGTERM received" stack dump. Shutting Ray down here, first, takes ~1.4 s and
+    leaves no children (measured: kernel exit 1.9 s after the request). Terminal IPython's
+    `exit` sets the same flag.
+    """
+    if change.get("new") and _magics is not None:
+        unload(_magics.shell)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import keyword
 import re
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from .errors import UserInputError
 
@@ -15,12 +17,25 @@ REFERENCE = re.compile(r"(?<!\{)\{([A-Za-z_][A-Za-z0-9_]*)\}(?!\})")
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that raises instead of exiting the kernel."""
+    """argparse that raises one line instead of exiting the kernel.
+
+    Abbreviations are off (`allow_abbrev=False`): `--conc 8` silently meaning `--concurrency 8`
+    hides typos and would change meaning the day a second option starts with `--conc`.
+    """
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        raise UserInputError(
-            f"{message}\n\n{self.format_usage().strip()}  (%%apwa --help for more)"
-        )
+        hint = ""
+        if message.startswith("unrecognized arguments:"):
+            known = [o for action in self._actions for o in action.option_strings]
+            for word in message.split(":", 1)[1].split():
+                close = difflib.get_close_matches(word.split("=", 1)[0], known, n=1)
+                if word.startswith("-") and close:
+                    hint = f"; did you mean {close[0]}?"
+                    break
+        raise UserInputError(f"{message}{hint} (%%apwa --help lists the options)")
 
 
 def _cell_parser() -> _Parser:
@@ -38,7 +53,28 @@ def _cell_parser() -> _Parser:
     )
     parser.add_argument("--address", help="Ray cluster address (default: a local cluster)")
     parser.add_argument("--concurrency", type=int, help="subtasks in flight at once (default 64)")
-    parser.add_argument("--tools", help="comma-separated capabilities the plan may use")
+    parser.add_argument(
+        "--tools",
+        help="comma-separated capabilities this cell grants (default: the session grant, "
+        "%%apwa config tools=...; none if there is none; --tools '' grants none)",
+    )
+    parser.add_argument(
+        "--allow-side-effects",
+        action="store_true",
+        help="with --yes, also start plans that use tools with side effects without a click",
+    )
+    parser.add_argument(
+        "--no-samples",
+        action="store_true",
+        help="send the planner no values from the rows (names, types and counts only)",
+    )
+    parser.add_argument(
+        "--max-input-chars",
+        type=int,
+        default=None,
+        metavar="N",
+        help="longest value sent to a worker (default 16000); a longer one fails its row",
+    )
     parser.add_argument("--executor", choices=["ray", "local"], help="where workers run")
     parser.add_argument("--max-tokens", type=int, default=1024, help="per worker answer")
     parser.add_argument("--dry-run", action="store_true", help="plan only; execute nothing")
@@ -63,6 +99,9 @@ class CellOptions:
     address: str | None = None
     concurrency: int | None = None
     tools: list[str] | None = None
+    allow_side_effects: bool = False
+    no_samples: bool = False
+    max_input_chars: int | None = None
     executor: str | None = None
     max_tokens: int = 1024
     dry_run: bool = False
@@ -78,12 +117,20 @@ def parse_cell_options(line: str) -> CellOptions:
     except ValueError as exc:
         raise UserInputError(f"cannot parse options ({exc}); check the quotes") from None
     ns = _cell_parser().parse_args(words)
-    tools = [t.strip() for t in ns.tools.split(",") if t.strip()] if ns.tools else None
+    # `--tools ''` is a grant of nothing, not "no option given" (issue #13).
+    tools = [t.strip() for t in ns.tools.split(",") if t.strip()] if ns.tools is not None else None
     options = CellOptions(**{**vars(ns), "tools": tools})
     if options.out is not None:
         check_identifier(options.out)
     if options.concurrency is not None and options.concurrency < 1:
         raise UserInputError("--concurrency must be at least 1")
+    if options.max_tokens < 1:
+        raise UserInputError(
+            f"--max-tokens {options.max_tokens}: a worker needs at least 1 token to answer "
+            "(default 1024)"
+        )
+    if options.max_input_chars is not None and options.max_input_chars < 1:
+        raise UserInputError("--max-input-chars must be at least 1")
     if options.dry_run and options.yes:
         raise UserInputError("--dry-run and --yes contradict each other; pick one")
     return options
@@ -115,7 +162,7 @@ class LineCommand:
 
 
 LINE_COMMANDS = {
-    "config": "show settings, or set them: %apwa config model=NAME base_url=URL address=HOST:PORT concurrency=N executor=ray|local; `%apwa config api_key` asks for a key without echo",
+    "config": "show settings, or set them: %apwa config model=NAME base_url=URL address=HOST:PORT concurrency=N executor=ray|local tools=a,b (granted to every cell; side-effect tools still need --tools); `%apwa config api_key` asks for a key without echo",
     "tools": "list registered capabilities",
     "cluster": "show the Ray cluster (%apwa cluster start: start it now)",
     "runs": "list this session's runs",
@@ -128,8 +175,29 @@ LINE_COMMANDS = {
 }
 
 
+@dataclass(frozen=True)
+class LineSpec:
+    """What one `%apwa` subcommand accepts: literal words, a run id, `key=value` settings."""
+
+    words: tuple[str, ...] = ()
+    run_id: bool = False
+    settings: bool = False
+    usage: str = ""
+
+
+LINE_SPECS = {
+    "config": LineSpec(words=("api_key",), settings=True, usage="%apwa config [key=value ...]"),
+    "cluster": LineSpec(words=("start",), usage="%apwa cluster [start]"),
+    "show": LineSpec(run_id=True, usage="%apwa show [RUN_ID]"),
+    "approve": LineSpec(run_id=True, usage="%apwa approve [RUN_ID]"),
+    "cancel": LineSpec(run_id=True, usage="%apwa cancel [RUN_ID]"),
+    "retry": LineSpec(run_id=True, usage="%apwa retry [RUN_ID]"),
+    "wait": LineSpec(run_id=True, usage="%apwa wait [RUN_ID]"),
+}
+
+
 def parse_line(line: str) -> LineCommand:
-    """Parse `%apwa ...`; `key=value` words become settings."""
+    """Parse `%apwa ...` against its subcommand's spec; anything it does not take is one line."""
     try:
         words = shlex.split(line)
     except ValueError as exc:
@@ -141,6 +209,53 @@ def parse_line(line: str) -> LineCommand:
         raise UserInputError(
             f"unknown command {command!r}; one of: {', '.join(LINE_COMMANDS)} (%apwa help)"
         )
+    spec = LINE_SPECS.get(command, LineSpec(usage=f"%apwa {command}"))
     settings = dict(word.split("=", 1) for word in rest if "=" in word)
     args = [word for word in rest if "=" not in word]
+    if settings and not spec.settings:
+        raise UserInputError(f"%apwa {command} takes no key=value settings; usage: {spec.usage}")
+    extra = [word for word in args if word not in spec.words]
+    if spec.run_id and len(extra) == 1:
+        extra = []
+    if extra:
+        raise UserInputError(
+            f"%apwa {command} does not take {' '.join(extra)!r}; usage: {spec.usage}"
+        )
     return LineCommand(command, args, settings)
+
+
+def _positive_int(key: str, value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise UserInputError(
+            f"{key}={value!r} is not a whole number; e.g. %apwa config {key}=64"
+        ) from None
+    if number < 1:
+        raise UserInputError(f"{key}={number} must be at least 1")
+    return number
+
+
+def _choice(*choices: str) -> Callable[[str, str], str]:
+    def check(key: str, value: str) -> str:
+        if value not in choices:
+            raise UserInputError(f"{key}={value!r}: choose one of {', '.join(choices)}")
+        return value
+
+    return check
+
+
+# The typed `%apwa config` settings; the others (model, base_url, api_key, address, tools) are
+# strings the session validates where they are used.
+CONFIG_TYPES: dict[str, Callable[[str, str], Any]] = {
+    "concurrency": _positive_int,
+    "executor": _choice("ray", "local"),
+}
+
+
+def parse_config_settings(settings: dict[str, str]) -> dict[str, Any]:
+    """Convert `%apwa config` values to their types; a bad one is one line naming the setting."""
+    return {
+        key: CONFIG_TYPES[key](key, value) if key in CONFIG_TYPES else value
+        for key, value in settings.items()
+    }

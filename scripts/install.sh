@@ -2,8 +2,10 @@
 # Install apwa-jupyter and everything it needs into a virtualenv ($VENV, default .venv).
 # Usage: bash scripts/install.sh [extras]   e.g. bash scripts/install.sh test,dev
 set -euo pipefail
+# Absolute, so that it still means the same folder after any later `cd`.
+VENV="${VENV:-$(dirname "$0")/../.venv}"
+VENV="$(realpath -m "$VENV")"
 cd "$(dirname "$0")/.."
-VENV="${VENV:-.venv}"
 EXTRAS="${1:-}"
 PYTHON="${PYTHON:-python3}"
 if [ ! -x "$VENV/bin/python" ]; then

@@ -8,7 +8,7 @@ import textwrap
 
 import pandas as pd
 import pytest
-from IPython.testing.globalipapp import get_ipython
+from IPython.testing import globalipapp
 
 from apwa_jupyter.testing import Reply, worker_input
 
@@ -21,8 +21,10 @@ PLAN = map_plan(
 
 @pytest.fixture(scope="module")
 def shell():
-    # globalipapp starts one shell per process; later calls may return None, so keep it.
-    return get_ipython()
+    # globalipapp starts one shell per process (another module may have started it already);
+    # after start_ipython the module's get_ipython returns that shell.
+    globalipapp.start_ipython()
+    return globalipapp.get_ipython()
 
 
 @pytest.fixture
@@ -83,10 +85,12 @@ def test_empty_frame_is_a_clear_error_and_nothing_is_sent(ip, capsys):
     assert ip.user_ns["server"].count == 0
 
 
-def test_bad_option_prints_usage(ip, capsys):
+def test_bad_option_is_one_line_with_a_suggestion(ip, capsys):
     apwa(ip, "--concurency 5", "Label {reviews}.")
-    out = capsys.readouterr().out
-    assert "unrecognized arguments: --concurency" in out and "usage: %%apwa" in out
+    assert capsys.readouterr().out == (
+        "apwa: unrecognized arguments: --concurency 5; did you mean --concurrency? "
+        "(%%apwa --help lists the options)\n"
+    )
 
 
 def test_help_documents_every_option(ip, capsys):
@@ -181,3 +185,209 @@ def test_api_key_can_be_entered_without_it_landing_in_the_notebook(ip, capsys, m
     assert "TYPED456" not in out and "key set" in out
     ip.run_line_magic("apwa", "config api_key=sk-INLINE789")
     assert "will be saved with the notebook" in capsys.readouterr().out
+
+
+# -- bad input is one line, never a traceback ------------------------------------------------------
+def one_line(capsys) -> str:
+    out = capsys.readouterr().out
+    assert "Traceback" not in out and len(out.strip().splitlines()) == 1, out
+    return out.strip()
+
+
+def test_config_with_a_non_number_concurrency_is_one_line_naming_the_setting(ip, capsys):
+    ip.run_line_magic("apwa", "config concurrency=abc")
+    assert one_line(capsys) == (
+        "apwa: concurrency='abc' is not a whole number; e.g. %apwa config concurrency=64"
+    )
+    ip.run_line_magic("apwa", "config concurrency=0")
+    assert one_line(capsys) == "apwa: concurrency=0 must be at least 1"
+    ip.run_line_magic("apwa", "config executor=spark")
+    assert one_line(capsys) == "apwa: executor='spark': choose one of ray, local"
+    from apwa_jupyter import magics
+
+    assert magics._magics.session.concurrency == 64  # nothing was half-applied
+
+
+def test_max_tokens_below_one_is_refused_before_anything_is_sent(ip, capsys):
+    apwa(ip, "--max-tokens 0 --yes --wait", "For every review in {reviews}, count characters.")
+    assert one_line(capsys).startswith("apwa: --max-tokens 0: a worker needs at least 1 token")
+    assert ip.user_ns["server"].count == 0
+
+
+def test_option_abbreviations_are_not_accepted(ip, capsys):
+    apwa(ip, "--conc 8 --yes --wait", "For every review in {reviews}, count characters.")
+    out = one_line(capsys)
+    assert "unrecognized arguments: --conc 8; did you mean --concurrency?" in out
+    assert ip.user_ns["server"].count == 0
+
+
+def test_a_lone_surrogate_in_a_row_names_the_column_and_row_and_the_fix(ip, capsys):
+    ip.user_ns["reviews"] = pd.DataFrame(
+        {"text": ["fine", "broken \ud800 text"]}, index=["r1", "r2"], dtype=object
+    )
+    apwa(ip, "--yes --wait", "For every review in {reviews}, count characters.")
+    assert one_line(capsys) == (
+        "apwa: reviews: column 'text', row 'r2' has text that is not valid Unicode ('\\ud800' "
+        "at character 7, a lone surrogate); clean it first, e.g. reviews['text'] = "
+        "reviews['text'].str.encode('utf-8', 'replace').str.decode('utf-8')"
+    )
+    assert ip.user_ns["server"].count == 0
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("cluster stop", "apwa: %apwa cluster does not take 'stop'; usage: %apwa cluster [start]"),
+        ("wait a b", "apwa: %apwa wait does not take 'a b'; usage: %apwa wait [RUN_ID]"),
+        ("runs all", "apwa: %apwa runs does not take 'all'; usage: %apwa runs"),
+        (
+            "cancel x=1",
+            "apwa: %apwa cancel takes no key=value settings; usage: %apwa cancel [RUN_ID]",
+        ),
+    ],
+)
+def test_line_commands_refuse_what_they_do_not_take_in_one_line(ip, capsys, line, expected):
+    ip.run_line_magic("apwa", line)
+    assert one_line(capsys) == expected
+
+
+# -- %apwa approve | cancel | retry | wait | show | cluster -------------------------------------
+def current_run():
+    from apwa_jupyter import magics
+
+    return magics._magics.session.runs[-1]
+
+
+def test_approve_runs_the_plan_awaiting_approval_and_binds(ip, capsys):
+    apwa(ip, "--out labels", "For every review in {reviews}, count characters.")
+    run = current_run()
+    run.wait()
+    assert run.state == "awaiting_approval" and "labels" not in ip.user_ns
+    ip.run_line_magic("apwa", f"approve {run.id}")
+    capsys.readouterr()
+    ip.run_line_magic("apwa", "wait")
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(f"APWA run {run.id} · done")
+    assert ip.user_ns["labels"]["n_chars"].tolist() == [3, 2]
+    ip.run_line_magic("apwa", "approve")  # twice: one line, not a traceback
+    assert one_line(capsys) == f"apwa: run {run.id} is done, not awaiting approval"
+
+
+def test_cancel_a_plan_awaiting_approval_and_an_unknown_run_id(ip, capsys):
+    apwa(ip, "--out labels", "For every review in {reviews}, count characters.")
+    run = current_run()
+    run.wait()
+    ip.run_line_magic("apwa", "cancel")
+    assert run.state == "cancelled" and "labels" not in ip.user_ns
+    capsys.readouterr()
+    ip.run_line_magic("apwa", "cancel nosuchid")
+    assert one_line(capsys).startswith("apwa: No run 'nosuchid'; runs: [")
+    assert ip.user_ns["server"].count == 1  # only the plan was asked for
+
+
+def test_retry_reruns_only_the_failed_rows(ip, fake_server, capsys):
+    calls: dict[str, int] = {}
+    broken = {"de"}  # this row fails every attempt until the test mends it
+
+    def worker(body):
+        text = worker_input(body)["text"]
+        calls[text] = calls.get(text, 0) + 1
+        if text in broken:
+            return Reply.error(400, message="scripted: bad row")
+        return Reply.json({"n_chars": len(text)})
+
+    server = fake_server(plan_responder(PLAN, worker))
+    ip.run_line_magic("apwa", f"config base_url={server.base_url} model=fake-model")
+    apwa(ip, "--out labels --yes --wait", "For every review in {reviews}, count characters.")
+    run = current_run()
+    assert run.result["n_chars"].isna().tolist() == [False, True]
+    first = dict(calls)
+    broken.clear()
+    ip.run_line_magic("apwa", "retry")
+    ip.run_line_magic("apwa", "wait")
+    assert calls["abc"] == first["abc"]  # the finished row was not asked again
+    assert calls["de"] > first["de"]
+    assert ip.user_ns["labels"]["n_chars"].tolist() == [3, 2]
+
+
+def test_wait_prints_the_final_state_in_one_line(ip, capsys):
+    apwa(ip, "--out labels", "For every review in {reviews}, count characters.")
+    run = current_run()
+    run.wait()
+    run.start()
+    capsys.readouterr()
+    ip.run_line_magic("apwa", f"wait {run.id}")
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith(f"APWA run {run.id} · done · ") and out[-1].endswith(" tokens")
+
+
+def test_show_displays_the_run_again(ip, capsys):
+    apwa(ip, "--out labels --yes --wait", "For every review in {reviews}, count characters.")
+    run = current_run()
+    capsys.readouterr()
+    ip.run_line_magic("apwa", "show")
+    out = capsys.readouterr().out
+    assert f"APWA run {run.id} · done" in out and "label (map over reviews, 2 subtasks)" in out
+
+
+def test_cluster_describes_the_local_executor_and_start_is_idempotent(ip, capsys):
+    ip.run_line_magic("apwa", "cluster start")
+    ip.run_line_magic("apwa", "cluster")
+    out = capsys.readouterr().out
+    assert out.count("executor       local") == 2 and "concurrency" in out
+
+
+def test_dry_run_wait_shows_the_finished_plan(ip, capsys):
+    apwa(ip, "--dry-run --wait", "For every review in {reviews}, count characters.")
+    out = capsys.readouterr().out
+    # the view is shown at once (planning), then refreshed with the plan once it is ready
+    assert out.rstrip().count("APWA run") == 2
+    last = out[out.rindex("APWA run") :]
+    assert "· awaiting_approval ·" in last and "Plan: test plan" in last
+
+
+# -- the user's variables ----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("out", "reason"),
+    [
+        ("reviews", "is an input table of this cell ({reviews})"),
+        ("print", "would shadow Python's builtin print"),
+        ("_apwa", "is where the run itself goes"),
+        ("pd", "holds the module pandas"),
+        ("get_ipython", "is one of IPython's own names"),
+    ],
+)
+def test_out_refuses_to_clobber_inputs_builtins_modules_and_the_run(ip, capsys, out, reason):
+    ip.user_ns["pd"] = pd
+    before = dict(ip.user_ns)
+    apwa(ip, f"--out {out} --yes --wait", "For every review in {reviews}, count characters.")
+    assert one_line(capsys) == (
+        f"apwa: --out {out} {reason}; choose another name, e.g. --out {out}_result"
+    )
+    assert ip.user_ns["server"].count == 0  # refused before planning
+    assert all(ip.user_ns.get(k) is v for k, v in before.items() if k != "_")
+    ip.user_ns.pop("pd")
+
+
+def test_out_over_an_existing_variable_says_what_it_replaced(ip, capsys):
+    ip.user_ns["labels"] = "my notes"
+    apwa(ip, "--out labels --yes --wait", "For every review in {reviews}, count characters.")
+    run = current_run()
+    assert ip.user_ns["labels"]["n_chars"].tolist() == [3, 2]
+    assert f"apwa: labels now holds run {run.id}'s result (it held a str of length 8)" in (
+        capsys.readouterr().out.splitlines()
+    )
+
+
+def test_a_run_never_binds_over_a_name_the_user_reassigned_since_the_cell_ran(ip, capsys):
+    apwa(ip, "--out labels", "For every review in {reviews}, count characters.")
+    run = current_run()
+    run.wait()
+    ip.user_ns["labels"] = mine = ["the user's own value"]  # after the cell, before the run ends
+    run.start()
+    ip.run_line_magic("apwa", "wait")
+    assert ip.user_ns["labels"] is mine
+    assert ip.user_ns["_apwa"] is run and run.result["n_chars"].tolist() == [3, 2]
+    assert (
+        f"apwa: run {run.id} did not bind labels: it was re-assigned after the cell ran; "
+        "the result is in _apwa.result"
+    ) in capsys.readouterr().out.splitlines()
