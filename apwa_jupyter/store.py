@@ -1,0 +1,683 @@
+"""The result store: every finished subtask, run and approved plan, in one local SQLite file.
+
+Why SQLite in WAL mode (standard library): several kernels may share one store, and WAL lets
+readers run while one writer commits, with `busy_timeout` making a second writer wait instead
+of failing; each process opens its own connections. Parquet/Arrow segments would need our own
+locking, compaction and an index for key look-ups; SQLite gives all three, and the measured cost
+(bench/store_overhead.py) is far under the 3 % a 10,000-subtask run may spend on it.
+
+Why a writer thread: `put` is called once per finished subtask on the engine's hot path, so it
+only drops the answer into a dict; a daemon thread writes whatever is pending every 0.5 s or
+every 200 records, in one transaction (a commit per subtask would cost a disk sync each). A
+crash loses at most the last half second of answers, which a re-run then pays for again.
+
+A key is a hash of what determines an answer (endpoint identity, the stage's template and the
+subtask's input content), never of anything secret: `endpoint_identity` drops credentials a URL
+may carry, and run metadata refuses fields named like secrets. Only successes are stored.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import datetime as _dt
+import decimal
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+log = logging.getLogger(__name__)
+
+FILE_NAME = "results.sqlite3"
+APP_NAME = "apwa-jupyter"
+# Bump when the key encoding changes: old answers then simply stop matching (no migration).
+KEY_VERSION = "apwa-store-1"
+BATCH_RECORDS = 200
+BATCH_SECONDS = 0.5
+# SQLite's bound-variable limit is 999 before 3.32 and 32,766 after: stay under the old one.
+CHUNK = 500
+BUSY_TIMEOUT_MS = 30_000
+EVICT_TARGET = 0.9
+SECRET_FIELDS = frozenset({"api_key", "apikey", "authorization", "password", "secret"})
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS answers (
+    key TEXT PRIMARY KEY,
+    outputs TEXT NOT NULL,
+    run_id TEXT,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    last_used REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS answers_last_used ON answers(last_used);
+CREATE INDEX IF NOT EXISTS answers_run ON answers(run_id);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    meta TEXT NOT NULL,
+    result BLOB,
+    result_bytes INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS plans (
+    plan_key TEXT PRIMARY KEY,
+    plan_json TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    last_used REAL NOT NULL
+);
+"""
+
+
+# -- keys ---------------------------------------------------------------------------------------
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-encodable form of `value` that keeps types apart (1, 1.0, True and "1" differ).
+
+    Non-JSON types become one-key tagged objects (`{"$dec": "1.10"}`), so the encoding is
+    unambiguous and independent of the running Python's repr of those types.
+    """
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return {"$bool": value}
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):  # repr is the shortest round-tripping form; nan/inf included
+        return {"$float": repr(value)}
+    if isinstance(value, Mapping):
+        return {"$map": sorted([_key_text(k), _plain(v)] for k, v in value.items())}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return {"$set": sorted((_plain(v) for v in value), key=_canonical)}
+    if isinstance(value, _dt.datetime):  # also pandas.Timestamp (a subclass)
+        return {"$datetime": value.isoformat()}
+    if isinstance(value, (_dt.date, _dt.time)):
+        return {"$" + type(value).__name__: value.isoformat()}
+    if isinstance(value, _dt.timedelta):
+        return {"$timedelta": value.total_seconds()}
+    if isinstance(value, decimal.Decimal):
+        return {"$decimal": str(value)}
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"$bytes": base64.b64encode(bytes(value)).decode("ascii")}
+    module = type(value).__module__
+    if module.startswith("numpy"):
+        tolist = getattr(value, "tolist", None)
+        if tolist is not None:  # numpy scalar or array: its Python equivalent
+            return _plain(tolist())
+    if module.startswith("pandas"):
+        if str(value) in ("<NA>", "NaT"):  # pd.NA / pd.NaT (NaT is not a datetime instance here)
+            return {"$missing": str(value)}
+        if hasattr(value, "isoformat"):
+            return {"$datetime": value.isoformat()}
+    return {"$" + f"{module}.{type(value).__qualname__}": str(value)}
+
+
+def _key_text(key: Any) -> str:
+    return key if isinstance(key, str) else _canonical(_plain(key))
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+
+
+def canonical_json(value: Any) -> str:
+    """The canonical JSON text of a row dict, a list of rows or reduce items (stable across runs)."""
+    return _canonical(_plain(value))
+
+
+def input_fingerprint(value: Any) -> str:
+    """Hash of a subtask's input content (row dict, list of rows, or reduce items)."""
+    return _sha(canonical_json(value))
+
+
+def endpoint_identity(base_url: str, model: str) -> str:
+    """The text "base URL + model", with any credentials in the URL removed.
+
+    The user part (`https://user:key@host`) and the query (`?api-key=...`) are dropped: neither
+    changes which model answers, and both may hold a key. A trailing slash is not significant.
+    """
+    parts = urlsplit(base_url.strip())
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    url = urlunsplit((parts.scheme.lower(), host.lower(), parts.path.rstrip("/"), "", ""))
+    return f"{url} {model}"
+
+
+def template_fingerprint(
+    instruction: str,
+    outputs_schema: dict[str, Any],
+    tools: list[str],
+    batch_size: int,
+    kind: str,
+    extra: Mapping[str, Any] | None = None,
+) -> str:
+    """Hash of a stage's rendered template: what every subtask of the stage shares.
+
+    `extra` takes anything else that changes answers (temperature, max_tokens, a prompt version);
+    a replicate stage must put the replica number in the subtask's inputs, or every replica
+    would get the first replica's stored answer.
+    """
+    return _sha(
+        canonical_json(
+            {
+                "instruction": instruction,
+                "outputs": outputs_schema,
+                "tools": sorted(tools),
+                "batch_size": batch_size,
+                "kind": kind,
+                "extra": dict(extra or {}),
+            }
+        )
+    )
+
+
+def subtask_key(endpoint: str, template: str, inputs: str) -> str:
+    """The store key of one subtask: a hash of endpoint identity, template and input hashes."""
+    return _sha("\x00".join((KEY_VERSION, endpoint, template, inputs)))
+
+
+def plan_key(
+    prompt: str, tables_metadata_json: list[str], endpoint_identity: str, granted_tools: list[str]
+) -> str:
+    """Key of an approved plan: prompt, tables' metadata, endpoint and granted tools.
+
+    Cell options such as --out or --wait are not part of it, so they do not force a new plan.
+    """
+    return _sha(
+        canonical_json(
+            [
+                KEY_VERSION,
+                prompt,
+                sorted(tables_metadata_json),
+                endpoint_identity,
+                sorted(granted_tools),
+            ]
+        )
+    )
+
+
+# -- records ------------------------------------------------------------------------------------
+@dataclass
+class StoredAnswer:
+    """A finished subtask's outputs (one dict per input row), who computed it, and its tokens."""
+
+    outputs: list[dict[str, Any] | None]
+    run_id: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    created_at: float = field(default_factory=time.time)
+
+    @property
+    def tokens(self) -> int:
+        """Prompt plus completion tokens it cost when computed."""
+        return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def usage(self) -> dict[str, int]:
+        """Its token usage as a dict (prompt, completion)."""
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
+
+
+def _check_meta(fields: Mapping[str, Any]) -> None:
+    for name in fields:
+        if name.lower() in SECRET_FIELDS:
+            raise ValueError(f"run metadata may not hold {name!r}: the store never keeps secrets")
+
+
+def _json_default(value: Any) -> Any:
+    return str(value)
+
+
+def _close_at_exit(ref: weakref.ReferenceType[ResultStore]) -> None:
+    store = ref()
+    if store is not None:
+        store.close()
+
+
+# -- the store ----------------------------------------------------------------------------------
+class ResultStore:
+    """Subtask answers, runs (with result frames) and approved plans in one SQLite file.
+
+    Location: `path` (a folder, or a file ending in .sqlite3/.sqlite/.db), else `APWA_CACHE_DIR`,
+    else the per-user data folder; never the notebook's folder. `max_bytes` caps the file: past
+    it, the least recently used answers are evicted until it is under 90 %.
+    """
+
+    def __init__(self, path: str | Path | None = None, max_bytes: int = 2 * 1024**3):
+        self.path = self._resolve(path)
+        self.max_bytes = max_bytes
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.write_transactions = 0
+        self.evicted = 0
+        self.write_errors = 0
+        self.dropped = 0
+        self._pending: dict[str, StoredAnswer] = {}
+        self._touched: set[str] = set()
+        self._lock = threading.Lock()  # guards _pending and _touched
+        self._read_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+        self._reader = self._connect()
+        self._init_schema()
+        self._writer: sqlite3.Connection | None = None
+        atexit.register(_close_at_exit, weakref.ref(self))
+
+    # location
+    @staticmethod
+    def default_path() -> Path:
+        """`APWA_CACHE_DIR`, else the per-user data folder (platformdirs), plus the file name."""
+        folder = os.environ.get("APWA_CACHE_DIR")
+        if not folder:
+            import platformdirs
+
+            folder = platformdirs.user_data_dir(APP_NAME)
+        return Path(folder).expanduser() / FILE_NAME
+
+    @classmethod
+    def _resolve(cls, path: str | Path | None) -> Path:
+        if path is None:
+            return cls.default_path()
+        path = Path(path).expanduser()
+        return path if path.suffix in (".sqlite3", ".sqlite", ".db") else path / FILE_NAME
+
+    # connections
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(
+            self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+        )
+        db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        # NORMAL is safe in WAL mode: a process crash loses nothing committed; a power cut may
+        # lose the last commits but never corrupts the file.
+        db.execute("PRAGMA synchronous=NORMAL")
+        return db
+
+    def _init_schema(self) -> None:
+        db = self._reader
+        # auto_vacuum must be chosen before the first table exists; it lets eviction shrink the file.
+        db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            db.execute("PRAGMA journal_mode=WAL")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def _db(self) -> sqlite3.Connection:
+        """The reader connection of this process (reopened after a fork)."""
+        if os.getpid() != self._pid:
+            self._pid = os.getpid()
+            self._reader = self._connect()
+            self._writer = None
+            self._thread = None
+        return self._reader
+
+    # answers
+    def put(self, key: str, answer: StoredAnswer) -> bool:
+        """Queue a successful answer for writing; False (and nothing stored) for a failure.
+
+        Cheap for the caller: a dict insert; the writer thread commits in batches.
+        """
+        if not answer.outputs or any(out is None for out in answer.outputs):
+            return False
+        with self._lock:
+            self._pending[key] = answer
+            full = len(self._pending) >= BATCH_RECORDS
+        if self._thread is None or not self._thread.is_alive():
+            self._start_writer()
+        if full:
+            self._wake.set()
+        return True
+
+    def get_many(self, keys: list[str]) -> dict[str, StoredAnswer]:
+        """The stored answers among `keys` (absent keys are misses); hits count as recent use."""
+        found: dict[str, StoredAnswer] = {}
+        with self._lock:
+            for key in keys:
+                pending = self._pending.get(key)
+                if pending is not None:
+                    found[key] = pending
+        rest = [key for key in keys if key not in found]
+        with self._read_lock:
+            db = self._db()
+            for start in range(0, len(rest), CHUNK):
+                chunk = rest[start : start + CHUNK]
+                marks = ",".join("?" * len(chunk))
+                rows = db.execute(
+                    "SELECT key, outputs, run_id, prompt_tokens, completion_tokens, created_at "
+                    f"FROM answers WHERE key IN ({marks})",
+                    chunk,
+                )
+                for key, outputs, run_id, prompt, completion, created in rows:
+                    found[key] = StoredAnswer(
+                        json.loads(outputs), run_id, prompt, completion, created
+                    )
+        if found:
+            with self._lock:
+                self._touched.update(key for key in found if key not in self._pending)
+            if self._thread is None or not self._thread.is_alive():
+                self._start_writer()
+        return found
+
+    def subtask_keys_of(self, run_id: str) -> list[str]:
+        """Keys of the answers `run_id` computed (stored ones, after a flush)."""
+        self.flush()
+        with self._read_lock:
+            rows = self._db().execute("SELECT key FROM answers WHERE run_id = ?", (run_id,))
+            return [key for (key,) in rows]
+
+    # writer
+    def _start_writer(self) -> None:
+        with self._write_lock:
+            if self._closed or (self._thread is not None and self._thread.is_alive()):
+                return
+            self._thread = threading.Thread(target=self._write_loop, name="apwa-store", daemon=True)
+            self._thread.start()
+
+    def _write_loop(self) -> None:
+        while not self._closed:
+            self._wake.wait(BATCH_SECONDS)
+            self._wake.clear()
+            try:
+                self._drain()
+            except Exception:  # never let the thread die: the next round retries
+                log.exception("result store: writing a batch failed")
+
+    def _drain(self) -> None:
+        """Write everything pending in one transaction (run by the writer thread and `flush`)."""
+        with self._write_lock:
+            with self._lock:
+                batch, self._pending = self._pending, {}
+                touched, self._touched = self._touched, set()
+            if not batch and not touched:
+                return
+            if self._writer is None:
+                self._writer = self._connect()
+            now = time.time()
+            rows = [
+                (
+                    key,
+                    json.dumps(a.outputs, ensure_ascii=False, default=_json_default),
+                    a.run_id,
+                    a.prompt_tokens,
+                    a.completion_tokens,
+                    a.created_at,
+                    now,
+                )
+                for key, a in batch.items()
+            ]
+            db = self._writer
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                db.executemany("INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                if touched:
+                    db.executemany(
+                        "UPDATE answers SET last_used = ? WHERE key = ?",
+                        [(now, key) for key in touched],
+                    )
+                db.execute("COMMIT")
+                self.write_transactions += 1
+            except sqlite3.Error:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                self.write_errors += 1
+                if self.write_errors <= 3:  # put it back; newer answers for a key win
+                    with self._lock:
+                        self._pending = batch | self._pending
+                else:
+                    self.dropped += len(batch)
+                raise
+            if batch:
+                self._evict_if_needed(db)
+
+    def flush(self) -> None:
+        """Write every queued answer now (blocks until committed)."""
+        self._drain()
+
+    def close(self) -> None:
+        """Write what is pending and close; the store cannot be used afterwards."""
+        if self._closed:
+            return
+        try:
+            self._drain()
+        finally:
+            self._closed = True
+            self._wake.set()
+            if self._thread is not None and self._thread is not threading.current_thread():
+                self._thread.join(5)
+            with self._write_lock:
+                if self._writer is not None:
+                    self._writer.close()
+                    self._writer = None
+            with self._read_lock:
+                self._reader.close()
+
+    # size cap
+    def used_bytes(self, db: sqlite3.Connection | None = None) -> int:
+        """Bytes of the database's pages in use (file size minus free pages)."""
+        if db is None:
+            with self._read_lock:
+                return self.used_bytes(self._db())
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        free = db.execute("PRAGMA freelist_count").fetchone()[0]
+        size = db.execute("PRAGMA page_size").fetchone()[0]
+        return int((pages - free) * size)
+
+    def _evict_if_needed(self, db: sqlite3.Connection) -> None:
+        if self.used_bytes(db) <= self.max_bytes:
+            return
+        target = self.max_bytes * EVICT_TARGET
+        while self.used_bytes(db) > target:
+            total = db.execute("SELECT count(*) FROM answers").fetchone()[0]
+            if total == 0:
+                break
+            # Delete in slices sized to the overshoot, oldest use first.
+            share = 1 - target / max(self.used_bytes(db), 1)
+            count = max(1, min(total, math.ceil(total * share) + 1))
+            deleted = db.execute(
+                "DELETE FROM answers WHERE key IN "
+                "(SELECT key FROM answers ORDER BY last_used, created_at LIMIT ?)",
+                (count,),
+            ).rowcount
+            self.evicted += deleted
+        db.executescript("PRAGMA incremental_vacuum;")  # sqlite3_exec steps it to the end
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    # runs
+    def record_run(self, run_id: str, meta: dict[str, Any]) -> None:
+        """Create or replace a run's record (prompt, state, counts, out name, cell id, plan JSON)."""
+        _check_meta(meta)
+        now = time.time()
+        created = float(meta.get("created_at") or now)
+        text = json.dumps(meta, default=_json_default)
+        with self._read_lock:
+            self._db().execute(
+                "INSERT INTO runs (run_id, created_at, updated_at, meta) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(run_id) DO UPDATE SET created_at = excluded.created_at, "
+                "updated_at = excluded.updated_at, meta = excluded.meta",
+                (run_id, created, now, text),
+            )
+
+    def update_run(self, run_id: str, **fields: Any) -> None:
+        """Merge `fields` into a run's record (created if missing); atomic across processes."""
+        _check_meta(fields)
+        with self._read_lock:
+            db = self._db()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                row = db.execute("SELECT meta FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+                meta = json.loads(row[0]) if row else {}
+                meta.update(fields)
+                now = time.time()
+                db.execute(
+                    "INSERT INTO runs (run_id, created_at, updated_at, meta) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(run_id) DO UPDATE SET updated_at = excluded.updated_at, "
+                    "meta = excluded.meta",
+                    (
+                        run_id,
+                        float(meta.get("created_at") or now),
+                        now,
+                        json.dumps(meta, default=_json_default),
+                    ),
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def runs(self) -> list[dict[str, Any]]:
+        """Every recorded run, from any kernel, newest first."""
+        with self._read_lock:
+            rows = (
+                self._db()
+                .execute(
+                    "SELECT run_id, created_at, updated_at, meta, result_bytes FROM runs "
+                    "ORDER BY created_at DESC, updated_at DESC"
+                )
+                .fetchall()
+            )
+        out = []
+        for run_id, created, updated, meta, result_bytes in rows:
+            record = json.loads(meta)
+            record.update(
+                run_id=run_id,
+                created_at=created,
+                updated_at=updated,
+                has_result=result_bytes > 0,
+                result_bytes=result_bytes,
+            )
+            out.append(record)
+        return out
+
+    def save_result(self, run_id: str, frame: pd.DataFrame) -> bool:
+        """Store a run's result frame (Parquet, index kept); False if it cannot be encoded."""
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pa.Table.from_pandas(frame, preserve_index=True)
+            buffer = io.BytesIO()
+            pq.write_table(table, buffer)
+        except (pa.ArrowException, TypeError, ValueError):
+            return False
+        data = buffer.getvalue()
+        now = time.time()
+        with self._read_lock:
+            self._db().execute(
+                "INSERT INTO runs (run_id, created_at, updated_at, meta, result, result_bytes) "
+                "VALUES (?, ?, ?, '{}', ?, ?) ON CONFLICT(run_id) DO UPDATE SET "
+                "result = excluded.result, result_bytes = excluded.result_bytes, "
+                "updated_at = excluded.updated_at",
+                (run_id, now, now, data, len(data)),
+            )
+        return True
+
+    def load_result(self, run_id: str) -> pd.DataFrame | None:
+        """A stored result frame, or None when the run or its result is not in the store."""
+        with self._read_lock:
+            row = (
+                self._db().execute("SELECT result FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            )
+        if row is None or row[0] is None:
+            return None
+        import pyarrow.parquet as pq
+
+        return pq.read_table(io.BytesIO(row[0])).to_pandas()
+
+    # plans
+    def save_plan(self, plan_key: str, plan_json: str) -> None:
+        """Remember the approved plan for this key (replacing an older one)."""
+        now = time.time()
+        with self._read_lock:
+            self._db().execute(
+                "INSERT INTO plans VALUES (?, ?, ?, ?) ON CONFLICT(plan_key) DO UPDATE SET "
+                "plan_json = excluded.plan_json, last_used = excluded.last_used",
+                (plan_key, plan_json, now, now),
+            )
+
+    def load_plan(self, plan_key: str) -> str | None:
+        """The plan approved for this key, or None."""
+        with self._read_lock:
+            row = (
+                self._db()
+                .execute("SELECT plan_json FROM plans WHERE plan_key = ?", (plan_key,))
+                .fetchone()
+            )
+        return None if row is None else str(row[0])
+
+    # housekeeping
+    def stats(self) -> dict[str, Any]:
+        """Path, bytes on disk (database + WAL), and how many answers, runs and plans it holds."""
+        self.flush()
+        with self._read_lock:
+            db = self._db()
+            counts = {
+                table: db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                for table in ("answers", "runs", "plans")
+            }
+        size = sum(
+            p.stat().st_size
+            for p in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm"))
+            if p.exists()
+        )
+        return {"path": str(self.path), "bytes": size, "max_bytes": self.max_bytes, **counts}
+
+    def clear(self, run_id: str | None = None) -> int:
+        """Delete one run (its answers, record and result) or everything; returns answers deleted."""
+        with self._lock:
+            if run_id is None:
+                self._pending.clear()
+            else:
+                self._pending = {k: a for k, a in self._pending.items() if a.run_id != run_id}
+        self.flush()
+        with self._write_lock, self._read_lock:
+            db = self._db()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                if run_id is None:
+                    deleted = db.execute("DELETE FROM answers").rowcount
+                    db.execute("DELETE FROM runs")
+                    db.execute("DELETE FROM plans")
+                else:
+                    deleted = db.execute("DELETE FROM answers WHERE run_id = ?", (run_id,)).rowcount
+                    db.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.executescript("PRAGMA incremental_vacuum;")  # sqlite3_exec steps it to the end
+        return int(deleted)
+
+    def __enter__(self) -> ResultStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
