@@ -53,6 +53,11 @@ class ApwaMagics(Magics):
     ).tag(config=True)
     concurrency = Int(64, help="Subtasks in flight at once.").tag(config=True)
     executor = Enum(["ray", "local"], "ray", help="Where workers run.").tag(config=True)
+    cache_dir = Unicode(
+        None,
+        allow_none=True,
+        help="Folder of the result store (default: APWA_CACHE_DIR, else a per-user data folder).",
+    ).tag(config=True)
     tools = List(
         Unicode(),
         default_value=None,
@@ -95,6 +100,7 @@ class ApwaMagics(Magics):
                 executor=self.executor,
                 address=self.ray_address,
                 concurrency=self.concurrency,
+                cache_dir=self.cache_dir,
             )
             from . import runs_comm
 
@@ -140,6 +146,8 @@ class ApwaMagics(Magics):
             endpoint=self._endpoint_override(session, options),
             samples=False if options.no_samples else None,
             max_input_chars=options.max_input_chars,
+            cache="off" if options.no_cache else ("refresh" if options.refresh else "use"),
+            replan=options.replan,
         )
         run.dry_run = options.dry_run
         run.cell_id = self._cell_id()
@@ -342,19 +350,70 @@ class ApwaMagics(Magics):
                 "Ray is not started yet: it starts on the first run (or now: %apwa cluster start)."
             )
             return
-        for key, value in session.executor.describe().items():
-            print(f"{key:<14} {value}")
+        print("\n".join(cluster_table(session.executor.describe())))
 
     def _cmd_runs(self, args: list[str], settings: dict[str, str]) -> None:
-        if self._session is None or not self._session.runs:
-            print("No runs yet.")
-            return
-        for run in reversed(self._session.runs):
+        here = list(reversed(self._session.runs)) if self._session is not None else []
+        for run in here:
             s = run.summary()
             print(
-                f"{s['id']}  {s['state']:<17} {s['done']}/{s['total']} done, {s['failed']} failed, "
-                f"{s['elapsed_s']:.1f}s, {s['tokens']:,} tokens  {s['prompt'][:60]}"
+                f"{s['id']}  {s['status'][:28]:<28} {s['done']}/{s['total']} done, "
+                f"{s['failed']} failed, {s['elapsed_s']:.1f}s, {s['tokens']:,} tokens  "
+                f"{s['prompt'][:60]}"
             )
+        mine = {run.id for run in here}
+        earlier = [r for r in self._store_runs() if r.get("run_id") not in mine]
+        if earlier:
+            print("From the result store (earlier kernels; %apwa load RUN_ID --out NAME):")
+        for record in earlier[:50]:
+            rows, missing = record.get("rows"), record.get("missing") or 0
+            size = f"{rows - missing}/{rows} rows" if isinstance(rows, int) else "no result"
+            print(
+                f"{record.get('run_id')}  {record.get('state', '?'):<10} {size:<16} "
+                f"{str(record.get('prompt', '')).strip().splitlines()[0][:60] if record.get('prompt') else ''}"
+            )
+        if not here and not earlier:
+            print("No runs yet.")
+
+    def _store_runs(self) -> list[dict[str, Any]]:
+        store = self.session.store
+        return store.runs() if store is not None else []
+
+    def _cmd_cache(self, args: list[str], settings: dict[str, str]) -> None:
+        store = self.session.store
+        if store is None:
+            print("No result store in this session.")
+            return
+        if args[:1] == ["clear"]:
+            run_id = args[1] if len(args) > 1 else None
+            removed = store.clear(run_id)
+            what = f"run {run_id}'s answers" if run_id else "everything"
+            print(f"Cleared {what}: {removed:,} stored answers removed.")
+            return
+        stats = store.stats()
+        print(
+            f"result store {stats.get('path')}: {stats.get('bytes', 0) / 1e6:.1f} MB, "
+            f"{stats.get('answers', 0):,} answers, {stats.get('runs', 0):,} runs, "
+            f"{stats.get('plans', 0):,} plans"
+        )
+
+    def _cmd_load(self, args: list[str], settings: dict[str, str]) -> None:
+        words = [w for w in args if w != "--out"]
+        if len(words) != 2 or "--out" not in args:
+            raise UserInputError("usage: %apwa load RUN_ID --out NAME")
+        run_id, name = words
+        from .parsers import check_identifier
+
+        check_identifier(name)
+        store = self.session.store
+        frame = store.load_result(run_id) if store is not None else None
+        if frame is None:
+            raise UserInputError(
+                f"no stored result for run {run_id!r}; %apwa runs lists the stored runs"
+            )
+        frame.attrs["apwa_run"] = run_id
+        self.user_ns[name] = frame
+        print(f"apwa: {name} = run {run_id}'s result ({len(frame):,} rows), no model called")
 
     def _run_arg(self, args: list[str]) -> Run:
         if self._session is None:
@@ -429,6 +488,58 @@ def _has_widget_frontend() -> bool:
 
     shell = get_ipython()
     return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+# -- `%apwa cluster`: the executor's facts as aligned text (no dashboard needed) ---------------
+def cluster_table(info: dict[str, Any]) -> list[str]:
+    """Lines for `%apwa cluster`: settings, then a nodes table and an actors table.
+
+    Plain aligned text rather than the Ray dashboard, which the embedded cluster does not start
+    (11 processes, ~1 GB) and which a remote cluster often does not expose to the notebook.
+    """
+    info = dict(info)
+    nodes = info.pop("nodes", None)
+    placement = info.pop("placement", None)
+    lines = [f"{key:<14} {value}" for key, value in info.items()]
+    if nodes:
+        rows = [
+            [n["node"], str(n["address"]), "yes" if n["alive"] else "no", _resources(n)]
+            for n in nodes
+        ]
+        lines += ["", *_aligned(["node", "address", "alive", "resources"], rows)]
+    if placement:
+        alive = {True: "yes", False: "lost (not chosen until it answers)"}
+        rows = [
+            [str(a["actor"]), a["node"], str(a["pid"] or "-"), alive[a["alive"]]] for a in placement
+        ]
+        lines += ["", *_aligned(["actor", "node", "pid", "alive"], rows)]
+    return lines
+
+
+def _resources(node: dict[str, Any]) -> str:
+    """`CPU 2, GPU 1, node2 1, memory 15.6 GiB, object_store_memory 6.7 GiB` (no `node:` keys)."""
+    parts = []
+    for key, value in sorted(
+        node["resources"].items(), key=lambda kv: (kv[0] in _BYTES, kv[0] != "CPU", kv[0])
+    ):
+        if key.startswith("node:"):
+            continue
+        if key in _BYTES:
+            parts.append(f"{key} {value / 2**30:.1f} GiB")
+        else:
+            parts.append(f"{key} {value:g}")
+    return ", ".join(parts)
+
+
+_BYTES = ("memory", "object_store_memory")
+
+
+def _aligned(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
 
 
 def _ray_started() -> bool:

@@ -20,7 +20,7 @@ import asyncio
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 import pyarrow as pa
@@ -69,6 +69,12 @@ class ExecutionSpec:
     max_tokens: int = 1024
     keep_transcripts: bool = True
     max_input_chars: int = MAX_INPUT_CHARS
+    # The result store (store.ResultStore) and how to use it: "use" reads and writes, "refresh"
+    # only writes (fresh answers replace stored ones), "off" neither. `endpoint_id` names the
+    # model that answers (base URL + model); without one (an in-process model) nothing is stored.
+    store: Any = None
+    cache: Literal["use", "refresh", "off"] = "use"
+    endpoint_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,9 @@ class StageOutcome:
     failures: list[Failure]
     results: list[SubtaskResult]
     kept: list[SubtaskResult] = field(default_factory=list)
+    # Which run computed each answered row (position -> run id): this run, or one whose answer
+    # came from the result store.
+    sources: dict[int, str] = field(default_factory=dict)
 
     @property
     def row_ok(self) -> list[bool]:
@@ -286,23 +295,61 @@ class StageRunner:
         """Rows answered by an earlier execution (a retry keeps them)."""
         return dict(self.previous.answers) if self.previous is not None else {}
 
+    def kept_sources(self) -> dict[int, str]:
+        """Which run computed each kept row."""
+        return dict(self.previous.sources) if self.previous is not None else {}
+
+    def mark(
+        self,
+        sources: dict[int, str],
+        result: SubtaskResult,
+        positions: Iterable[int],
+        answers: Mapping[int, Any],
+    ) -> None:
+        """Record which run computed the answered rows of `result`."""
+        origin = result.source_run or self.spec.run_id
+        for position in positions:
+            if position in answers:
+                sources.setdefault(position, origin)
+
     async def execute(
-        self, stage: Any, subtasks: list[Subtask], table: DataTable | None
+        self,
+        stage: Any,
+        subtasks: list[Subtask],
+        table: DataTable | None,
+        inputs: Callable[[], list[Any]] | None = None,
     ) -> list[SubtaskResult]:
-        """Run subtasks; one final result each, in subtask order."""
+        """Run subtasks; one final result each, in subtask order.
+
+        With a result store, `inputs()` gives each subtask's input content: an answer stored for
+        the same endpoint, template and input is used without a call, and every answer computed
+        now is written to the store as it streams in (failures never are).
+        """
         if self.executor is None or self.stop.is_set():
             results = [self.stop.unrun(s) for s in subtasks]
             for result in results:
                 self.sink.finished(stage.id, result.subtask.id, 0, result.error, result.error_kind)
             return results
-        handles = {}
-        if table is not None and subtasks:
-            handles[table.name] = await self.executor.put_table(table.name, table.arrow)
         ordered: list[SubtaskResult | None] = [None] * len(subtasks)
-        async for result in self.executor.execute(
-            subtasks, self.context(stage), handles, self.sink, self.stop, self.spec.concurrency
-        ):
-            ordered[result.subtask.index] = result
+        cache = StageCache.open(self.spec, stage)
+        keys: list[str] = []
+        if cache is not None and inputs is not None and subtasks:
+            keys = cache.keys(inputs())
+            for i, hit in (await asyncio.to_thread(cache.lookup, keys)).items():
+                result = SubtaskResult(subtasks[i], outputs=hit.outputs, source_run=hit.run_id)
+                ordered[i] = result
+                self.sink.finished(stage.id, result.subtask.id, 0, None, None)
+        todo = [s for s, r in zip(subtasks, ordered, strict=True) if r is None]
+        handles = {}
+        if table is not None and todo:
+            handles[table.name] = await self.executor.put_table(table.name, table.arrow)
+        if todo:
+            async for result in self.executor.execute(
+                todo, self.context(stage), handles, self.sink, self.stop, self.spec.concurrency
+            ):
+                ordered[result.subtask.index] = result
+                if keys and cache is not None and result.ok:
+                    cache.save(keys[result.subtask.index], result, self.spec.run_id)
         return [
             r if r is not None else self.stop.unrun(s)
             for r, s in zip(ordered, subtasks, strict=True)
@@ -351,12 +398,21 @@ class StageRunner:
         ]
         self.sink.restart(stage.id, len(subtasks) + len(upstream_failed), 0)
         self._upstream(stage, src, upstream_failed, failures)
-        results = await self.execute(stage, subtasks, table)
+
+        def inputs() -> list[Any]:
+            rows = table.arrow.to_pylist()
+            return [rows[offset : offset + length] for offset, length in windows]
+
+        results = await self.execute(stage, subtasks, table, inputs)
+        sources = self.kept_sources()
         for result, (offset, length) in zip(results, windows, strict=True):
             positions = todo[offset : offset + length]
             _collect(stage.id, result, positions, labels, answers, failures)
+            self.mark(sources, result, positions, answers)
         frame = _with_outputs(src.frame, stage.outputs, answers)
-        return StageOutcome(stage.id, frame, answers, len(src.frame), failures, results)
+        return StageOutcome(
+            stage.id, frame, answers, len(src.frame), failures, results, sources=sources
+        )
 
     def _upstream(
         self, stage: Any, src: _Source, positions: list[int], failures: list[Failure]
@@ -407,7 +463,13 @@ class StageRunner:
         ]
         self.sink.restart(stage.id, len(subtasks) + len(upstream_failed), 0)
         self._upstream(stage, src, upstream_failed, failures)
-        results = await self.execute(stage, subtasks, table)
+
+        def inputs() -> list[Any]:
+            rows = table.arrow.to_pylist() if table is not None else [None] * len(todo)
+            return [{"row": rows[i], "replica": r + 1} for i in range(len(todo)) for r in range(n)]
+
+        results = await self.execute(stage, subtasks, table, inputs)
+        sources = self.kept_sources()
         shares: dict[int, float] = {}
         if self.previous is not None and AGREEMENT_COLUMN in self.previous.frame:
             before = self.previous.frame[AGREEMENT_COLUMN].tolist()
@@ -421,6 +483,7 @@ class StageRunner:
             if combined is not None:
                 answers[position] = combined
                 shares[position] = share
+                sources[position] = _origin(group, self.spec.run_id)
                 continue
             bad = [r for r in group if not r.ok]
             if good or not bad:
@@ -439,7 +502,9 @@ class StageRunner:
         frame[AGREEMENT_COLUMN] = pd.array(
             [shares.get(p) for p in range(len(frame))], dtype="Float64"
         )
-        return StageOutcome(stage.id, frame, answers, len(frame), failures, results)
+        return StageOutcome(
+            stage.id, frame, answers, len(frame), failures, results, sources=sources
+        )
 
     # -- task ----------------------------------------------------------------------------------
     async def _tasks(self, stage: TaskStage) -> StageOutcome:
@@ -456,14 +521,22 @@ class StageRunner:
             for k, i in enumerate(todo)
         ]
         self.sink.restart(stage.id, len(subtasks), 0)
-        results = await self.execute(stage, subtasks, None)
+
+        def inputs() -> list[Any]:
+            return [{"task": s.label, "instruction": s.task_instruction} for s in subtasks]
+
+        results = await self.execute(stage, subtasks, None, inputs)
         failures: list[Failure] = []
+        sources = self.kept_sources()
         labels = pd.Index([t.id for t in stage.tasks])
         for result, i in zip(results, todo, strict=True):
             _collect(stage.id, result, [i], labels, answers, failures)
+            self.mark(sources, result, [i], answers)
         frame = _columns(stage.outputs, answers, len(stage.tasks), pd.RangeIndex(len(stage.tasks)))
         frame.insert(0, "task", [t.id for t in stage.tasks])
-        return StageOutcome(stage.id, frame, answers, len(stage.tasks), failures, results)
+        return StageOutcome(
+            stage.id, frame, answers, len(stage.tasks), failures, results, sources=sources
+        )
 
     # -- reduce --------------------------------------------------------------------------------
     async def _reduce(self, stage: ReduceStage) -> StageOutcome:
@@ -502,6 +575,7 @@ class StageRunner:
             stage.id, reduce_subtask_count([len(i) for i in current.values()], stage.fan_in), 0
         )
         results: list[SubtaskResult] = []
+        sources = self.kept_sources()
         level = 0
         while current:
             subtasks: list[Subtask] = []
@@ -520,9 +594,15 @@ class StageRunner:
                     )
             partial: dict[int, list[tuple[int, dict[str, Any]]]] = {p: [] for p in current}
             failed: set[int] = set()
-            for result in await self.execute(stage, subtasks, None):
+            level_results: dict[int, list[SubtaskResult]] = {p: [] for p in current}
+
+            def inputs(batch: list[Subtask] = subtasks) -> list[Any]:
+                return [{"items": list(s.items), "group": s.group, "level": s.level} for s in batch]
+
+            for result in await self.execute(stage, subtasks, None, inputs):
                 results.append(result)
                 position, chunk = result.subtask.input_positions
+                level_results[position].append(result)
                 if result.ok and result.outputs and result.outputs[0] is not None:
                     partial[position].append((chunk, result.outputs[0]))
                 elif position not in failed:
@@ -544,13 +624,16 @@ class StageRunner:
                 items = [out for _, out in sorted(outputs, key=lambda pair: pair[0])]
                 if len(items) == 1:
                     answers[position] = items[0]
+                    sources[position] = _origin(level_results[position], self.spec.run_id)
                 else:
                     current[position] = items
             level += 1
         frame = _columns(stage.outputs, answers, len(groups), pd.RangeIndex(len(groups)))
         if stage.group_by is not None:
             frame.insert(0, stage.group_by, [key for key, _ in groups])
-        return StageOutcome(stage.id, frame, answers, len(groups), failures, results)
+        return StageOutcome(
+            stage.id, frame, answers, len(groups), failures, results, sources=sources
+        )
 
 
 # -- assembling --------------------------------------------------------------------------------
@@ -617,3 +700,72 @@ def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
 def missing_rows(outcomes: Iterable[StageOutcome]) -> int:
     """Rows without a value across stages (for the final state line)."""
     return sum(o.missing for o in outcomes)
+
+
+def _origin(results: Iterable[SubtaskResult], run_id: str) -> str:
+    """The run that computed an answer made of these results: this one unless all were stored."""
+    stored = {r.source_run for r in results}
+    only = next(iter(stored)) if len(stored) == 1 else None
+    return only if only is not None else run_id
+
+
+class StageCache:
+    """The result store as one stage sees it: a key per subtask, lookups, writes.
+
+    A key covers everything that determines an answer: the endpoint (base URL + model), the
+    stage's rendered template (kind, instruction, output schema, tools, batch size, temperature,
+    token limits, and the worker prompt's wording) and the subtask's input content.
+    """
+
+    def __init__(self, spec: ExecutionSpec, stage: Any, endpoint_id: str):
+        from . import store as store_module
+        from .templates import WORKER_SYSTEM, item_schema
+
+        self.store = spec.store
+        self.read = spec.cache == "use"
+        self._module = store_module
+        self.endpoint = endpoint_id
+        self.template = store_module.template_fingerprint(
+            stage.instruction,
+            item_schema(tuple(stage.outputs)),
+            list(stage.tools),
+            getattr(stage, "batch_size", 1),
+            stage.kind,
+            extra={
+                "temperature": REPLICA_TEMPERATURE if stage.kind == "replicate" else 0.0,
+                "max_tokens": spec.max_tokens,
+                "max_input_chars": spec.max_input_chars,
+                "worker_prompt": WORKER_SYSTEM,
+            },
+        )
+
+    @classmethod
+    def open(cls, spec: ExecutionSpec, stage: Any) -> StageCache | None:
+        """The stage's cache, or None when the run does not use the store."""
+        if spec.store is None or spec.cache == "off" or not spec.endpoint_id:
+            return None
+        return cls(spec, stage, spec.endpoint_id)
+
+    def keys(self, inputs: list[Any]) -> list[str]:
+        """One store key per subtask input."""
+        fingerprint, key = self._module.input_fingerprint, self._module.subtask_key
+        return [key(self.endpoint, self.template, fingerprint(value)) for value in inputs]
+
+    def lookup(self, keys: list[str]) -> dict[int, Any]:
+        """Stored answers by subtask position (nothing when refreshing)."""
+        if not self.read:
+            return {}
+        found = self.store.get_many(keys)
+        return {i: found[k] for i, k in enumerate(keys) if k in found}
+
+    def save(self, key: str, result: SubtaskResult, run_id: str) -> None:
+        """Store a successful answer (the store refuses partial ones)."""
+        self.store.put(
+            key,
+            self._module.StoredAnswer(
+                outputs=list(result.outputs or []),
+                run_id=run_id,
+                prompt_tokens=result.usage.prompt_tokens,
+                completion_tokens=result.usage.completion_tokens,
+            ),
+        )

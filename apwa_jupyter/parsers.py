@@ -76,6 +76,17 @@ def _cell_parser() -> _Parser:
         help="longest value sent to a worker (default 16000); a longer one fails its row",
     )
     parser.add_argument("--executor", choices=["ray", "local"], help="where workers run")
+    parser.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="neither read nor write the result store (e.g. when sampling matters)",
+    )
+    parser.add_argument(
+        "--refresh", action="store_true", help="ask the model again; store the fresh answers"
+    )
+    parser.add_argument(
+        "--replan", action="store_true", help="ask the manager again even if this plan is stored"
+    )
     parser.add_argument("--max-tokens", type=int, default=1024, help="per worker answer")
     parser.add_argument("--dry-run", action="store_true", help="plan only; execute nothing")
     parser.add_argument("--yes", action="store_true", help="run without waiting for approval")
@@ -103,6 +114,9 @@ class CellOptions:
     no_samples: bool = False
     max_input_chars: int | None = None
     executor: str | None = None
+    no_cache: bool = False
+    refresh: bool = False
+    replan: bool = False
     max_tokens: int = 1024
     dry_run: bool = False
     yes: bool = False
@@ -131,6 +145,8 @@ def parse_cell_options(line: str) -> CellOptions:
         )
     if options.max_input_chars is not None and options.max_input_chars < 1:
         raise UserInputError("--max-input-chars must be at least 1")
+    if options.no_cache and options.refresh:
+        raise UserInputError("--no-cache and --refresh contradict each other; pick one")
     if options.dry_run and options.yes:
         raise UserInputError("--dry-run and --yes contradict each other; pick one")
     return options
@@ -165,7 +181,9 @@ LINE_COMMANDS = {
     "config": "show settings, or set them: %apwa config model=NAME base_url=URL address=HOST:PORT concurrency=N executor=ray|local tools=a,b (granted to every cell; side-effect tools still need --tools); `%apwa config api_key` asks for a key without echo",
     "tools": "list registered capabilities",
     "cluster": "show the Ray cluster (%apwa cluster start: start it now)",
-    "runs": "list this session's runs",
+    "runs": "list runs: this kernel's, and earlier ones found in the result store",
+    "cache": "the result store: size and entries; %apwa cache clear [RUN_ID] forgets a run's answers, or all",
+    "load": "load a stored run's result without calling any model: %apwa load RUN_ID --out NAME",
     "show": "show a run's widget again: %apwa show [RUN_ID]",
     "approve": "run a plan awaiting approval: %apwa approve [RUN_ID]",
     "cancel": "cancel a run: %apwa cancel [RUN_ID]",
@@ -183,6 +201,7 @@ class LineSpec:
     run_id: bool = False
     settings: bool = False
     usage: str = ""
+    free_words: int = 0  # other words it takes (e.g. a variable name)
 
 
 LINE_SPECS = {
@@ -193,6 +212,8 @@ LINE_SPECS = {
     "cancel": LineSpec(run_id=True, usage="%apwa cancel [RUN_ID]"),
     "retry": LineSpec(run_id=True, usage="%apwa retry [RUN_ID]"),
     "wait": LineSpec(run_id=True, usage="%apwa wait [RUN_ID]"),
+    "cache": LineSpec(words=("clear",), run_id=True, usage="%apwa cache [clear [RUN_ID]]"),
+    "load": LineSpec(words=("--out",), free_words=2, usage="%apwa load RUN_ID --out NAME"),
 }
 
 
@@ -216,6 +237,8 @@ def parse_line(line: str) -> LineCommand:
         raise UserInputError(f"%apwa {command} takes no key=value settings; usage: {spec.usage}")
     extra = [word for word in args if word not in spec.words]
     if spec.run_id and len(extra) == 1:
+        extra = []
+    if spec.free_words and len(extra) <= spec.free_words:
         extra = []
     if extra:
         raise UserInputError(

@@ -18,6 +18,7 @@ down): finished rows are kept and `retry_failed()` runs only what is missing.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -35,6 +36,7 @@ from .models.base import Usage
 from .orchestrator import ExecutionSpec, Failure, StageOutcome, estimate_subtasks, execute_plan
 from .plans import Plan, validate_plan
 from .steps import transcript_text
+from .templates import MAX_INPUT_CHARS
 
 if TYPE_CHECKING:
     from .capabilities import CapabilityRegistry
@@ -62,6 +64,8 @@ class RunOptions:
     keep_transcripts: bool = True
     out: str | None = None
     max_input_chars: int | None = None  # None: the worker's default input budget
+    # The result store: "use" (read and write), "refresh" (fresh answers, written), "off".
+    cache: Literal["use", "refresh", "off"] = "use"
 
 
 class Run:
@@ -104,6 +108,12 @@ class Run:
         self.startup_seconds: float | None = None
         self.outcomes: dict[str, StageOutcome] = {}
         self._results: dict[str, SubtaskResult] = {}
+        # The result store (store.ResultStore) and the identity of the endpoint that answers;
+        # set by the session. Without either, nothing is read from or written to a store.
+        self.store: Any = None
+        self.endpoint_id: str | None = None
+        self.plan_reused_from: str | None = None
+        self.plan_key: str | None = None  # where start() stores the approved plan
         self._listeners: list[Listener] = []
         self.sink = ProgressSink(self.id, self._listeners)
         self._executor_factory = executor_factory
@@ -249,6 +259,9 @@ class Run:
                 raise UserInputError("this was a --dry-run: rerun the cell without it to execute")
             if self.estimate_subtasks() > TRANSCRIPTS_UP_TO:
                 self.options.keep_transcripts = False
+            if self.store is not None and self.plan_key is not None and self.plan is not None:
+                with contextlib.suppress(Exception):  # the store must never block a run
+                    self.store.save_plan(self.plan_key, self.plan.model_dump_json())
             self._launch(retry=False)
         return self
 
@@ -334,12 +347,12 @@ class Run:
             concurrency=self.options.concurrency,
             max_tokens=self.options.max_tokens,
             keep_transcripts=self.options.keep_transcripts,
-            **(
-                {"max_input_chars": self.options.max_input_chars}
-                if self.options.max_input_chars
-                else {}
-            ),
+            max_input_chars=self.options.max_input_chars or MAX_INPUT_CHARS,
+            store=self.store,
+            cache=self.options.cache,
+            endpoint_id=self.endpoint_id,
         )
+        self._record("running")
         crash: str | None = None
         try:
             self.startup_seconds = await execute_plan(
@@ -355,11 +368,45 @@ class Run:
         except Exception as exc:  # keep what finished; say what broke
             crash = f"{type(exc).__name__}: {exc}"
         if stop.cancelled:
-            self._set_state("cancelled")
+            final: RunState = "cancelled"
         elif crash is not None or stop.reason is not None:
+            final = "failed"
+        else:
+            final = "done"
+        self._record(final, save_result=True)
+        if final == "failed":
             self._set_state("failed", self._stopped_because(crash or stop.reason or ""))
         else:
-            self._set_state("done")
+            self._set_state(final)
+
+    def _record(self, state: str, save_result: bool = False) -> None:
+        """Keep this run in the store (listed by `%apwa runs` in any kernel; loadable later)."""
+        if self.store is None:
+            return
+        try:
+            self.store.record_run(
+                self.id,
+                {
+                    "prompt": self.prompt,
+                    "created_at": self.created_at,
+                    "state": state,
+                    "out": self.options.out,
+                    "cell_id": self.cell_id,
+                    "endpoint": self.endpoint_id,
+                    "plan": self.plan.model_dump_json() if self.plan else None,
+                    "rows": self.outcomes[self.plan.output].rows
+                    if self.plan and self.plan.output in self.outcomes
+                    else None,
+                    "missing": self.missing,
+                },
+            )
+            result = self.result
+            if save_result and result is not None:
+                self.store.save_result(self.id, result)
+            if save_result:
+                self.store.flush()  # a finished run's answers are on disk when it says so
+        except Exception as exc:  # the store must never break a run
+            self.sink.emit(Event("run_state", self.id, message=f"store: {exc}"))
 
     def _stopped_because(self, reason: str) -> str:
         rows = self.outcomes.get(self.plan.output) if self.plan else None
@@ -433,10 +480,31 @@ class Run:
 
     @property
     def result(self) -> pd.DataFrame | None:
-        """The output stage's frame (None until it has run)."""
+        """The output stage's frame (None until it has run).
+
+        `attrs["apwa_sources"]` says, per row, which run computed it: this run's id, the id of an
+        earlier run whose answer came from the result store, or None (no value).
+        """
         if self.plan is None or self.plan.output not in self.outcomes:
             return None
-        return self.outcomes[self.plan.output].frame
+        outcome = self.outcomes[self.plan.output]
+        frame = outcome.frame
+        frame.attrs["apwa_run"] = self.id
+        frame.attrs["apwa_sources"] = self.provenance(self.plan.output)
+        return frame
+
+    def provenance(self, stage_id: str | None = None) -> list[str | None]:
+        """Per row of a stage (default: the result), the run that computed its value."""
+        stage_id = stage_id or (self.plan.output if self.plan else "")
+        outcome = self.outcomes.get(stage_id)
+        if outcome is None:
+            return []
+        return [outcome.sources.get(p) for p in range(outcome.rows)]
+
+    @property
+    def from_store(self) -> int:
+        """Result rows whose value came from the store (computed by an earlier run)."""
+        return sum(1 for source in self.provenance() if source not in (None, self.id))
 
     @property
     def subtask_results(self) -> dict[str, list[SubtaskResult]]:

@@ -17,7 +17,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from .capabilities import CapabilityRegistry, GrantedRegistry, default_registry
 from .config import EndpointConfig, merge_endpoint, resolve_endpoint
@@ -25,8 +25,9 @@ from .engine import get_engine
 from .errors import ApwaError, PlanError, UserInputError
 from .events import Event
 from .executors.base import Executor
-from .models.base import ChatModel
+from .models.base import ChatModel, Usage
 from .models.pool import ModelPool
+from .plans import Plan
 from .runs import Run, RunOptions
 from .tables import DataTable, resolve_tables
 
@@ -48,6 +49,8 @@ class Session:
         num_actors: int = 2,
         tools: list[str] | None = None,
         samples: bool = True,
+        cache_dir: str | None = None,
+        store: bool = True,
     ):
         if endpoint is not None and model is not None:
             raise UserInputError("Pass either endpoint= or model=, not both.")
@@ -63,6 +66,11 @@ class Session:
         self.tools: list[str] | None = list(tools) if tools is not None else None
         # False: the manager sees no value from any row (names, types and counts only).
         self.samples = samples
+        # The result store: answers survive the kernel, re-runs bill nothing (see store.py).
+        # `cache_dir` (else APWA_CACHE_DIR, else a per-user data folder); store=False: none.
+        self.cache_dir = cache_dir
+        self.use_store = store
+        self._store: Any = None
         self.runs: list[Run] = []
         self._run_listeners: list[RunListener] = []
         self._manager_models = ModelPool()
@@ -133,6 +141,14 @@ class Session:
                 self._executor = make_executor(self.executor_kind, **options)
             return self._executor
 
+    @property
+    def store(self) -> Any:
+        """The result store (opened on first use), or None when the session keeps none."""
+        with self._lock:
+            if self._store is None and self.use_store:
+                self._store = shared_store(self.cache_dir)
+            return self._store
+
     def _models(
         self, override: EndpointConfig | None = None
     ) -> tuple[ChatModel, EndpointConfig | ChatModel]:
@@ -160,11 +176,16 @@ class Session:
         allow_side_effects: bool = False,
         samples: bool | None = None,
         max_input_chars: int | None = None,
+        cache: Literal["use", "refresh", "off"] = "use",
+        replan: bool = False,
     ) -> Run:
         """Start planning in the background; the Run moves to "awaiting_approval" when ready.
 
         `tools` grants capabilities to this run (see `grant_tools`); `samples=False` sends the
         manager no row values; `max_input_chars` is the longest value a worker is sent.
+        `cache`: "use" the result store (answers stored for the same endpoint, template and input
+        are not asked again), "refresh" (ask again, store the fresh answers) or "off".
+        `replan=True` asks the manager even when this request's approved plan is stored.
         """
         if not prompt.strip():
             raise UserInputError("The prompt is empty: say what each worker should do.")
@@ -178,6 +199,7 @@ class Session:
             if max_input_chars < 1:
                 raise UserInputError("--max-input-chars must be at least 1")
             options.max_input_chars = max_input_chars
+        options.cache = cache
         run = Run(
             prompt,
             data_tables,
@@ -190,12 +212,18 @@ class Session:
         run.subscribe(lambda event: self._notify(run, event))
         self.runs.append(run)
         show_samples = self.samples if samples is None else samples
-        run.plan_future = engine.submit(self._plan(run, endpoint, show_samples))
+        if cache != "off":
+            run.store = self.store
+        run.plan_future = engine.submit(self._plan(run, endpoint, show_samples, replan))
         self._notify(run, None)
         return run
 
     async def _plan(
-        self, run: Run, endpoint: EndpointConfig | None = None, samples: bool = True
+        self,
+        run: Run,
+        endpoint: EndpointConfig | None = None,
+        samples: bool = True,
+        replan: bool = False,
     ) -> None:
         from .manager import make_plan
 
@@ -206,6 +234,18 @@ class Session:
             run.endpoint_description = (
                 workers.describe() if isinstance(workers, EndpointConfig) else "in-process model"
             )
+            if isinstance(workers, EndpointConfig):
+                run.endpoint_id = endpoint_id(workers)
+            reused = None if replan else _stored_plan(run, samples)
+            if reused is not None:
+                run.plan_reused_from = "store"
+                run.plan_ready(
+                    reused,
+                    Usage(),
+                    0,
+                    ["plan reused: this request was approved before (--replan asks again)"],
+                )
+                return
             outcome = await make_plan(
                 run.prompt, run.tables, run.registry, manager, samples=samples
             )
@@ -348,3 +388,59 @@ def run(prompt: str, tables: dict[str, Any], **options: Any) -> Run:
 def plan(prompt: str, tables: dict[str, Any], **options: Any) -> Run:
     """Plan with the default session; approve with `run.start()`."""
     return default_session().plan(prompt, tables, **options)
+
+
+_stores: dict[str, Any] = {}
+_stores_lock = threading.Lock()
+
+
+def shared_store(cache_dir: str | None = None) -> Any:
+    """One ResultStore per database file per process.
+
+    Sessions in one kernel then see each other's answers at once; a second instance would see
+    them only after the first one's writer thread commits.
+    """
+    from .store import ResultStore
+
+    path = str(ResultStore.location(cache_dir))
+    with _stores_lock:
+        if path not in _stores:
+            _stores[path] = ResultStore(path)
+        return _stores[path]
+
+
+def endpoint_id(endpoint: EndpointConfig) -> str:
+    """Who answers, for store keys: base URL + model.
+
+    The embedded model is named by its model alone: its port changes with every kernel, its
+    answers do not.
+    """
+    from .store import endpoint_identity
+
+    if endpoint.embedded:
+        return f"embedded {endpoint.model}"
+    return endpoint_identity(endpoint.base_url, endpoint.model)
+
+
+def _stored_plan(run: Run, samples: bool) -> Plan | None:
+    """The approved plan of an identical earlier request, if the store has one that still fits."""
+    from .plans import validate_plan
+    from .store import plan_key
+
+    if run.store is None or run.endpoint_id is None:
+        return None
+    run.plan_key = plan_key(
+        run.prompt,
+        [table.metadata(samples=samples).to_prompt() for table in run.tables.values()],
+        run.endpoint_id,
+        run.registry.names(),
+    )
+    text = run.store.load_plan(run.plan_key)
+    if text is None:
+        return None
+    try:
+        plan = Plan.model_validate_json(text)
+    except ValueError:
+        return None
+    columns = {name: table.column_names for name, table in run.tables.items()}
+    return None if validate_plan(plan, columns, run.registry.names()) else plan

@@ -7,9 +7,9 @@ locking, compaction and an index for key look-ups; SQLite gives all three, and t
 (bench/store_overhead.py) is far under the 3 % a 10,000-subtask run may spend on it.
 
 Why a writer thread: `put` is called once per finished subtask on the engine's hot path, so it
-only drops the answer into a dict; a daemon thread writes whatever is pending every 0.5 s or
+only drops the answer into a dict; a daemon thread writes whatever is pending every 0.1 s or
 every 200 records, in one transaction (a commit per subtask would cost a disk sync each). A
-crash loses at most the last half second of answers, which a re-run then pays for again.
+crash loses at most the last tenth of a second of answers, which a re-run then pays for again.
 
 A key is a hash of what determines an answer (endpoint identity, the stage's template and the
 subtask's input content), never of anything secret: `endpoint_identity` drops credentials a URL
@@ -48,7 +48,7 @@ APP_NAME = "apwa-jupyter"
 # Bump when the key encoding changes: old answers then simply stop matching (no migration).
 KEY_VERSION = "apwa-store-1"
 BATCH_RECORDS = 200
-BATCH_SECONDS = 0.5
+BATCH_SECONDS = 0.1
 # SQLite's bound-variable limit is 999 before 3.32 and 32,766 after: stay under the old one.
 CHUNK = 500
 BUSY_TIMEOUT_MS = 30_000
@@ -296,6 +296,11 @@ class ResultStore:
 
             folder = platformdirs.user_data_dir(APP_NAME)
         return Path(folder).expanduser() / FILE_NAME
+
+    @classmethod
+    def location(cls, path: str | Path | None = None) -> Path:
+        """The database file a store opened with `path` uses (see the class docstring)."""
+        return cls._resolve(path)
 
     @classmethod
     def _resolve(cls, path: str | Path | None) -> Path:

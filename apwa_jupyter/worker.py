@@ -60,6 +60,8 @@ class SubtaskResult:
     steps: list[Step] = field(default_factory=list)
     attempts: int = 1
     elapsed_s: float = 0.0
+    # Set when the answer came from the result store: the run that computed it.
+    source_run: str | None = None
 
     @property
     def ok(self) -> bool:

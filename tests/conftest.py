@@ -24,7 +24,15 @@ from apwa_jupyter.testing.fake_server import is_manager_request
 for _var in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "APWA_MODEL", "RAY_ADDRESS"):
     os.environ.pop(_var, None)
 
+
 # Fast backoff; a 5 s retry budget per subtask; an endpoint refusing connections for 1 s is down.
+@pytest.fixture(autouse=True)
+def private_result_store(tmp_path_factory, monkeypatch) -> None:
+    """Each test gets its own empty result store (kernels it starts inherit the variable), so
+    no test is answered from another's stored results and counted calls mean what they say."""
+    monkeypatch.setenv("APWA_CACHE_DIR", str(tmp_path_factory.mktemp("apwa-store")))
+
+
 FAST_RETRY = RetryPolicy(budget_s=5, base_delay=0.01, max_delay=0.05, down_after_s=1)
 
 

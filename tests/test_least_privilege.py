@@ -114,7 +114,7 @@ def test_python_api_grants_per_call_and_per_session(fake_server, registry, revie
     session.run("x {reviews}", {"reviews": reviews}, tools=["lookup"])
     assert len(calls) == 4
     session.tools = ["lookup"]  # what Session(tools=...) and %apwa config tools= set
-    session.run("x {reviews}", {"reviews": reviews})
+    session.run("x {reviews}", {"reviews": reviews}, cache="off")  # not the stored answers
     assert len(calls) == 8
 
 

@@ -1,0 +1,253 @@
+"""Durable runs (issue #10): the result store bills nothing twice, resumes after a SIGKILL, and
+keeps runs and plans across kernels. Calls are counted at the test server, per stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from typing import Any
+
+import pandas as pd
+
+from apwa_jupyter.executors.local import LocalExecutor
+from apwa_jupyter.session import Session
+from apwa_jupyter.testing import Reply
+from apwa_jupyter.testing.fake_server import is_manager_request
+
+from .conftest import FAST_RETRY, endpoint_for, map_plan
+from .test_trust import count_chars, text_of
+
+PLAN = map_plan(
+    "reviews", "Count the characters of {text}", [{"name": "n_chars", "type": "integer"}]
+)
+
+
+class Counting:
+    """A responder that counts manager and worker calls and answers with `worker`."""
+
+    def __init__(self, worker: Any = count_chars, plan: dict[str, Any] = PLAN):
+        self.worker, self.plan = worker, plan
+        self.manager = 0
+        self.workers = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, body: dict[str, Any]) -> Any:
+        with self.lock:
+            if is_manager_request(body):
+                self.manager += 1
+                return Reply.json(self.plan)
+            self.workers += 1
+        return self.worker(body)
+
+
+def session_for(server, registry, **options: Any) -> Session:
+    return Session(
+        endpoint=endpoint_for(server),
+        executor=LocalExecutor(concurrency=16, retry=FAST_RETRY),
+        registry=registry,
+        **options,
+    )
+
+
+def frame_of(n: int) -> pd.DataFrame:
+    return pd.DataFrame(
+        {"text": [f"review {i} " + "y" * (i % 17) for i in range(n)]},
+        index=pd.Index([f"r{i}" for i in range(n)], name="id"),
+    )
+
+
+def test_an_unchanged_rerun_bills_nothing_and_one_changed_row_bills_one(fake_server, registry):
+    responder = Counting()
+    server = fake_server(responder)
+    frame = frame_of(300)
+    first = session_for(server, registry).run("count {reviews}", {"reviews": frame})
+    assert first.status == "done" and responder.workers == 300 and responder.manager == 1
+
+    # A new session (as after a kernel restart): same request, same data.
+    again = session_for(server, registry).run("count {reviews}", {"reviews": frame})
+    assert responder.workers == 300 and responder.manager == 1  # no call at all
+    assert again.plan_fixes[0].startswith("plan reused")
+    pd.testing.assert_frame_equal(again.result, first.result)
+    assert again.from_store == 300
+    assert set(again.result.attrs["apwa_sources"]) == {first.id}
+
+    changed = frame.copy()
+    changed.loc["r7", "text"] = "a different review"
+    third = session_for(server, registry).run("count {reviews}", {"reviews": changed})
+    assert responder.workers == 301  # exactly the changed row
+    assert third.result.loc["r7", "n_chars"] == len("a different review")
+    assert third.result.attrs["apwa_sources"][7] == third.id
+    assert third.from_store == 299
+
+
+def test_failures_are_never_stored(fake_server, registry):
+    broken = {"on": True}
+
+    def worker(body):
+        if broken["on"] and text_of(body).startswith("review 3 "):
+            return Reply.text("{not json")
+        return count_chars(body)
+
+    responder = Counting(worker)
+    server = fake_server(responder)
+    frame = frame_of(10)
+    first = session_for(server, registry).run("count {reviews}", {"reviews": frame})
+    assert first.status == "done with 1 failed"
+    before = responder.workers  # 10 rows + one correction round for the malformed answer
+    broken["on"] = False
+    second = session_for(server, registry).run("count {reviews}", {"reviews": frame})
+    assert responder.workers == before + 1 and second.status == "done"
+
+
+def test_refresh_asks_again_and_no_cache_neither_reads_nor_writes(fake_server, registry):
+    responder = Counting()
+    server = fake_server(responder)
+    frame = frame_of(5)
+    session = session_for(server, registry)
+    session.run("count {reviews}", {"reviews": frame}, cache="off")
+    assert responder.workers == 5
+    session.run("count {reviews}", {"reviews": frame})  # nothing was written: billed again
+    assert responder.workers == 10
+    session.run("count {reviews}", {"reviews": frame}, cache="refresh")
+    assert responder.workers == 15
+    session.run("count {reviews}", {"reviews": frame})
+    assert responder.workers == 15
+    session.run("count {reviews}", {"reviews": frame}, replan=True)
+    # Planned with the store off (not kept), then once more and reused; --replan asks again.
+    assert responder.manager == 3 and responder.workers == 15  # a new plan, same answers
+
+
+def test_a_changed_prompt_or_endpoint_does_not_reuse_the_plan(fake_server, registry):
+    responder = Counting()
+    server = fake_server(responder)
+    frame = frame_of(3)
+    session_for(server, registry).run("count {reviews}", {"reviews": frame})
+    session_for(server, registry).run("count the {reviews}", {"reviews": frame})
+    # A new prompt is planned again; its plan has the same stage template, so the answers
+    # (keyed by endpoint, template and input, not by prompt) come from the store.
+    assert responder.manager == 2 and responder.workers == 3
+    other = fake_server(responder)
+    session_for(other, registry).run("count {reviews}", {"reviews": frame})
+    assert responder.manager == 3 and responder.workers == 6  # another endpoint, new answers
+
+
+def test_runs_from_earlier_kernels_are_listed_and_loaded_without_a_model(fake_server, registry):
+    from IPython.testing import globalipapp
+
+    responder = Counting()
+    server = fake_server(responder)
+    frame = frame_of(4)
+    run = session_for(server, registry).run("count {reviews}", {"reviews": frame})
+    server.stop()  # no model from here on
+
+    globalipapp.start_ipython()
+    ip = globalipapp.get_ipython()
+    ip.run_line_magic("load_ext", "apwa_jupyter")
+    try:
+        from apwa_jupyter import magics
+
+        assert magics._magics is not None
+        lines: list[str] = []
+        magics._magics._session = session_for(server, registry)
+        import contextlib
+        import io
+
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            ip.run_line_magic("apwa", "runs")
+            ip.run_line_magic("apwa", f"load {run.id} --out loaded")
+            ip.run_line_magic("apwa", "cache")
+        lines = out.getvalue().splitlines()
+        assert any(line.startswith(run.id) and "4/4 rows" in line for line in lines)
+        pd.testing.assert_frame_equal(ip.user_ns["loaded"], run.result, check_like=True)
+        assert any("answers" in line and "runs" in line for line in lines)
+    finally:
+        ip.user_ns.pop("loaded", None)  # the shell is shared with other test modules
+        ip.run_line_magic("unload_ext", "apwa_jupyter")
+
+
+DRIVER = textwrap.dedent(
+    """
+    import json, sys
+    import pandas as pd
+    from apwa_jupyter.config import EndpointConfig
+    from apwa_jupyter.executors.local import LocalExecutor
+    from apwa_jupyter.session import Session
+
+    n = int(sys.argv[2])
+    frame = pd.DataFrame({"text": [f"row {i} " + "z" * (i % 23) for i in range(n)]},
+                         index=pd.RangeIndex(1000, 1000 + n, name="row_id"))
+    session = Session(endpoint=EndpointConfig(base_url=sys.argv[1], model="fake-model"),
+                      executor=LocalExecutor(concurrency=16))
+    run = session.run("count {rows}", {"rows": frame}, tools=[])
+    result = run.result
+    print(json.dumps({"state": run.status, "index": result.index.tolist(),
+                      "values": result["n_chars"].tolist(), "from_store": run.from_store}))
+    """
+)
+
+
+def test_sigkill_mid_run_then_rerun_bills_only_what_had_not_finished(fake_server, tmp_path):
+    """The process running a 2,000-row run is SIGKILLed; a new process running the same request
+    bills only the subtasks whose answers had not reached the store, and the result is complete
+    and identical (order and index) to an uninterrupted run."""
+    n = 2000
+    answered: list[str] = []
+    lock = threading.Lock()
+
+    def worker(body):
+        with lock:
+            answered.append(text_of(body))
+        return count_chars(body)
+
+    responder = Counting(worker)
+    server = fake_server(responder, latency=0.02)
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    first = subprocess.Popen(
+        [sys.executable, str(script), server.base_url, str(n)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while len(answered) < 700 and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.01)
+    first.send_signal(signal.SIGKILL)
+    first.wait(30)
+    killed_after = len(answered)
+    assert 700 <= killed_after < n, "the run must be killed in the middle"
+
+    from apwa_jupyter.store import ResultStore
+
+    stored = ResultStore().stats()["answers"]  # the same APWA_CACHE_DIR as the driver
+    answered.clear()
+    second = subprocess.run(
+        [sys.executable, str(script), server.base_url, str(n)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    report = json.loads(second.stdout.strip().splitlines()[-1])
+    assert report["state"] == "done"
+    assert len(answered) == n - stored  # billed: exactly what the store did not have
+    assert report["from_store"] == stored
+    texts = [f"row {i} " + "z" * (i % 23) for i in range(n)]
+    assert report["index"] == list(range(1000, 1000 + n))
+    assert report["values"] == [len(t) for t in texts]
+    lost = killed_after - stored  # answered before the kill but not yet written: at most a batch
+    print(
+        f"SIGKILL resume: {killed_after} answered, {stored} stored, {lost} lost, "
+        f"{len(answered)} billed again"
+    )
+    assert 0 <= lost <= 400
