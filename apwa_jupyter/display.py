@@ -36,7 +36,7 @@ def plan_text(run: Run) -> str:
         lines.append(f"  {stage_line(stage, counts.get(stage_id, 0))}{after}")
         lines.append(f"      {stage.instruction.strip().splitlines()[0][:100]}")
     lines.append(
-        f"  estimate: {run.estimate_subtasks()} model calls, ~{run.estimate_tokens():,} tokens"
+        f"  estimate: {estimate_line(run)}"
     )
     for fix in run.plan_fixes:
         lines.append(f"  auto-fixed: {fix}")
@@ -82,3 +82,25 @@ def run_text(run: Run) -> str:
             f"  result: {run.options.out} ({len(run.result) if run.result is not None else 0} rows)"
         )
     return "\n".join(parts)
+
+
+def estimate_line(run: Run) -> str:
+    """Before Run: calls, a token range and a money range (or "tokens only"), and the budget."""
+    found = run.cost_estimate()
+    if found is None:
+        return f"{run.estimate_subtasks():,} model calls"
+    text = found.describe()
+    if run.budget is not None:
+        text += f" · budget {run.budget}"
+    return text
+
+
+def spent_line(run: Run) -> str:
+    """While running: money spent so far (when the model has a price) and the budget."""
+    from .costs import format_money
+
+    money = run.meter.spent_money
+    text = f" · {format_money(money)} so far" if money is not None and run.meter.calls else ""
+    if run.budget is not None:
+        text += f" of {run.budget}"
+    return text

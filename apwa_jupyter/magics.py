@@ -148,6 +148,7 @@ class ApwaMagics(Magics):
             max_input_chars=options.max_input_chars,
             cache="off" if options.no_cache else ("refresh" if options.refresh else "use"),
             replan=options.replan,
+            budget=options.budget,
         )
         run.dry_run = options.dry_run
         run.cell_id = self._cell_id()
@@ -435,7 +436,15 @@ class ApwaMagics(Magics):
         self._run_arg(args).cancel()
 
     def _cmd_retry(self, args: list[str], settings: dict[str, str]) -> None:
-        self._run_arg(args).retry_failed()
+        budget = None
+        if "--budget" in args:
+            at = args.index("--budget")
+            if at + 1 >= len(args):
+                raise UserInputError("usage: %apwa retry [RUN_ID] [--budget LIMIT]")
+            budget = args[at + 1]
+            args = args[:at] + args[at + 2 :]
+        run = self._run_arg(args)
+        run.retry_failed(budget=budget)
 
     def _cmd_wait(self, args: list[str], settings: dict[str, str]) -> None:
         from .display import state_line

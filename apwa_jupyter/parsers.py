@@ -87,6 +87,12 @@ def _cell_parser() -> _Parser:
     parser.add_argument(
         "--replan", action="store_true", help="ask the manager again even if this plan is stored"
     )
+    parser.add_argument(
+        "--budget",
+        metavar="LIMIT",
+        help="stop before spending more: money ($2, 2 USD) or tokens (500k, 1.5M); finished "
+        "work is kept",
+    )
     parser.add_argument("--max-tokens", type=int, default=1024, help="per worker answer")
     parser.add_argument("--dry-run", action="store_true", help="plan only; execute nothing")
     parser.add_argument("--yes", action="store_true", help="run without waiting for approval")
@@ -117,6 +123,7 @@ class CellOptions:
     no_cache: bool = False
     refresh: bool = False
     replan: bool = False
+    budget: str | None = None
     max_tokens: int = 1024
     dry_run: bool = False
     yes: bool = False
@@ -145,6 +152,10 @@ def parse_cell_options(line: str) -> CellOptions:
         )
     if options.max_input_chars is not None and options.max_input_chars < 1:
         raise UserInputError("--max-input-chars must be at least 1")
+    if options.budget is not None:
+        from .costs import Budget
+
+        Budget.parse(options.budget)  # a bad budget is one line now, not after planning
     if options.no_cache and options.refresh:
         raise UserInputError("--no-cache and --refresh contradict each other; pick one")
     if options.dry_run and options.yes:
@@ -187,7 +198,7 @@ LINE_COMMANDS = {
     "show": "show a run's widget again: %apwa show [RUN_ID]",
     "approve": "run a plan awaiting approval: %apwa approve [RUN_ID]",
     "cancel": "cancel a run: %apwa cancel [RUN_ID]",
-    "retry": "rerun a run's failed subtasks: %apwa retry [RUN_ID]",
+    "retry": "rerun only what has no value: %apwa retry [RUN_ID] [--budget LIMIT]",
     "wait": "block until a run finishes: %apwa wait [RUN_ID]",
     "help": "this list",
 }
@@ -210,7 +221,9 @@ LINE_SPECS = {
     "show": LineSpec(run_id=True, usage="%apwa show [RUN_ID]"),
     "approve": LineSpec(run_id=True, usage="%apwa approve [RUN_ID]"),
     "cancel": LineSpec(run_id=True, usage="%apwa cancel [RUN_ID]"),
-    "retry": LineSpec(run_id=True, usage="%apwa retry [RUN_ID]"),
+    "retry": LineSpec(
+        words=("--budget",), free_words=2, usage="%apwa retry [RUN_ID] [--budget LIMIT]"
+    ),
     "wait": LineSpec(run_id=True, usage="%apwa wait [RUN_ID]"),
     "cache": LineSpec(words=("clear",), run_id=True, usage="%apwa cache [clear [RUN_ID]]"),
     "load": LineSpec(words=("--out",), free_words=2, usage="%apwa load RUN_ID --out NAME"),

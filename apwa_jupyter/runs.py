@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
 
+from .costs import Budget, CostMeter, Estimate, EstimateInput, estimate, stage_loads
 from .errors import ApwaError, RunCancelled, UserInputError
 from .events import Event, Listener, ProgressSink, StageProgress
 from .executors.base import StopSignal
@@ -114,6 +115,10 @@ class Run:
         self.endpoint_id: str | None = None
         self.plan_reused_from: str | None = None
         self.plan_key: str | None = None  # where start() stores the approved plan
+        # Money or tokens this run may spend (costs.Budget); the meter counts what it spent.
+        self.budget: Budget | None = None
+        self.meter = CostMeter(model=None)
+        self._estimate: tuple[Plan, Estimate] | None = None
         self._listeners: list[Listener] = []
         self.sink = ProgressSink(self.id, self._listeners)
         self._executor_factory = executor_factory
@@ -212,9 +217,32 @@ class Run:
         """Total subtasks the plan expands to (at least one model call each)."""
         return sum(self.stage_subtasks().values())
 
-    def estimate_tokens(self, per_call: int = 350) -> int:
-        """A rough token estimate: calls times a typical small-prompt call."""
-        return self.estimate_subtasks() * per_call
+    @property
+    def model_name(self) -> str | None:
+        """The workers' model name (for prices), if they talk to an endpoint."""
+        return getattr(self.worker_model, "model", None)
+
+    def cost_estimate(self) -> Estimate | None:
+        """Calls, tokens and money (ranges) of the plan, from sampled rows and the output schema."""
+        if self.plan is None:
+            return None
+        if self._estimate is None or self._estimate[0] is not self.plan:
+            samples = {
+                name: table.arrow.take(table.sample_positions(5)).to_pylist()
+                for name, table in self.tables.items()
+            }
+            loads = stage_loads(self.plan, self.stage_subtasks(), samples)
+            found = estimate(
+                EstimateInput(self.model_name, loads, max_tokens=self.options.max_tokens)
+            )
+            self._estimate = (self.plan, found)
+            self.meter.estimate = found
+        return self._estimate[1]
+
+    def estimate_tokens(self) -> int:
+        """Expected tokens of the whole plan (see `cost_estimate` for the range and money)."""
+        found = self.cost_estimate()
+        return round(found.tokens.expected) if found is not None else 0
 
     def edit_stage(
         self, stage_id: str, instruction: str | None = None, remove: bool = False
@@ -311,8 +339,14 @@ class Run:
             self.error_detail = detail
             self._set_state("failed", error)
 
-    def retry_failed(self) -> Run:
-        """Run again only what has no value (and what depends on it); finished rows are kept."""
+    def retry_failed(self, budget: Budget | str | None = None) -> Run:
+        """Run again only what has no value (and what depends on it); finished rows are kept.
+
+        `budget` (e.g. "$2" or "500k") replaces the run's budget: how to continue after a stop at
+        the budget.
+        """
+        if budget is not None:
+            self.budget = Budget.parse(budget) if isinstance(budget, str) else budget
         with self._lock:
             if self.state in ACTIVE_STATES or self.plan is None:
                 raise UserInputError(f"run {self.id} is {self.state}; wait for it to finish first")
@@ -351,7 +385,11 @@ class Run:
             store=self.store,
             cache=self.options.cache,
             endpoint_id=self.endpoint_id,
+            budget=self.budget,
+            meter=self.meter,
         )
+        self.meter.model = self.model_name
+        self.cost_estimate()
         self._record("running")
         crash: str | None = None
         try:

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from .capabilities import CapabilityRegistry, GrantedRegistry, default_registry
 from .config import EndpointConfig, merge_endpoint, resolve_endpoint
+from .costs import Budget
 from .engine import get_engine
 from .errors import ApwaError, PlanError, UserInputError
 from .events import Event
@@ -178,6 +179,7 @@ class Session:
         max_input_chars: int | None = None,
         cache: Literal["use", "refresh", "off"] = "use",
         replan: bool = False,
+        budget: str | None = None,
     ) -> Run:
         """Start planning in the background; the Run moves to "awaiting_approval" when ready.
 
@@ -186,6 +188,7 @@ class Session:
         `cache`: "use" the result store (answers stored for the same endpoint, template and input
         are not asked again), "refresh" (ask again, store the fresh answers) or "off".
         `replan=True` asks the manager even when this request's approved plan is stored.
+        `budget` ("$2", "500k") stops the run before the next subtasks would spend more.
         """
         if not prompt.strip():
             raise UserInputError("The prompt is empty: say what each worker should do.")
@@ -200,6 +203,7 @@ class Session:
                 raise UserInputError("--max-input-chars must be at least 1")
             options.max_input_chars = max_input_chars
         options.cache = cache
+        spend_limit = Budget.parse(budget) if budget is not None else None
         run = Run(
             prompt,
             data_tables,
@@ -209,6 +213,7 @@ class Session:
             submit=engine.submit,
             call_soon=engine.call_soon,
         )
+        run.budget = spend_limit
         run.subscribe(lambda event: self._notify(run, event))
         self.runs.append(run)
         show_samples = self.samples if samples is None else samples

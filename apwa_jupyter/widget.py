@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import ipywidgets as W
 
-from .display import run_text, stage_line
+from .display import estimate_line, run_text, spent_line, stage_line
 from .errors import ApwaError
 from .plans import dependencies
 
@@ -286,8 +286,8 @@ class PlanWidget:
                 "Run (or %apwa approve), even with --yes"
             )
         self.estimate.value = (
-            f"<small>{html.escape(plan.summary)}<br>estimate: {run.estimate_subtasks():,} model calls, "
-            f"~{run.estimate_tokens():,} tokens{fixes}</small>"
+            f"<small>{html.escape(plan.summary)}<br>estimate: {html.escape(estimate_line(run))}"
+            f"{fixes}</small>"
         )
         self._bars = {}
         self.progress.children = ()
@@ -324,7 +324,7 @@ class PlanWidget:
             start_note = f" (+{startup:.1f}s starting workers)" if startup >= 1 else ""
             self.stats.value = (
                 f"<small>{done:,} subtasks in {working:.1f}s{start_note} · {rate:.1f}/s · "
-                f"{run.tokens:,} tokens</small>"
+                f"{run.tokens:,} tokens{html.escape(spent_line(run))}</small>"
             )
 
     def _draw_errors(self) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from apwa_jupyter.display import estimate_line
 from apwa_jupyter.executors.local import LocalExecutor
 from apwa_jupyter.session import Session
 from apwa_jupyter.testing import Reply
@@ -251,3 +252,45 @@ def test_sigkill_mid_run_then_rerun_bills_only_what_had_not_finished(fake_server
         f"{len(answered)} billed again"
     )
     assert 0 <= lost <= 400
+
+
+def test_a_budget_stops_before_passing_it_keeps_finished_rows_and_retry_continues(
+    fake_server, registry
+):
+    responder = Counting()
+    server = fake_server(responder)
+    frame = frame_of(200)
+    session = Session(
+        endpoint=endpoint_for(server),
+        executor=LocalExecutor(concurrency=4, retry=FAST_RETRY),
+        registry=registry,
+    )
+    run = session.plan("count {reviews}", {"reviews": frame}, budget="6k").wait()
+    assert estimate_line(run).endswith("tokens only · budget 6000")
+    run.start().wait(60)
+    assert run.state == "failed" and run.error.startswith("Stopped at the budget of 6000")
+    assert "%apwa retry --budget" in run.error
+    spent = run.meter.spent_tokens
+    assert spent <= 6000  # never past the budget
+    done = int(run.result["n_chars"].notna().sum())
+    assert 0 < done < 200 and responder.workers == done
+    assert set(run.errors_frame()["kind"]) == {"not_run"}
+
+    run.retry_failed(budget="1M").wait(60)
+    assert run.status == "done" and responder.workers == 200  # only the rest was billed
+    assert run.result["n_chars"].tolist() == [len(t) for t in frame["text"]]
+
+
+def test_a_money_budget_uses_the_price_table(fake_server, registry, monkeypatch):
+    from apwa_jupyter import costs
+
+    monkeypatch.setattr(costs, "_OVERRIDES", {})  # this test's price only
+    costs.set_price("fake-model", 1000.0, 1000.0)  # $0.001 per token: a few cents per call
+    responder = Counting()
+    server = fake_server(responder)
+    run = session_for(server, registry).run(
+        "count {reviews}", {"reviews": frame_of(100)}, budget="$1"
+    )
+    assert run.state == "failed" and run.error.startswith("Stopped at the budget of $1")
+    assert run.meter.spent_money <= 1.0
+    assert 0 < responder.workers < 100
