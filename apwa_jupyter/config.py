@@ -42,6 +42,15 @@ class EndpointConfig(BaseModel):
         default=256, ge=1, description="Most requests in flight to this endpoint at once."
     )
     embedded: bool = Field(default=False, description="True for the bundled offline model.")
+    rpm: float | None = Field(
+        default=None, gt=0, description="Requests per minute allowed (None: learned from headers)."
+    )
+    tpm: float | None = Field(
+        default=None, gt=0, description="Tokens per minute allowed (None: learned from headers)."
+    )
+    rate_window_s: float = Field(
+        default=60.0, gt=0, description="The window the provider counts rpm/tpm over (seconds)."
+    )
     dialect: Literal["openai", "llama.cpp"] = Field(
         default="openai",
         description="'llama.cpp': structured output goes as a compact JSON grammar, which stops "

@@ -35,9 +35,7 @@ def plan_text(run: Run) -> str:
         after = f"   after {', '.join(deps)}" if deps else ""
         lines.append(f"  {stage_line(stage, counts.get(stage_id, 0))}{after}")
         lines.append(f"      {stage.instruction.strip().splitlines()[0][:100]}")
-    lines.append(
-        f"  estimate: {estimate_line(run)}"
-    )
+    lines.append(f"  estimate: {estimate_line(run)}")
     for fix in run.plan_fixes:
         lines.append(f"  auto-fixed: {fix}")
     return "\n".join(lines)

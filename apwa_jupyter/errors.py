@@ -47,13 +47,23 @@ class TransientEndpointError(EndpointError):
     """A failure worth retrying: rate limit (429), server error (5xx), timeout, lost connection.
 
     `retry_after` carries the server's Retry-After hint in seconds when it sent one;
-    `unreachable` is True when no connection could be made at all (the server may be down).
+    `unreachable` is True when no connection could be made at all (the server may be down);
+    `rate_limited` marks a 429, and `rate_headers` carries the server's x-ratelimit-* headers.
     """
 
-    def __init__(self, message: str, retry_after: float | None = None, unreachable: bool = False):
+    def __init__(
+        self,
+        message: str,
+        retry_after: float | None = None,
+        unreachable: bool = False,
+        rate_headers: dict[str, str] | None = None,
+        rate_limited: bool = False,
+    ):
         super().__init__(message)
         self.retry_after = retry_after
         self.unreachable = unreachable
+        self.rate_headers = rate_headers
+        self.rate_limited = rate_limited
 
 
 class RequestRejected(EndpointError):

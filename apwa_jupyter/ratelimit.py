@@ -34,6 +34,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+# Tokens reserved per request before any has been settled (a small structured call).
+DEFAULT_ESTIMATE_TOKENS = 500.0
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 
 
@@ -197,6 +199,8 @@ class RateLimiter:
         self._expiring: list[tuple[float, int, float, int]] = []  # (at, seq, tokens, requests)
         self._fifo: asyncio.Lock | None = None
         self._changed: asyncio.Event | None = None
+        self._settled_tokens = 0.0
+        self._settled_requests = 0
 
     # -- window bookkeeping ------------------------------------------------------------------
     def _prune(self, now: float) -> None:
@@ -282,6 +286,8 @@ class RateLimiter:
     ) -> None:
         """The request succeeded and used `actual_tokens`: correct the estimate, maybe grow."""
         self._finish(permit, actual_tokens)
+        self._settled_tokens += actual_tokens
+        self._settled_requests += 1
         self.stats.successes += 1
         self._since_growth += 1
         if self.allowed_in_flight < self.max_in_flight and self._since_growth >= (
@@ -316,6 +322,15 @@ class RateLimiter:
             self.stats.min_allowed = min(self.stats.min_allowed, self.allowed_in_flight)
         if headers:
             self.learn(headers)
+
+    def typical_tokens(self) -> float:
+        """What to reserve for the next request: the mean of the settled ones (500 before any).
+
+        Only a TPM limit makes the estimate matter; `settle` corrects it with the real usage.
+        """
+        if self._settled_requests == 0:
+            return DEFAULT_ESTIMATE_TOKENS
+        return self._settled_tokens / self._settled_requests
 
     def release(self, permit: Permit) -> None:
         """The request failed otherwise (5xx, timeout): free its slot; its tokens stay counted."""

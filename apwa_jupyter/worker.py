@@ -62,6 +62,9 @@ class SubtaskResult:
     elapsed_s: float = 0.0
     # Set when the answer came from the result store: the run that computed it.
     source_run: str | None = None
+    # The endpoint's x-ratelimit-* / retry-after headers on the last response (for the limiter).
+    rate_headers: dict[str, str] | None = None
+    rate_limited: bool = False  # the last attempt got a 429
 
     @property
     def ok(self) -> bool:
@@ -87,6 +90,7 @@ async def run_subtask(
     except TransientEndpointError as exc:
         result.error, result.retry_after = str(exc), exc.retry_after
         result.error_kind = "unreachable" if exc.unreachable else "transient"
+        result.rate_headers, result.rate_limited = exc.rate_headers, exc.rate_limited
     except RequestRejected as exc:
         result.error, result.error_kind = str(exc), "rejected"
     except EndpointError as exc:
@@ -100,9 +104,18 @@ async def run_subtask(
     except Exception as exc:  # a bug or a bad row must not take the whole batch down
         result.error, result.error_kind = f"{type(exc).__name__}: {exc}", "internal"
     result.usage = _usage_of(steps)
+    if result.rate_headers is None:
+        result.rate_headers = _last_rate_headers(steps)
     result.steps = steps if (ctx.keep_steps or not result.ok) else []
     result.elapsed_s = time.perf_counter() - started
     return result
+
+
+def _last_rate_headers(steps: list[Step]) -> dict[str, str] | None:
+    for step in reversed(steps):
+        if isinstance(step, ModelStep):
+            return step.response.rate_headers
+    return None
 
 
 def _usage_of(steps: list[Step]) -> Usage:

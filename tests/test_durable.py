@@ -294,3 +294,83 @@ def test_a_money_budget_uses_the_price_table(fake_server, registry, monkeypatch)
     assert run.state == "failed" and run.error.startswith("Stopped at the budget of $1")
     assert run.meter.spent_money <= 1.0
     assert 0 < responder.workers < 100
+
+
+def usage_tokens(body: dict[str, Any], reply: Reply) -> int:
+    """The tokens the fake server reports for this request and reply (its own formula)."""
+    prompt = sum(len(str(m.get("content") or "")) for m in body.get("messages", []))
+    return prompt // 4 + len(reply.content or "") // 4 + 1
+
+
+def test_a_tpm_limit_is_respected_over_its_window(fake_server, registry):
+    """A server that enforces tokens per window with 429s; the run is told the limit and the
+    window (scaled from 60 s to 3 s) and keeps every window within 10% of it."""
+    from apwa_jupyter.config import EndpointConfig
+
+    window, limit = 3.0, 3000
+    sent: list[tuple[float, int]] = []
+    refused = [0]
+    lock = threading.Lock()
+
+    def worker(body):
+        reply = count_chars(body)
+        tokens = usage_tokens(body, reply)
+        with lock:
+            now = time.monotonic()
+            used = sum(t for at, t in sent if at > now - window)
+            if used + tokens > limit:
+                refused[0] += 1
+                return Reply.error(429, retry_after=1)
+            sent.append((now, tokens))
+        return reply
+
+    responder = Counting(worker)
+    server = fake_server(responder, latency=0.05)
+    endpoint = EndpointConfig(
+        base_url=server.base_url, model="fake-model", tpm=limit, rate_window_s=window
+    )
+    session = Session(
+        endpoint=endpoint,
+        executor=LocalExecutor(concurrency=16, retry=FAST_RETRY),
+        registry=registry,
+    )
+    began = time.monotonic()
+    run = session.run("count {reviews}", {"reviews": frame_of(80)})
+    took = time.monotonic() - began
+    assert run.status == "done"
+    worst = max(sum(t for at, t in sent if start <= at < start + window) for start, _ in sent)
+    per_request = sum(t for _, t in sent) / len(sent)
+    print(
+        f"TPM: {len(sent)} requests in {took:.1f}s, worst window {worst} of {limit}, "
+        f"{refused[0]} refused, {per_request:.0f} tokens per request"
+    )
+    assert worst <= 1.1 * limit
+    assert refused[0] <= 2  # the limiter kept the run under the limit, not the 429s
+
+
+def test_a_429_storm_slows_the_run_instead_of_failing_rows(fake_server, registry):
+    """Half of all calls get a 429 for the first 3 s (scaled from 20 s): every row ends done."""
+    import random
+
+    rng = random.Random(3)
+    storm_until = [0.0]
+    lock = threading.Lock()
+
+    def worker(body):
+        with lock:
+            if storm_until[0] == 0.0:
+                storm_until[0] = time.monotonic() + 3
+            if time.monotonic() < storm_until[0] and rng.random() < 0.5:
+                return Reply.error(429)
+        return count_chars(body)
+
+    responder = Counting(worker)
+    server = fake_server(responder, latency=0.05)
+    session = Session(
+        endpoint=endpoint_for(server),
+        executor=LocalExecutor(concurrency=32, retry=FAST_RETRY),
+        registry=registry,
+    )
+    run = session.run("count {reviews}", {"reviews": frame_of(300)})
+    assert run.status == "done" and run.errors_frame().empty
+    assert run.progress()["label"].retries > 10  # the storm really happened

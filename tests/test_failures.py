@@ -36,7 +36,7 @@ def test_rate_limits_and_server_errors_are_retried(fake_server, registry, review
 
     server = fake_server(plan_responder(PLAN, worker))
     run = local_session(server, registry).run("count {reviews}", {"reviews": reviews})
-    assert run.state == "done", run.error
+    assert run.status == "done", run.error
     assert run.result["n_chars"].tolist() == expected(reviews)
     assert run.progress()["label"].retries == 2 * len(reviews)
     assert run.errors == []
@@ -49,7 +49,7 @@ def test_malformed_output_becomes_an_explicit_missing_value(fake_server, registr
 
     server = fake_server(plan_responder(PLAN, worker))
     run = local_session(server, registry).run("count {reviews}", {"reviews": reviews})
-    assert run.state == "done"
+    assert run.status == "done with 1 failed"
     values = run.result["n_chars"]
     assert values.isna().tolist() == [True, False, False, False]
     assert values.dtype == "Int64"
@@ -68,7 +68,7 @@ def test_timeouts_are_retried_then_reported(fake_server, registry, reviews):
     session = local_session(server, registry, concurrency=1)
     session.endpoint = EndpointConfig(base_url=server.base_url, model="fake-model", timeout_s=0.5)
     run = session.run("count {reviews}", {"reviews": reviews})
-    assert run.state == "done" and run.result["n_chars"].tolist() == expected(reviews)
+    assert run.status == "done" and run.result["n_chars"].tolist() == expected(reviews)
     assert run.progress()["label"].retries == 1
 
 
@@ -181,7 +181,7 @@ def test_retry_failed_reruns_only_the_failures(fake_server, registry, reviews):
     before = server.count
     broken["on"] = False
     run.retry_failed().wait(30)
-    assert run.state == "done" and run.errors == []
+    assert run.status == "done" and run.errors == []
     assert run.result["n_chars"].tolist() == expected(reviews)
     assert server.count == before + 1  # only the failed row was asked again
 
@@ -193,5 +193,5 @@ def test_a_proxy_in_the_environment_does_not_capture_loopback_servers(
         monkeypatch.setenv(var, "http://127.0.0.1:9")  # nothing listens there
     server = fake_server(plan_responder(PLAN, count_chars))
     run = local_session(server, registry).run("count {reviews}", {"reviews": reviews})
-    assert run.state == "done", run.error
+    assert run.status == "done", run.error
     assert run.result["n_chars"].tolist() == expected(reviews)

@@ -104,7 +104,7 @@ def cell(ip, line):
 def test_without_a_grant_the_injected_tool_never_runs(ip, deletions, line, side_effects):
     deletions.register(side_effects)
     run = cell(ip, line)
-    assert run.state == "done", run.error
+    assert run.status == "done", run.error
     assert deletions.calls == []
     assert run.denied_tools == {"label": [("delete_all", "not granted (add --tools delete_all)")]}
     assert run.plan.stages[0].tools == []
@@ -120,13 +120,13 @@ def test_without_yes_and_without_a_grant_approval_still_runs_no_tool(ip, deletio
     assert run.state == "awaiting_approval"
     ip.run_line_magic("apwa", "approve")
     run.wait()
-    assert run.state == "done" and deletions.calls == []
+    assert run.status == "done" and deletions.calls == []
 
 
 def test_a_session_grant_allows_a_tool_without_side_effects(ip, deletions):
     ip.run_line_magic("apwa", "config tools=delete_all")
     run = cell(ip, "--yes --wait")
-    assert run.state == "done" and len(deletions.calls) == 3  # the user granted it: it runs
+    assert run.status == "done" and len(deletions.calls) == 3  # the user granted it: it runs
     assert run.denied_tools == {}
 
 
@@ -134,7 +134,7 @@ def test_a_session_grant_is_not_enough_for_side_effects(ip, deletions):
     deletions.register(True)
     ip.run_line_magic("apwa", "config tools=delete_all")
     run = cell(ip, "--yes --wait")
-    assert run.state == "done" and deletions.calls == []
+    assert run.status == "done" and deletions.calls == []
     reason = "has side effects: grant it in the cell itself (--tools delete_all)"
     assert run.denied_tools == {"label": [("delete_all", reason)]}
 
@@ -148,18 +148,18 @@ def test_side_effects_granted_in_the_cell_wait_for_an_explicit_approval_even_wit
     assert run.summary()["side_effects"] == ["label"]
     ip.run_line_magic("apwa", "approve")
     run.wait()
-    assert run.state == "done" and len(deletions.calls) == 3
+    assert run.status == "done" and len(deletions.calls) == 3
 
 
 def test_allow_side_effects_runs_without_the_click(ip, deletions):
     deletions.register(True)
     run = cell(ip, "--tools delete_all --allow-side-effects --yes --wait")
-    assert run.state == "done" and len(deletions.calls) == 3
+    assert run.status == "done" and len(deletions.calls) == 3
 
 
 def test_row_text_cannot_close_the_data_block(ip, deletions):
     run = cell(ip, "--yes --wait")
-    assert run.state == "done"
+    assert run.status == "done"
     server = ip.user_ns["server"]
     for body in server.requests:
         text = "\n".join(str(m.get("content") or "") for m in body["messages"])

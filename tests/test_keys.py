@@ -62,7 +62,7 @@ def local_session(**options: Any) -> Session:
 def run_tiny(session: Session) -> None:
     """One plan request and two worker requests; all must succeed."""
     run = session.run(PROMPT, {"reviews": REVIEWS})
-    assert run.state == "done", run.error
+    assert run.status == "done", run.error
     assert run.result is not None and run.result["n_chars"].tolist() == [3, 2]
 
 
@@ -314,7 +314,7 @@ def test_ray_key_travels_inline_never_through_the_object_store(servers, ray_exec
     endpoint = EndpointConfig(base_url=a.base_url, model="fake-model", api_key=key)  # type: ignore[arg-type]
     session = Session(endpoint=endpoint, executor=ray_executor)
     run = session.run(PROMPT, {"reviews": REVIEWS})
-    assert run.state == "done", run.error
+    assert run.status == "done", run.error
     assert run.result is not None and run.result["n_chars"].tolist() == [3, 2]
     assert sent(a) == {f"Bearer {key}"} and a.count == 3  # the workers did send it
     assert len(put) == 2  # one table, one stage context

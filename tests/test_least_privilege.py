@@ -129,7 +129,7 @@ def test_python_api_will_not_start_side_effects_without_allow(fake_server, regis
     run = session.run(
         "x {reviews}", {"reviews": reviews}, tools=["send_mail"], allow_side_effects=True
     )
-    assert run.state == "done" and len(calls) == 4
+    assert run.status == "done" and len(calls) == 4
     assert run.summary()["side_effects"] == ["label"]
 
 
@@ -158,7 +158,7 @@ def test_a_slow_sync_tool_does_not_block_another_subtask(fake_server, registry):
 
     run.subscribe(on_event)
     run.start().wait()
-    assert run.state == "done", run.error
+    assert run.status == "done", run.error
     assert released == [True]
     assert run.result["n"].tolist() == [1, 2]
 

@@ -69,7 +69,7 @@ def test_yes_runs_and_binds_the_result_with_the_input_index(ip):
     assert labels.index.tolist() == ["r1", "r2"]
     assert labels["n_chars"].tolist() == [3, 2]
     run = ip.user_ns["_apwa"]
-    assert run.state == "done" and labels.attrs["apwa_run"] == run.id
+    assert run.status == "done" and labels.attrs["apwa_run"] == run.id
 
 
 def test_unknown_variable_is_one_line_naming_the_tables(ip, capsys):
@@ -137,7 +137,7 @@ def test_approval_flow_through_the_widget_handlers(ip):
     widget.run_button.click()
     run.wait()
     widget.refresh()
-    assert run.state == "done"
+    assert run.status == "done"
     assert ip.user_ns["labels"]["n_chars"].tolist() == [3, 2]
     assert widget.run_button.disabled
     assert "2/2 done" in widget.progress.children[0].children[1].value

@@ -81,7 +81,7 @@ def test_map_over_rows_keeps_the_index(fake_server, ray_executor, registry, revi
         fake_server, plan, lambda b: Reply.json({"n_chars": len(worker_input(b)["text"])})
     )
     run = ray_session(server, ray_executor, registry).run("count {reviews}", {"reviews": reviews})
-    assert run.state == "done", run.error
+    assert run.status == "done", run.error
     assert run.result.index.tolist() == [101, 102, 103, 104]
     assert run.result["n_chars"].tolist() == [len(t) for t in reviews["text"]]
     assert run.result["stars"].tolist() == [1, 5, 3, 1]  # input columns kept
@@ -104,7 +104,7 @@ def test_map_over_batches(fake_server, ray_executor, registry):
 
     server = serve(fake_server, plan, worker)
     run = ray_session(server, ray_executor, registry).run("square {nums}", {"nums": frame})
-    assert run.state == "done", run.error
+    assert run.status == "done", run.error
     assert run.result["square"].to_dict() == {
         k: v * v for k, v in zip("abcdefg", range(7), strict=True)
     }
@@ -130,7 +130,7 @@ def test_task_parallel(fake_server, ray_executor, registry, reviews):
 
     server = serve(fake_server, plan, worker)
     run = ray_session(server, ray_executor, registry).run("sums", {"reviews": reviews})
-    assert run.state == "done", run.error
+    assert run.status == "done", run.error
     assert run.result.set_index("task")["total"].to_dict() == {"t1": 5, "t2": 30}
 
 
@@ -155,7 +155,7 @@ def test_replicate_with_majority_vote(fake_server, ray_executor, registry, revie
 
     server = serve(fake_server, plan, worker)
     run = ray_session(server, ray_executor, registry).run("vote {reviews}", {"reviews": reviews})
-    assert run.state == "done", run.error
+    assert run.status == "done", run.error
     assert run.result["guess"].tolist() == [1, 5, 3, 1]
     seeds = sorted(b.get("seed") for b in server.requests if not is_manager_request(b))
     assert seeds == sorted([1, 2, 3] * 4) and server.count == 1 + 12
@@ -218,7 +218,7 @@ def test_hierarchical_reduce_scene_act_book(fake_server, ray_executor, registry)
 
     server = serve(fake_server, plan, worker)
     run = ray_session(server, ray_executor, registry).run("summarise {scenes}", {"scenes": scenes})
-    assert run.state == "done", run.error
+    assert run.status == "done", run.error
     assert run.stage_frames["act"].set_index("act")["words_total"].to_dict() == {"I": 14, "II": 17}
     assert run.result["words_total"].tolist() == [31]
     # act I: 5 items at fan-in 2 -> 3 + 2 + 1 calls; act II: 3 -> 2 + 1; book: 2 -> 1
@@ -257,7 +257,7 @@ def test_killed_actor_calls_at_least_once_results_exactly_once(fake_server, ray_
     victim = asyncio.run(ray_executor.actor_pids())[0]
     os.kill(victim, signal.SIGKILL)
     run.wait(120)
-    assert run.state == "done" and run.status == "done", run.error
+    assert run.status == "done" and run.status == "done", run.error
     assert run.result["n_chars"].tolist() == [len(t) for t in frame["text"]]  # distinct values
     assert run.result.index.tolist() == list(range(60))  # no row lost, none duplicated
     results = run.subtask_results["m"]
@@ -399,7 +399,7 @@ def test_workers_call_registered_tools_over_http_and_nothing_else(
     run = ray_session(server, ray_executor, registry).run(
         "products {reviews}", {"reviews": reviews}, tools=["product_of"]
     )
-    assert run.state == "done", run.error
+    assert run.status == "done", run.error
     assert run.result["product"].tolist() == ["kettle", "headphones", "blender", "shoes"]
     first_turns = [b for b in server.requests if b.get("tools")]
     assert {t["function"]["name"] for b in first_turns for t in b["tools"]} == {"product_of"}

@@ -137,7 +137,7 @@ def test_interrupt_stops_the_wait_with_one_line_and_the_run_keeps_going(gated_ip
     assert run.state in ("planning", "running")  # not cancelled
     gate.set()
     m._wait_until_settled(run)
-    assert run.state == "done" and ip.user_ns["labels"]["n_chars"].tolist() == [3, 2]
+    assert run.status == "done" and ip.user_ns["labels"]["n_chars"].tolist() == [3, 2]
 
 
 def test_rerunning_the_apwa_cell_or_reading_a_dry_run_does_not_wait(gated_ip, capsys):

@@ -118,7 +118,7 @@ def test_a_rejected_key_stops_the_run_keeps_finished_rows_and_retry_sends_only_t
     state["key_ok"], state["answered"] = True, -100
     before = server.count
     run.retry_failed().wait(30)
-    assert run.state == "done" and run.status == "done"
+    assert run.status == "done" and run.status == "done"
     assert server.count - before == 7  # exactly the missing rows
     assert run.result["n_chars"].tolist() == [len(t) for t in frame["text"]]
     assert run.errors_frame().empty
@@ -458,7 +458,7 @@ def test_wait_after_approve_when_planned_waits_for_the_end(fake_server, registry
     server = fake_server(plan_responder(COUNT_PLAN, count_chars), latency=0.05)
     run = local_session(server, registry).plan("count {reviews}", {"reviews": frame_of(20)})
     run.approve_when_planned().wait(30)
-    assert run.state == "done" and run.result["n_chars"].notna().all()
+    assert run.status == "done" and run.result["n_chars"].notna().all()
 
 
 def test_a_cancel_right_after_start_is_never_lost(fake_server, registry):

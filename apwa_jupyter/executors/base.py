@@ -32,6 +32,7 @@ from typing import Any
 import pyarrow as pa
 
 from ..events import ProgressSink
+from ..ratelimit import Permit, RateLimiter
 from ..templates import StageContext, Subtask
 from ..worker import SubtaskResult
 
@@ -123,6 +124,7 @@ class EndpointGate:
     """
 
     limit: asyncio.Semaphore
+    limiter: RateLimiter
     paused_until: float = 0.0
     last_success: float = field(default_factory=time.monotonic)
     unreachable_since: float | None = None
@@ -153,11 +155,22 @@ class EndpointGate:
 _gates: dict[tuple[int, str], EndpointGate] = {}
 
 
-def endpoint_gate(key: str, limit: int) -> EndpointGate:
-    """One gate per endpoint per event loop, shared by all runs in this process."""
+def endpoint_gate(key: str, limit: int, model: Any = None) -> EndpointGate:
+    """One gate per endpoint per event loop, shared by all runs in this process.
+
+    Its rate limiter holds the endpoint's requests and tokens per minute (the endpoint's `rpm`
+    and `tpm` if the user set them, else learned from x-ratelimit-* headers) and an adaptive cap
+    on requests in flight (halved on a burst of 429s, grown back as answers come).
+    """
     loop_key = (id(asyncio.get_running_loop()), key)
     if loop_key not in _gates:
-        _gates[loop_key] = EndpointGate(asyncio.Semaphore(limit))
+        limiter = RateLimiter(
+            rpm=getattr(model, "rpm", None),
+            tpm=getattr(model, "tpm", None),
+            max_in_flight=limit,
+            window_s=getattr(model, "rate_window_s", 60.0),
+        )
+        _gates[loop_key] = EndpointGate(asyncio.Semaphore(limit), limiter)
     return _gates[loop_key]
 
 
@@ -211,7 +224,8 @@ class Executor(ABC):
         stage_handle = await self.put_stage(ctx)
         limit = max(1, concurrency or self.concurrency)
         endpoint_limit = getattr(ctx.model, "max_concurrency", limit)
-        gate = endpoint_gate(ctx.endpoint_key, endpoint_limit)
+        gate = endpoint_gate(ctx.endpoint_key, endpoint_limit, ctx.model)
+        limiter = gate.limiter
         pending = iter(subtasks)
         results: asyncio.Queue[Any] = asyncio.Queue()
         rejected_streak = [0]
@@ -226,9 +240,13 @@ class Executor(ABC):
                 async with gate.limit:
                     if stop.is_set():
                         return stop.unrun(subtask, attempt)
+                    permit = await _acquire(limiter, stop)
+                    if permit is None:
+                        return stop.unrun(subtask, attempt)
                     attempt += 1
                     sink.started(ctx.stage_id, subtask.id)
                     started = time.perf_counter()
+                    result = None
                     try:
                         result = await self._attempt(subtask, stage_handle, tables)
                     except WorkerLost as exc:
@@ -237,6 +255,7 @@ class Executor(ABC):
                         )
                     finally:
                         sink.attempt_ended(ctx.stage_id)
+                        _settle(limiter, permit, result)
                     result.attempts = attempt
                     result.elapsed_s = time.perf_counter() - started
                 tokens += result.usage.total_tokens
@@ -346,3 +365,30 @@ class Executor(ABC):
             result.error_kind,
         )
         return result
+
+
+async def _acquire(limiter: RateLimiter, stop: StopSignal) -> Permit | None:
+    """A place within the endpoint's rate limits, or None if the run stops while waiting."""
+    waiting = asyncio.ensure_future(limiter.acquire(limiter.typical_tokens()))
+    stopped = asyncio.ensure_future(stop.event.wait())
+    done, _ = await asyncio.wait({waiting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if waiting in done:
+        return waiting.result()
+    waiting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        permit = await waiting
+        limiter.release(permit)  # it was granted just as the run stopped
+    return None
+
+
+def _settle(limiter: RateLimiter, permit: Permit, result: SubtaskResult | None) -> None:
+    """Tell the limiter how a request went: tokens used, a 429, or another failure."""
+    if result is None:  # the attempt was cancelled
+        limiter.release(permit)
+    elif result.rate_limited:
+        limiter.rate_limited(permit, result.retry_after, result.rate_headers)
+    elif result.usage.requests or result.ok:
+        limiter.settle(permit, result.usage.total_tokens, result.rate_headers)
+    else:
+        limiter.release(permit)

@@ -66,6 +66,8 @@ class ChatResponse:
     tool_calls: list[ToolCall] = field(default_factory=list)
     finish_reason: str = "stop"
     usage: Usage = field(default_factory=Usage)
+    # The server's rate-limit headers (x-ratelimit-*, retry-after), for the endpoint's limiter.
+    rate_headers: dict[str, str] | None = None
 
 
 @runtime_checkable

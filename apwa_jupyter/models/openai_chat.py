@@ -8,6 +8,7 @@ retries are switched off: retries belong to the executor, which backs off with j
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -88,11 +89,14 @@ class OpenAIChatModel:
                 },
             }
         try:
-            completion = await self.client.chat.completions.create(**kwargs)
+            raw = await self.client.chat.completions.with_raw_response.create(**kwargs)
+            completion = raw.parse()
         except openai.RateLimitError as exc:
             raise TransientEndpointError(
                 f"rate limited by {self.endpoint.base_url} (HTTP 429)",
                 retry_after=_retry_after(exc),
+                rate_headers=rate_headers_of(getattr(exc, "response", None)),
+                rate_limited=True,
             ) from None
         except openai.InternalServerError as exc:
             raise TransientEndpointError(
@@ -137,7 +141,11 @@ class OpenAIChatModel:
                 f"{self.endpoint.base_url} rejected the request (HTTP {exc.status_code}): "
                 f"{_short(exc.message)}"
             ) from None
-        return _to_response(completion)
+        response = _to_response(completion)
+        headers = rate_headers_of(raw)
+        if headers:
+            response = dataclasses.replace(response, rate_headers=headers)
+        return response
 
     async def aclose(self) -> None:
         """Close the HTTP client if one was created."""
@@ -161,6 +169,19 @@ def compact_json_grammar(schema: dict[str, Any]) -> str:
     """
     options = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
     return "%llguidance {}\nstart: %json " + json.dumps({**schema, "x-guidance": options})
+
+
+def rate_headers_of(response: Any) -> dict[str, str] | None:
+    """The rate-limit headers of an HTTP response (x-ratelimit-*, retry-after), if any."""
+    headers = getattr(response, "headers", None)
+    if not headers:
+        return None
+    found = {
+        k.lower(): v
+        for k, v in headers.items()
+        if k.lower().startswith(("x-ratelimit-", "retry-after", "anthropic-ratelimit-"))
+    }
+    return found or None
 
 
 def _retry_after(exc: Any) -> float | None:
