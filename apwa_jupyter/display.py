@@ -38,6 +38,8 @@ def plan_text(run: Run) -> str:
     lines.append(f"  estimate: {estimate_line(run)}")
     for fix in run.plan_fixes:
         lines.append(f"  auto-fixed: {fix}")
+    for notice in run.notices:
+        lines.append(f"  note: {notice}")
     return "\n".join(lines)
 
 

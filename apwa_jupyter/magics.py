@@ -19,6 +19,7 @@ from traitlets import Enum, Int, List, Unicode
 from .errors import ApwaError, UserInputError
 from .parsers import (
     CELL_HELP,
+    ENDPOINT_LIMITS,
     LINE_COMMANDS,
     CellOptions,
     parse_cell_options,
@@ -309,7 +310,16 @@ class ApwaMagics(Magics):
             print(f"%apwa {name:<8} {text}")
 
     def _cmd_config(self, args: list[str], settings: dict[str, str]) -> None:
-        known = {"model", "base_url", "api_key", "address", "concurrency", "executor", "tools"}
+        known = {
+            "model",
+            "base_url",
+            "api_key",
+            "address",
+            "concurrency",
+            "executor",
+            "tools",
+            *ENDPOINT_LIMITS,
+        }
         unknown = set(settings) - known
         if unknown:
             raise UserInputError(f"unknown setting(s) {sorted(unknown)}; known: {sorted(known)}")

@@ -189,7 +189,7 @@ class LineCommand:
 
 
 LINE_COMMANDS = {
-    "config": "show settings, or set them: %apwa config model=NAME base_url=URL address=HOST:PORT concurrency=N executor=ray|local tools=a,b (granted to every cell; side-effect tools still need --tools); `%apwa config api_key` asks for a key without echo",
+    "config": "show settings, or set them: %apwa config model=NAME base_url=URL address=HOST:PORT concurrency=N executor=ray|local max_concurrency=N rpm=N tpm=N tools=a,b (granted to every cell; side-effect tools still need --tools); `%apwa config api_key` asks for a key without echo",
     "tools": "list registered capabilities",
     "cluster": "show the Ray cluster (%apwa cluster start: start it now)",
     "runs": "list runs: this kernel's, and earlier ones found in the result store",
@@ -283,9 +283,13 @@ def _choice(*choices: str) -> Callable[[str, str], str]:
 
 # The typed `%apwa config` settings; the others (model, base_url, api_key, address, tools) are
 # strings the session validates where they are used.
+# Limits of the configured endpoint: requests in flight, requests and tokens per minute.
+ENDPOINT_LIMITS = ("max_concurrency", "rpm", "tpm")
+
 CONFIG_TYPES: dict[str, Callable[[str, str], Any]] = {
     "concurrency": _positive_int,
     "executor": _choice("ray", "local"),
+    **dict.fromkeys(ENDPOINT_LIMITS, _positive_int),
 }
 
 

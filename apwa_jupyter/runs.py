@@ -93,6 +93,7 @@ class Run:
         self.plan: Plan | None = None
         self.plan_attempts = 0
         self.plan_fixes: list[str] = []
+        self.notices: list[str] = []  # limits that apply to this run, said once
         self.manager_usage = Usage()
         self.worker_usage = Usage()
         self.worker_model: EndpointConfig | ChatModel | None = None

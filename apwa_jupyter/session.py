@@ -101,6 +101,17 @@ class Session:
             self.tools = parse_tool_list(changes["tools"])
         if "concurrency" in changes:
             self.concurrency = int(changes["concurrency"])
+        limits: dict[str, Any] = {
+            k: changes[k] for k in ("max_concurrency", "rpm", "tpm") if k in changes
+        }
+        if limits:
+            endpoint = self.resolved_endpoint()
+            if endpoint is None:
+                raise UserInputError(
+                    "limits belong to an endpoint: set base_url (and model) first, e.g. "
+                    "%apwa config base_url=http://127.0.0.1:8000/v1 model=NAME max_concurrency=512"
+                )
+            self.endpoint = endpoint.model_copy(update=limits)
         if "executor" in changes:
             if self._executor is not None:
                 raise UserInputError(
@@ -241,6 +252,13 @@ class Session:
             )
             if isinstance(workers, EndpointConfig):
                 run.endpoint_id = endpoint_id(workers)
+                wanted = run.options.concurrency or self.concurrency or DEFAULT_CONCURRENCY
+                if wanted > workers.max_concurrency:
+                    run.notices.append(
+                        f"concurrency {wanted} is capped at this endpoint's limit of "
+                        f"{workers.max_concurrency} requests in flight; raise it with "
+                        f"%apwa config max_concurrency={wanted}"
+                    )
             reused = None if replan else _stored_plan(run, samples)
             if reused is not None:
                 run.plan_reused_from = "store"

@@ -279,6 +279,7 @@ class PlanWidget:
         for i, title in enumerate(titles):
             self.stages.set_title(i, title)
         fixes = "".join(f"<br>auto-fixed: {html.escape(fix)}" for fix in run.plan_fixes)
+        fixes += "".join(f"<br>note: {html.escape(notice)}" for notice in run.notices)
         if run.needs_explicit_approval():
             fixes += (
                 f"<br>{SIDE_EFFECTS_BADGE} stages {html.escape(str(run.side_effect_stages()))} "

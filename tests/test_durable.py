@@ -374,3 +374,17 @@ def test_a_429_storm_slows_the_run_instead_of_failing_rows(fake_server, registry
     run = session.run("count {reviews}", {"reviews": frame_of(300)})
     assert run.status == "done" and run.errors_frame().empty
     assert run.progress()["label"].retries > 10  # the storm really happened
+
+
+def test_a_concurrency_over_the_endpoint_limit_is_said_and_can_be_raised(fake_server, registry):
+    server = fake_server(Counting())
+    session = session_for(server, registry)
+    run = session.plan("count {reviews}", {"reviews": frame_of(3)}, concurrency=512).wait()
+    assert run.notices == [
+        "concurrency 512 is capped at this endpoint's limit of 256 requests in flight; raise "
+        "it with %apwa config max_concurrency=512"
+    ]
+    session.configure(max_concurrency=512, tpm=90000)
+    assert session.endpoint.max_concurrency == 512 and session.endpoint.tpm == 90000
+    again = session.plan("count {reviews}", {"reviews": frame_of(3)}, concurrency=512).wait()
+    assert again.notices == []
