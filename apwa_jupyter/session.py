@@ -47,7 +47,7 @@ class Session:
         address: str | None = None,
         concurrency: int | None = None,
         registry: CapabilityRegistry | None = None,
-        num_actors: int = 2,
+        num_actors: int | None = None,
         tools: list[str] | None = None,
         samples: bool = True,
         cache_dir: str | None = None,

@@ -41,6 +41,10 @@ CACHE_ENTRIES = 32
 ACTORS_PER_NODE = 2
 PROBE_INTERVAL_S = 0.5
 PROBE_TIMEOUT_S = 5.0
+# A lost actor that Ray has not brought back after this long is replaced by a new one on a
+# live node (Ray itself gives up on an actor pinned to a node once the node is declared dead,
+# which took 12-15 s here; a crashed process on a live node restarts in 1-3 s).
+REPLACE_AFTER_S = 30.0
 
 
 def _on_parked_thread(function: Any) -> concurrent.futures.Future[Any]:
@@ -137,6 +141,28 @@ def ray_start_options(address: str | None) -> dict[str, Any]:
     return options
 
 
+def _nodes_for_actors(nodes: list[dict[str, Any]]) -> list[str]:
+    """Ids of the alive nodes that get actors: those with CPUs, if any node has them.
+
+    A head node started with `--num-cpus=0` (as KubeRay and `ray up` advise, to keep the GCS
+    responsive) is skipped, unless it is all there is.
+    """
+    alive = [n for n in nodes if n.get("Alive")]
+    with_cpu = [n for n in alive if n.get("Resources", {}).get("CPU", 0) > 0]
+    return [n["NodeID"] for n in (with_cpu or alive)]
+
+
+def _actor_lost_errors() -> tuple[type[BaseException], ...]:
+    """What an actor call raises when the actor's process or node is gone (not the endpoint).
+
+    ActorUnschedulableError is not a RayActorError: it is what a call to an actor pinned to a
+    dead node raises once Ray has declared the node dead.
+    """
+    import ray
+
+    return (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError)
+
+
 class _DropThreadWarning(logging.Filter):
     """Ray warns that it cannot set a SIGTERM handler off the main thread; that is intended."""
 
@@ -184,6 +210,11 @@ class RayExecutor(Executor):
         self._actors: list[Any] = []
         self._load: list[int] = []
         self._alive: list[bool] = []
+        # The node each slot's actor was placed on (None: wherever Ray chose).
+        self._homes: list[str | None] = []
+        # Actors replaced because Ray could not bring them back (their node died).
+        self.replaced = 0
+        self._actor_class: Any = None
         self._inflight: set[Any] = set()
         self._probes: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
@@ -217,22 +248,36 @@ class RayExecutor(Executor):
                     f" {exc}. Check `ray status` there, or drop --address to use a local cluster."
                 ) from None
             self._owns_ray = True
-        nodes = len([n for n in ray.nodes() if n.get("Alive")]) or 1
-        count = self.num_actors or self.actors_per_node * nodes
-        # SPREAD places the pool over the alive nodes; num_cpus=0: actors wait on the network.
-        actor_class = ray.remote(  # type: ignore[call-overload]
-            num_cpus=0,
-            max_concurrency=4096,
-            max_restarts=-1,
-            max_task_retries=0,
-            scheduling_strategy="SPREAD",
-        )(_WorkerActor)
-        actors = [actor_class.remote() for _ in range(count)]
+        nodes = _nodes_for_actors(ray.nodes())
+        count = self.num_actors or self.actors_per_node * max(1, len(nodes))
+        # Round-robin over the nodes, each actor pinned to its node: "SPREAD" is best effort and
+        # put all 4 actors on the head when the second node had joined a moment before, and a
+        # soft pin fell back the same way (both measured). A pinned actor is not restarted
+        # elsewhere when its node dies; `_probe` replaces it on a live node.
+        homes = [nodes[i % len(nodes)] if nodes else None for i in range(count)]
+        actors = [self._new_actor(node) for node in homes]
         ray.get([actor.pid.remote() for actor in actors])  # wait until they are up
+        self._homes = homes
         self._load = [0] * count
         self._alive = [True] * count
         self._actors = actors
         self.num_actors = count
+
+    def _new_actor(self, node_id: str | None, soft: bool = False) -> Any:
+        """An actor, pinned to `node_id` if given (`soft`: elsewhere if that node cannot host it)."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        if self._actor_class is None:
+            # num_cpus=0: actors wait on the network. Restarts cover a crashed process on a
+            # live node; an actor whose node died is replaced (`_probe`).
+            self._actor_class = ray.remote(  # type: ignore[call-overload]
+                num_cpus=0, max_concurrency=4096, max_restarts=-1, max_task_retries=0
+            )(_WorkerActor)
+        if node_id is None:
+            return self._actor_class.remote()
+        strategy = NodeAffinitySchedulingStrategy(node_id, soft=soft)
+        return self._actor_class.options(scheduling_strategy=strategy).remote()
 
     async def put_table(self, name: str, table: pa.Table) -> Any:
         """One copy in the object store; workers slice it zero-copy."""
@@ -263,14 +308,15 @@ class RayExecutor(Executor):
         import ray
 
         slot = self._pick()
+        actor = self._actors[slot]
         table_box = [tables[subtask.rows.table]] if subtask.rows is not None else []
-        ref = self._actors[slot].run.remote(subtask, [stage.ref], table_box, stage.api_key)
+        ref = actor.run.remote(subtask, [stage.ref], table_box, stage.api_key)
         self._load[slot] += 1
         self._inflight.add(ref)
         try:
             return await ref
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-            self._lost(slot)
+        except _actor_lost_errors() as exc:
+            self._lost(slot, actor)
             raise WorkerLost(type(exc).__name__) from None
         except ray.exceptions.TaskCancelledError:
             return SubtaskResult(subtask, error="cancelled", error_kind="cancelled")
@@ -278,9 +324,13 @@ class RayExecutor(Executor):
             self._load[slot] -= 1
             self._inflight.discard(ref)
 
-    def _lost(self, slot: int) -> None:
-        """Stop choosing an actor whose process or node died; probe it until Ray restarts it."""
-        if not self._alive[slot]:
+    def _lost(self, slot: int, actor: Any) -> None:
+        """Stop choosing an actor whose process or node died; probe it until it answers again.
+
+        `actor` is the handle the failed call went to: a late failure from an actor that was
+        already replaced in this slot says nothing about its replacement.
+        """
+        if not self._alive[slot] or self._actors[slot] is not actor:
             return
         self._alive[slot] = False
         probe = asyncio.ensure_future(self._probe(slot))
@@ -288,12 +338,45 @@ class RayExecutor(Executor):
         probe.add_done_callback(self._probes.discard)
 
     async def _probe(self, slot: int) -> None:
-        while self._actors and not self._alive[slot]:
-            with contextlib.suppress(Exception):
+        """Mark the slot alive once its actor answers; replace the actor if it cannot come back.
+
+        An actor pinned to a node that died is never restarted by Ray (ActorUnschedulableError
+        once the node is declared dead); any actor still silent after REPLACE_AFTER_S is
+        replaced too. The replacement goes to the live node with the fewest live actors.
+        """
+        import ray
+
+        since = time.monotonic()
+        while slot < len(self._actors) and not self._alive[slot]:  # stops at shutdown
+            try:
                 await asyncio.wait_for(self._actors[slot].pid.remote(), timeout=PROBE_TIMEOUT_S)
                 self._alive[slot] = True
                 return
+            except (ray.exceptions.ActorUnschedulableError, ray.exceptions.ActorDiedError):
+                if slot < len(self._actors):
+                    self._replace(slot)
+            except Exception:  # restarting, or its node is not yet declared dead
+                if time.monotonic() - since > REPLACE_AFTER_S:
+                    self._replace(slot)
+                    since = time.monotonic()
             await asyncio.sleep(PROBE_INTERVAL_S)
+
+    def _replace(self, slot: int) -> None:
+        """A new actor in `slot` on the live node hosting the fewest live actors (soft pin)."""
+        import ray
+
+        old = self._actors[slot]
+        with contextlib.suppress(Exception):
+            ray.kill(old, no_restart=True)
+        nodes = _nodes_for_actors(ray.nodes())
+        hosting = {n: 0 for n in nodes}
+        for i, node in enumerate(self._homes):
+            if self._alive[i] and node in hosting:
+                hosting[node] += 1
+        target = min(nodes, key=lambda n: hosting[n]) if nodes else None
+        self._actors[slot] = self._new_actor(target, soft=True)
+        self._homes[slot] = target
+        self.replaced += 1
 
     async def cancel_inflight(self) -> None:
         """Ask Ray to cancel every call still running in the actors."""
@@ -327,15 +410,32 @@ class RayExecutor(Executor):
                     }
                     for n in ray.nodes()
                 ]
+                if self.replaced:
+                    info["replaced"] = f"{self.replaced} actor(s) whose node was lost"
                 if self._actors:
-                    places = ray.get([a.placement.remote() for a in self._actors], timeout=5)
-                    info["placement"] = [
-                        {"actor": i, "node": node[:8], "pid": pid, "alive": self._alive[i]}
-                        for i, (node, pid) in enumerate(places)
-                    ]
+                    info["placement"] = self._placement(ray)
         except Exception as exc:  # describing must never fail the caller
             info["error"] = f"{type(exc).__name__}: {exc}"
         return info
+
+    def _placement(self, ray: Any) -> list[dict[str, Any]]:
+        """Where each actor runs, asking them all at once; a lost one shows where it was placed.
+
+        One silent actor (its node is gone) must not hide the others, so each answer is read
+        on its own and the whole question waits at most 2 s.
+        """
+        refs = [actor.placement.remote() for actor in self._actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=2)
+        answered = {ref.hex() for ref in ready}
+        rows = []
+        for i, ref in enumerate(refs):
+            node, pid = (self._homes[i] if i < len(self._homes) else None) or "-", None
+            if ref.hex() in answered:
+                with contextlib.suppress(Exception):
+                    node, pid = ray.get(ref)
+            alive = self._alive[i] and pid is not None
+            rows.append({"actor": i, "node": node[:8], "pid": pid, "alive": alive})
+        return rows
 
     def shutdown(self) -> None:
         """Kill the actor pool; shut Ray down if this executor started it."""
