@@ -28,7 +28,7 @@ from .events import Event
 from .executors.base import Executor
 from .models.base import ChatModel, Usage
 from .models.pool import ModelPool
-from .plans import Plan
+from .plans import Plan, validate_plan
 from .runs import Run, RunOptions
 from .tables import DataTable, resolve_tables
 
@@ -191,6 +191,7 @@ class Session:
         cache: Literal["use", "refresh", "off"] = "use",
         replan: bool = False,
         budget: str | None = None,
+        plan: Plan | None = None,
     ) -> Run:
         """Start planning in the background; the Run moves to "awaiting_approval" when ready.
 
@@ -200,6 +201,7 @@ class Session:
         are not asked again), "refresh" (ask again, store the fresh answers) or "off".
         `replan=True` asks the manager even when this request's approved plan is stored.
         `budget` ("$2", "500k") stops the run before the next subtasks would spend more.
+        `plan` runs a plan you wrote (validated like the manager's) without asking the manager.
         """
         if not prompt.strip():
             raise UserInputError("The prompt is empty: say what each worker should do.")
@@ -230,7 +232,7 @@ class Session:
         show_samples = self.samples if samples is None else samples
         if cache != "off":
             run.store = self.store
-        run.plan_future = engine.submit(self._plan(run, endpoint, show_samples, replan))
+        run.plan_future = engine.submit(self._plan(run, endpoint, show_samples, replan, plan))
         self._notify(run, None)
         return run
 
@@ -240,6 +242,7 @@ class Session:
         endpoint: EndpointConfig | None = None,
         samples: bool = True,
         replan: bool = False,
+        given: Plan | None = None,
     ) -> None:
         from .manager import make_plan
 
@@ -259,6 +262,15 @@ class Session:
                         f"{workers.max_concurrency} requests in flight; raise it with "
                         f"%apwa config max_concurrency={wanted}"
                     )
+            if given is not None:
+                problems = validate_plan(
+                    given, {n: t.column_names for n, t in run.tables.items()}, run.registry.names()
+                )
+                if problems:
+                    run.planning_failed("the given plan is invalid: " + "; ".join(problems))
+                    return
+                run.plan_ready(given, Usage(), 0, ["plan given by the caller (no manager call)"])
+                return
             reused = None if replan else _stored_plan(run, samples)
             if reused is not None:
                 run.plan_reused_from = "store"
@@ -447,7 +459,6 @@ def endpoint_id(endpoint: EndpointConfig) -> str:
 
 def _stored_plan(run: Run, samples: bool) -> Plan | None:
     """The approved plan of an identical earlier request, if the store has one that still fits."""
-    from .plans import validate_plan
     from .store import plan_key
 
     if run.store is None or run.endpoint_id is None:

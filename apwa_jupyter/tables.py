@@ -127,7 +127,8 @@ class DataTable:
                 ) from None
             except UnicodeEncodeError:
                 raise UserInputError(_unencodable_text(name, frame)) from None
-            table = cls(name, arrow, "dataframe", index=value.index)
+            kind = str(value.attrs.get("apwa_kind", "dataframe"))  # e.g. "documents", "chunks"
+            table = cls(name, arrow, kind, index=value.index)
         elif isinstance(value, pa.Table):
             table = cls(name, value, "arrow")
         elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):

@@ -481,3 +481,20 @@ def test_edit_stage_remove(fake_server, registry):
         run.edit_stage("nope", remove=True)
     run.start().wait(30)
     assert run.status == "done" and not is_manager_request({})
+
+
+def test_a_plan_written_by_the_caller_runs_without_the_manager(fake_server, registry):
+    from apwa_jupyter.plans import Plan
+
+    server = fake_server(plan_responder(COUNT_PLAN, count_chars))
+    session = local_session(server, registry)
+    run = session.plan(
+        "count {reviews}", {"reviews": frame_of(3)}, plan=Plan.model_validate(COUNT_PLAN)
+    )
+    run.wait().start().wait(30)
+    assert run.status == "done" and server.count == 3  # workers only
+    bad = dict(COUNT_PLAN, stages=[dict(COUNT_PLAN["stages"][0], source="nope")])
+    failed = session.plan(
+        "count {reviews}", {"reviews": frame_of(3)}, plan=Plan.model_validate(bad)
+    )
+    assert failed.wait().state == "failed" and "the given plan is invalid" in failed.error
