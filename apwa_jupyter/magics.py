@@ -12,7 +12,7 @@ import re
 import time
 from typing import TYPE_CHECKING, Any
 
-from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.core.magic import Magics, line_cell_magic, magics_class, no_var_expand
 from IPython.display import display
 from traitlets import Enum, Int, List, Unicode
 
@@ -109,6 +109,8 @@ class ApwaMagics(Magics):
         return self._session
 
     # -- the magic -----------------------------------------------------------------------------
+    # no_var_expand: IPython would turn `--budget $2` into `--budget 2` (a 2-token budget).
+    @no_var_expand
     @line_cell_magic
     def apwa(self, line: str, cell: str | None = None) -> Any:
         """%%apwa [options] + prompt: plan and run. %apwa COMMAND: session commands (%apwa help)."""

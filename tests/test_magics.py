@@ -391,3 +391,24 @@ def test_a_run_never_binds_over_a_name_the_user_reassigned_since_the_cell_ran(ip
         f"apwa: run {run.id} did not bind labels: it was re-assigned after the cell ran; "
         "the result is in _apwa.result"
     ) in capsys.readouterr().out.splitlines()
+
+
+def test_a_dollar_budget_is_not_expanded_by_ipython(ip, capsys):
+    """IPython expands $name in magic lines; `--budget $2` must stay two dollars."""
+    from apwa_jupyter.parsers import parse_cell_options
+
+    seen: list[str] = []
+    original = parse_cell_options
+
+    def spy(line: str):
+        seen.append(line)
+        return original(line)
+
+    import apwa_jupyter.magics as magics_module
+
+    magics_module.parse_cell_options = spy
+    try:
+        ip.run_cell_magic("apwa", "--dry-run --budget $2 --executor local", "Label {nothing}.")
+    finally:
+        magics_module.parse_cell_options = original
+    assert seen == ["--dry-run --budget $2 --executor local"]

@@ -63,9 +63,14 @@ def quickstart_cells(base_url: str) -> list[tuple[str, str]]:
     prompt = magic.split("\n", 1)[1]
     return [
         ("q-load", load),
-        ("q-config", f"%apwa config base_url={base_url} model=fake-model"),
+        (
+            "q-config",
+            f"%apwa config base_url={base_url} model=fake-model\n"
+            "from apwa_jupyter.costs import set_price\n"
+            "set_price('fake-model', 0.15, 0.60)  # USD per 1M tokens, so the estimate has money",
+        ),
         ("q-frame", frame),
-        ("q-apwa", "%%apwa --out labels\n" + prompt),
+        ("q-apwa", "%%apwa --out labels --budget $0.01\n" + prompt),
         ("q-result", "labels"),
     ]
 
@@ -88,7 +93,11 @@ def test_quickstart_widget_run_and_result(lab_server: LabServer, page: Any) -> N
             timeout=120_000,
         )
         assert widget.locator(".apwa-dag .apwa-stage").count() == 1
+        estimate = widget.inner_text()
+        assert "4 calls" in estimate and "budget $0.01" in estimate, estimate
         nb.screenshot("quickstart-plan")
+        widget.scroll_into_view_if_needed()
+        widget.screenshot(path=str(REPO / "docs" / "img" / "plan-estimate.png"))
         run_button.click()
         widget.locator(".apwa-state", has_text="done").wait_for(timeout=180_000)
         nb.wait_idle()
