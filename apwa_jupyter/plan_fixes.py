@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .capabilities import CapabilityRegistry
-from .plans import PLACEHOLDER, Plan, stage_columns
+from .plans import PLACEHOLDER, Plan, allowed_placeholders, stage_columns
 
 SourceKinds = ("map", "replicate", "reduce")
 # Batched answers are matched to their rows by this key (see templates.ROW_KEY).
@@ -140,9 +140,9 @@ def _fix_columns(
                         f"{where}: output {field['name']!r} renamed {new!r} (an input column has that name)"
                     )
                     field["name"] = new
-        allowed = {stage.get("group_by")} if stage["kind"] == "reduce" else set(upstream)
+        allowed = allowed_placeholders(stage["kind"], stage.get("group_by"), upstream)
 
-        def unbrace(match: Any, allowed: set[Any] = allowed) -> str:
+        def unbrace(match: Any, allowed: set[str] = allowed) -> str:
             name = match.group(1)
             return match.group(0) if name in allowed else name
 

@@ -260,6 +260,18 @@ def validate_plan(
     return problems
 
 
+def allowed_placeholders(
+    kind: str, group_by: str | None, source_columns: Iterable[str]
+) -> set[str]:
+    """The {names} an instruction may use: its source row's columns; a reduce only its group key.
+
+    The one home of this rule: validation reports other names, and plan fixes unbrace them.
+    """
+    if kind == "reduce":
+        return {group_by} if group_by else set()
+    return set(source_columns)
+
+
 def _check_placeholders(
     stage: Any, columns: Mapping[str, list[str]], table_columns: Mapping[str, list[str]]
 ) -> list[str]:
@@ -272,14 +284,11 @@ def _check_placeholders(
     if isinstance(stage, TaskStage):
         for task in stage.tasks:
             used |= set(PLACEHOLDER.findall(task.instruction))
-    if isinstance(stage, ReduceStage):
-        allowed = {stage.group_by} if stage.group_by else set()
-        if stage.group_by and stage.group_by not in source_cols:
-            problems.append(
-                f"{where} groups by {stage.group_by!r}, not a column of {source!r} {source_cols}"
-            )
-    else:
-        allowed = set(source_cols)
+    allowed = allowed_placeholders(stage.kind, getattr(stage, "group_by", None), source_cols)
+    if isinstance(stage, ReduceStage) and stage.group_by and stage.group_by not in source_cols:
+        problems.append(
+            f"{where} groups by {stage.group_by!r}, not a column of {source!r} {source_cols}"
+        )
     for name in sorted(used - allowed):
         hint = f"columns of {source!r} are {source_cols}" if source else "this stage has no source"
         problems.append(f"{where} uses placeholder {{{name}}}, but {hint}")
