@@ -340,9 +340,19 @@ class Session:
         raise UserInputError(f"No run {run_id!r}; runs: {[r.id for r in self.runs]}")
 
     # -- observers (the JupyterLab panel) --------------------------------------------------------
-    def run_list(self) -> list[Run]:
-        """Runs of this session, oldest first."""
-        return list(self.runs)
+    def run_list(self) -> list[Any]:
+        """What the runs panel lists: earlier kernels' runs from the store, then this session's.
+
+        Earlier runs are read-only views (`StoredRun`); `%apwa load RUN_ID --out NAME` brings
+        one's result back without a model call.
+        """
+        mine = {run.id for run in self.runs}
+        earlier: list[Any] = []
+        if self.use_store:
+            with contextlib.suppress(Exception):  # the panel must never fail on the store
+                records = [r for r in self.store.runs() if r.get("run_id") not in mine]
+                earlier = [StoredRun(r) for r in reversed(records[:STORED_RUNS_LISTED])]
+        return [*earlier, *self.runs]
 
     def on_run_change(self, callback: RunListener) -> Callable[[], None]:
         """Call `callback(run)` whenever any run changes; returns unsubscribe."""
@@ -425,6 +435,52 @@ def plan(prompt: str, tables: dict[str, Any], **options: Any) -> Run:
     return default_session().plan(prompt, tables, **options)
 
 
+STORED_RUNS_LISTED = 20
+
+
+class StoredRun:
+    """A run of an earlier kernel, as the runs panel shows it (from the result store)."""
+
+    def __init__(self, record: dict[str, Any]):
+        self.record = record
+        self.id = str(record.get("run_id"))
+
+    def summary(self) -> dict[str, Any]:
+        """A RunSummary from the stored record (see runs_comm.py)."""
+        rows = self.record.get("rows") or 0
+        missing = self.record.get("missing") or 0
+        ended = self.record.get("state") in FINAL
+        state = self.record.get("state") if ended else "failed"
+        how = state if ended else "interrupted (rerun the cell: stored answers are reused)"
+        prompt = str(self.record.get("prompt") or "").strip().splitlines()
+        return {
+            "id": self.id,
+            "prompt": (prompt[0] if prompt else "")[:120],
+            "state": state,
+            "status": f"{how} · earlier kernel · %apwa load {self.id} --out NAME",
+            "done": rows - missing,
+            "total": rows,
+            "failed": missing,
+            "skipped": 0,
+            "running": 0,
+            "tokens": 0,
+            "elapsed_s": round(
+                float(self.record.get("updated_at") or 0)
+                - float(self.record.get("created_at") or 0),
+                2,
+            ),
+            "started_at": self.record.get("created_at") or 0,
+            "cell_id": None,
+            "out": self.record.get("out"),
+            "error": None,
+            "side_effects": [],
+        }
+
+    def cancel(self) -> None:
+        """An earlier kernel's run is over: nothing to cancel."""
+
+
+FINAL = ("done", "failed", "cancelled")
 _stores: dict[str, Any] = {}
 _stores_lock = threading.Lock()
 

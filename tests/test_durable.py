@@ -388,3 +388,15 @@ def test_a_concurrency_over_the_endpoint_limit_is_said_and_can_be_raised(fake_se
     assert session.endpoint.max_concurrency == 512 and session.endpoint.tpm == 90000
     again = session.plan("count {reviews}", {"reviews": frame_of(3)}, concurrency=512).wait()
     assert again.notices == []
+
+
+def test_the_runs_panel_lists_earlier_kernels_runs_from_the_store(fake_server, registry):
+    server = fake_server(Counting())
+    earlier = session_for(server, registry).run("count {reviews}", {"reviews": frame_of(4)})
+    fresh = session_for(server, registry)  # as in a new kernel
+    listed = [run.summary() for run in fresh.run_list()]
+    assert [s["id"] for s in listed] == [earlier.id]
+    assert listed[0]["state"] == "done" and listed[0]["done"] == 4
+    assert f"%apwa load {earlier.id}" in listed[0]["status"]
+    mine = fresh.run("count {reviews}", {"reviews": frame_of(4)})
+    assert [run.id for run in fresh.run_list()] == [earlier.id, mine.id]
