@@ -21,6 +21,9 @@ _LAZY = {
     "capability": "apwa_jupyter.capabilities",
     "CapabilityRegistry": "apwa_jupyter.capabilities",
     "EndpointConfig": "apwa_jupyter.config",
+    "files": "apwa_jupyter.documents",
+    "chunks": "apwa_jupyter.documents",
+    "count_tokens": "apwa_jupyter.documents",
 }
 
 __all__ = [*_LAZY, "load_ipython_extension", "unload_ipython_extension"]

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import atexit
 import importlib.util
+import math
 import os
 import secrets
 import signal
@@ -429,3 +430,54 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# -- Choosing among allowed labels by likelihood (bench/embedded_accuracy.py) ----------------------
+# Log-probability given to a choice whose first token is not among the `top_logprobs` returned.
+CHOICE_FLOOR = -20.0
+CHOICE_TOP_LOGPROBS = 50
+
+
+async def choice_logprobs(
+    client: Any, model: str, messages: list[dict[str, Any]], field: str, choices: list[str]
+) -> dict[str, float]:
+    """Each allowed choice's log-probability as the value of `field`, by its first token.
+
+    The answer is prefilled up to the value's opening quote (`{"field":"`; llama.cpp continues a
+    trailing assistant message) and one token is generated with `top_logprobs`; a choice scores
+    the summed probability of the returned tokens it starts with. One short request per row
+    instead of a generated answer, and never a value outside `choices`.
+    """
+    completion = await client.chat.completions.create(
+        model=model,
+        messages=[*messages, {"role": "assistant", "content": '{"' + field + '":"'}],
+        max_tokens=1,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=CHOICE_TOP_LOGPROBS,
+    )
+    top = completion.choices[0].logprobs.content[0].top_logprobs
+    scores: dict[str, float] = {}
+    for choice in choices:
+        probs = [
+            math.exp(t.logprob)
+            for t in top
+            if t.token.strip() and choice.lower().startswith(t.token.strip().lower())
+        ]
+        scores[choice] = math.log(sum(probs)) if probs else CHOICE_FLOOR
+    return scores
+
+
+def batch_calibrated(scores: list[dict[str, float]]) -> list[str]:
+    """The choice per row after subtracting each choice's mean score over all rows.
+
+    SmolLM2-135M prefers one label (mostly the first listed) whatever the input: on the bench's
+    sentiment set, raw first-token scores picked "positive" for 26 of 30 reviews. Relative to
+    the stage's own mean, the input's effect shows (batch calibration, Zhou et al. 2023). It
+    assumes the rows are not all of one class, which a map over a real table rarely is.
+    """
+    if not scores:
+        return []
+    choices = list(scores[0])
+    mean = {c: sum(s[c] for s in scores) / len(scores) for c in choices}
+    return [max(choices, key=lambda c: row[c] - mean[c]) for row in scores]

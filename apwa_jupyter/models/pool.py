@@ -19,8 +19,12 @@ class ModelPool:
             return source
         if source not in self._models:
             from .openai_chat import OpenAIChatModel
+            from .replay import RecordingEndpoint, RecordingModel
 
-            self._models[source] = OpenAIChatModel(source)
+            model: ChatModel = OpenAIChatModel(source)
+            if isinstance(source, RecordingEndpoint):  # --record: append exchanges in this process
+                model = RecordingModel(model, source.record_path, source.model)
+            self._models[source] = model
         return self._models[source]
 
     async def aclose(self) -> None:

@@ -1,0 +1,52 @@
+"""The workload notebooks, executed top to bottom by nbclient on the embedded model (small size).
+
+They assert structure (tables, columns, counts, the reported figures), not model quality: the
+embedded SmolLM2-135M is there to make the pipeline run offline, not to summarise Tolstoy.
+Each notebook's last code cell evaluates to a `report` dict; it is read back from the output.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from apwa_jupyter.demo import execute, text_outputs
+
+NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
+
+pytestmark = pytest.mark.embedded
+
+
+def run_notebook(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[dict, list]:
+    for var in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "APWA_MODEL", "APWA_FULL", "APWA_DOCS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("APWA_CACHE_DIR", str(tmp_path / "cache"))  # no answers from earlier runs
+    monkeypatch.chdir(NOTEBOOKS)  # the kernel starts here, as Jupyter starts it for a user
+    executed = execute(name, str(tmp_path / name), timeout=1200)
+    texts = text_outputs(executed)
+    text = texts[-2] if name == "schema_extraction.ipynb" else texts[-1]
+    report = ast.literal_eval(text[text.rfind("\n{") + 1 :])  # the dict, after printed lines
+    return report, texts
+
+
+def test_book_summary_keeps_every_level_as_a_table(tmp_path, monkeypatch):
+    report, texts = run_notebook("book_summary.ipynb", tmp_path, monkeypatch)
+    assert "365 chapters" in texts[1] and "17 books" in texts[1]  # the whole novel was read
+    assert "tiktoken cl100k_base" in "\n".join(texts)
+    # small size: 2 books x 1 chapter x first 2 chunks
+    assert report["levels"] == {"chunk": 4, "chapter": 2, "book": 2, "novel": 1}
+    assert report["subtasks"] == 4 + 2 + 2 + 1
+    assert report["failures"] == 0
+    assert report["tokens"] > 0 and report["wall_s"] > 0
+
+
+def test_schema_extraction_reports_field_accuracy(tmp_path, monkeypatch):
+    report, _ = run_notebook("schema_extraction.ipynb", tmp_path, monkeypatch)
+    assert report["documents"] == 8
+    assert set(report["accuracy"]) == {"vendor", "date", "total", "currency"}
+    assert all(0.0 <= v <= 1.0 for v in report["accuracy"].values())
+    assert report["state"].startswith("done")
+    assert report["rows"] == 8  # one result row per document, whatever the plan batched
+    assert report["subtasks"] >= 1
