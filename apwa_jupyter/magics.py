@@ -152,6 +152,8 @@ class ApwaMagics(Magics):
             cache="off" if options.no_cache else ("refresh" if options.refresh else "use"),
             replan=options.replan,
             budget=options.budget,
+            record=options.record,
+            replay=options.replay,
         )
         run.dry_run = options.dry_run
         run.cell_id = self._cell_id()

@@ -88,6 +88,14 @@ def _cell_parser() -> _Parser:
         "--replan", action="store_true", help="ask the manager again even if this plan is stored"
     )
     parser.add_argument(
+        "--record", metavar="FILE", help="save every model exchange of this run to FILE (no key)"
+    )
+    parser.add_argument(
+        "--replay",
+        metavar="FILE",
+        help="answer every request from FILE, offline and deterministic; no endpoint needed",
+    )
+    parser.add_argument(
         "--budget",
         metavar="LIMIT",
         help="stop before spending more: money ($2, 2 USD) or tokens (500k, 1.5M); finished "
@@ -124,6 +132,8 @@ class CellOptions:
     refresh: bool = False
     replan: bool = False
     budget: str | None = None
+    record: str | None = None
+    replay: str | None = None
     max_tokens: int = 1024
     dry_run: bool = False
     yes: bool = False
@@ -156,6 +166,8 @@ def parse_cell_options(line: str) -> CellOptions:
         from .costs import Budget
 
         Budget.parse(options.budget)  # a bad budget is one line now, not after planning
+    if options.record and options.replay:
+        raise UserInputError("--record and --replay contradict each other; pick one")
     if options.no_cache and options.refresh:
         raise UserInputError("--no-cache and --refresh contradict each other; pick one")
     if options.dry_run and options.yes:

@@ -162,17 +162,37 @@ class Session:
             return self._store
 
     def _models(
-        self, override: EndpointConfig | None = None
+        self,
+        override: EndpointConfig | None = None,
+        record: str | None = None,
+        replay: str | None = None,
     ) -> tuple[ChatModel, EndpointConfig | ChatModel]:
-        """(manager model, worker model source); called on the engine thread."""
-        if self.model is not None and override is None:
-            return self.model, self.model
-        endpoint = override or self.resolved_endpoint()
-        if endpoint is None:
-            from .models.embedded import get_embedded_endpoint
+        """(manager model, worker model source); called on the engine thread.
 
-            endpoint = get_embedded_endpoint()
-        return self._manager_models.get(endpoint), endpoint
+        With `replay`, a recording answers everything (no endpoint, no embedded model starts);
+        with `record`, the source is wrapped so every exchange is saved, in whichever process
+        (kernel or Ray actor) makes the call.
+        """
+        if replay is not None:
+            from .models.replay import ReplayModel
+
+            replayed = ReplayModel(replay)
+            return replayed, replayed
+        source: EndpointConfig | ChatModel
+        if self.model is not None and override is None:
+            source = self.model
+        else:
+            endpoint = override or self.resolved_endpoint()
+            if endpoint is None:
+                from .models.embedded import get_embedded_endpoint
+
+                endpoint = get_embedded_endpoint()
+            source = endpoint
+        if record is not None:
+            from .models.replay import wrap_source
+
+            source = wrap_source(source, record=record)
+        return self._manager_models.get(source), source
 
     # -- runs ------------------------------------------------------------------------------------
     def plan(
@@ -192,6 +212,8 @@ class Session:
         replan: bool = False,
         budget: str | None = None,
         plan: Plan | None = None,
+        record: str | None = None,
+        replay: str | None = None,
     ) -> Run:
         """Start planning in the background; the Run moves to "awaiting_approval" when ready.
 
@@ -202,7 +224,15 @@ class Session:
         `replan=True` asks the manager even when this request's approved plan is stored.
         `budget` ("$2", "500k") stops the run before the next subtasks would spend more.
         `plan` runs a plan you wrote (validated like the manager's) without asking the manager.
+        `record="FILE"` saves every model exchange (never the key); `replay="FILE"` answers every
+        request from such a file, offline, and fails clearly on a request it does not hold.
         """
+        if record is not None and replay is not None:
+            raise UserInputError("Pass either record= or replay=, not both.")
+        if record is not None:  # a complete recording: nothing may come from the store
+            cache, replan = "refresh", True
+        if replay is not None:
+            cache = "off"
         if not prompt.strip():
             raise UserInputError("The prompt is empty: say what each worker should do.")
         data_tables: dict[str, DataTable] = resolve_tables(tables)
@@ -232,7 +262,9 @@ class Session:
         show_samples = self.samples if samples is None else samples
         if cache != "off":
             run.store = self.store
-        run.plan_future = engine.submit(self._plan(run, endpoint, show_samples, replan, plan))
+        run.plan_future = engine.submit(
+            self._plan(run, endpoint, show_samples, replan, plan, (record, replay))
+        )
         self._notify(run, None)
         return run
 
@@ -243,16 +275,16 @@ class Session:
         samples: bool = True,
         replan: bool = False,
         given: Plan | None = None,
+        recording: tuple[str | None, str | None] = (None, None),
     ) -> None:
         from .manager import make_plan
 
         began = time.perf_counter()
         try:
-            manager, workers = self._models(endpoint)
+            manager, workers = self._models(endpoint, *recording)
             run.worker_model = workers
-            run.endpoint_description = (
-                workers.describe() if isinstance(workers, EndpointConfig) else "in-process model"
-            )
+            describe = getattr(workers, "describe", None)
+            run.endpoint_description = describe() if callable(describe) else "in-process model"
             if isinstance(workers, EndpointConfig):
                 run.endpoint_id = endpoint_id(workers)
                 wanted = run.options.concurrency or self.concurrency or DEFAULT_CONCURRENCY

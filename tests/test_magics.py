@@ -412,3 +412,21 @@ def test_a_dollar_budget_is_not_expanded_by_ipython(ip, capsys):
     finally:
         magics_module.parse_cell_options = original
     assert seen == ["--dry-run --budget $2 --executor local"]
+
+
+def test_record_then_replay_a_cell_offline(ip, tmp_path, capsys):
+    path = tmp_path / "run.jsonl"
+    apwa(ip, f"--out first --yes --wait --record {path}", "Count the characters of {reviews}.")
+    first = ip.user_ns["first"].copy()
+    assert first["n_chars"].notna().all() and path.exists()
+    assert "sk-SECRET123" not in path.read_text()
+    ip.user_ns["server"].stop()  # no model from here on
+    ip.run_line_magic("apwa", "config base_url=http://127.0.0.1:9/v1")  # nothing listens there
+    apwa(ip, f"--out again --yes --wait --replay {path}", "Count the characters of {reviews}.")
+    pd.testing.assert_frame_equal(ip.user_ns["again"], first, check_like=True)
+    capsys.readouterr()
+    apwa(ip, f"--out third --yes --wait --replay {path}", "Count the words of {reviews}.")
+    out = capsys.readouterr().out
+    assert "record again" in out.lower() or "--record" in out
+    for name in ("first", "again", "third"):
+        ip.user_ns.pop(name, None)
