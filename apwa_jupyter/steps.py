@@ -15,14 +15,19 @@ from .models.base import ChatResponse
 
 @dataclass(frozen=True)
 class TaskStep:
-    """The worker's brief: system rules and the rendered instruction with its own input."""
+    """The worker's brief: system rules, worked example turns (if any), its own input."""
 
     system: str
     user: str
+    examples: tuple[dict[str, Any], ...] = ()
 
     def to_messages(self) -> list[dict[str, Any]]:
         """The opening messages."""
-        return [{"role": "system", "content": self.system}, {"role": "user", "content": self.user}]
+        return [
+            {"role": "system", "content": self.system},
+            *self.examples,
+            {"role": "user", "content": self.user},
+        ]
 
 
 @dataclass(frozen=True)

@@ -301,3 +301,45 @@ def batches(total: int, size: int) -> list[tuple[int, int]]:
 def chunk_count(total: int, size: int) -> int:
     """How many chunks of `size` cover `total` items."""
     return max(1, math.ceil(total / size))
+
+
+# Worked examples for small models (the embedded SmolLM2-135M): one exchange on an unrelated
+# subject, chosen by the first output's type, shown before the real input. Measured on 50 items
+# per task (bench/embedded_accuracy.py): a copied string 0.10 -> 0.26, an integer 0.90 -> 1.00,
+# choices unchanged. Large models do not need them and do not get them.
+WORKED_EXAMPLES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "choice": (
+        'Is this weather report sunny or rainy? <data>"It poured all afternoon."</data>',
+        '{"text": "It poured all afternoon."}',
+        {"weather": "rainy"},
+    ),
+    "string": (
+        "Which city does this sentence mention? Answer with the city only. "
+        '<data>"We flew to Lisbon for the conference."</data>',
+        '{"text": "We flew to Lisbon for the conference."}',
+        {"city": "Lisbon"},
+    ),
+    "number": (
+        'How many guests are expected? <data>"The caterer plans for 85 guests."</data>',
+        '{"text": "The caterer plans for 85 guests."}',
+        {"guests": 85},
+    ),
+}
+
+
+def worked_examples(ctx: StageContext, subtask: Subtask) -> tuple[dict[str, Any], ...]:
+    """Example turns for one-row subtasks on the embedded model; none otherwise."""
+    if not getattr(ctx.model, "embedded", False) or subtask.expected_outputs != 1:
+        return ()
+    if ctx.kind not in ("map", "replicate") or ctx.tools or not ctx.outputs:
+        return ()
+    first = ctx.outputs[0]
+    if first.choices:
+        kind = "choice"
+    else:
+        kind = "number" if first.type in ("integer", "number") else "string"
+    instruction, row, answer = WORKED_EXAMPLES[kind]
+    return (
+        {"role": "user", "content": f"{instruction}\n\nInput:\n<data>\n{row}\n</data>"},
+        {"role": "assistant", "content": json.dumps(answer, separators=(",", ":"))},
+    )

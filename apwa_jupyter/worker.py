@@ -20,7 +20,14 @@ from pydantic import ValidationError
 from .errors import EndpointError, ModelOutputError, RequestRejected, TransientEndpointError
 from .models.base import ChatModel, ChatRequest, Usage
 from .steps import CorrectionStep, FinalStep, ModelStep, Step, TaskStep, ToolStep
-from .templates import ROW_KEY, InputTooLong, StageContext, Subtask, worker_messages
+from .templates import (
+    ROW_KEY,
+    InputTooLong,
+    StageContext,
+    Subtask,
+    worked_examples,
+    worker_messages,
+)
 
 # output: the model's answer was unusable; rejected: the server refused this request (400);
 # transient / unreachable / worker_lost: retried by the executor within a time budget;
@@ -82,7 +89,7 @@ async def run_subtask(
     try:
         rows = read_rows(subtask) if subtask.rows is not None else []
         system, user = worker_messages(ctx, subtask, rows)
-        steps.append(TaskStep(system=system, user=user))
+        steps.append(TaskStep(system=system, user=user, examples=worked_examples(ctx, subtask)))
         outputs = await _loop(ctx, subtask, model, steps)
         steps.append(FinalStep(outputs))
         answered: list[dict[str, Any] | None] = list(outputs)

@@ -130,3 +130,23 @@ def test_step_limit_stops_a_model_that_only_calls_tools():
     )
     result = run(model, one_row(), tools=registry.select(["ping"]), max_steps=3)
     assert result.error_kind == "output" and "within 3 model calls" in result.error
+
+
+def test_the_embedded_model_gets_a_worked_example_and_other_models_do_not():
+    from apwa_jupyter.config import EndpointConfig
+
+    def read(st):
+        return ROWS[st.rows.offset : st.rows.offset + 1]
+
+    for embedded, expected_roles in (
+        (True, ["system", "user", "assistant", "user"]),
+        (False, ["system", "user"]),
+    ):
+        model = ScriptedModel(lambda req: {"product": "kettle", "negative": True})
+        source = EndpointConfig(base_url="http://127.0.0.1:1/v1", model="m", embedded=embedded)
+        result = asyncio.run(run_subtask(one_row(), ctx(source), model, read))
+        assert result.ok
+        roles = [m["role"] for m in model.requests[0].messages]
+        assert roles == expected_roles
+        if embedded:  # the example is about something else, and answers in compact JSON
+            assert "Lisbon" in model.requests[0].messages[1]["content"]
