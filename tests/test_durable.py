@@ -415,3 +415,20 @@ def test_the_runs_panel_lists_earlier_kernels_runs_from_the_store(fake_server, r
     assert f"%apwa load {earlier.id}" in listed[0]["status"]
     mine = fresh.run("count {reviews}", {"reviews": frame_of(4)})
     assert [run.id for run in fresh.run_list()] == [earlier.id, mine.id]
+
+
+def test_raising_the_endpoint_limit_takes_effect_for_the_next_run(fake_server, registry):
+    from apwa_jupyter.config import EndpointConfig
+
+    server = fake_server(Counting(), latency=0.2)
+    session = Session(
+        endpoint=EndpointConfig(base_url=server.base_url, model="fake-model", max_concurrency=4),
+        executor=LocalExecutor(concurrency=8, retry=FAST_RETRY),
+        registry=registry,
+    )
+    session.run("count {reviews}", {"reviews": frame_of(40)}, cache="off")
+    assert server.max_in_flight == 4  # capped by the endpoint
+    session.configure(max_concurrency=8)
+    server.max_in_flight = 0
+    session.run("count {reviews}", {"reviews": frame_of(40)}, cache="off")
+    assert server.max_in_flight == 8  # was still 4: the first run's semaphore was reused

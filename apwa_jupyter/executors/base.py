@@ -152,7 +152,7 @@ class EndpointGate:
         return now - self.unreachable_since
 
 
-_gates: dict[tuple[int, str], EndpointGate] = {}
+_gates: dict[tuple[int, str, int], EndpointGate] = {}
 
 
 def endpoint_gate(key: str, limit: int, model: Any = None) -> EndpointGate:
@@ -162,7 +162,9 @@ def endpoint_gate(key: str, limit: int, model: Any = None) -> EndpointGate:
     and `tpm` if the user set them, else learned from x-ratelimit-* headers) and an adaptive cap
     on requests in flight (halved on a burst of 429s, grown back as answers come).
     """
-    loop_key = (id(asyncio.get_running_loop()), key)
+    # The limit is part of the key: raising an endpoint's max_concurrency must not leave later
+    # runs behind the first run's semaphore (that capped them silently).
+    loop_key = (id(asyncio.get_running_loop()), key, limit)
     if loop_key not in _gates:
         limiter = RateLimiter(
             rpm=getattr(model, "rpm", None),
