@@ -137,7 +137,9 @@ def per_subtask(
                 seconds = baselines.asyncio_ceiling(base_url, n, c)["wall_s"]
             else:
                 endpoint = EndpointConfig(base_url=base_url, model="fake-model")
-                session = Session(endpoint=endpoint, executor=executors[method], concurrency=c)
+                session = Session(  # store=False: measure the calls, not the result store
+                    endpoint=endpoint, executor=executors[method], concurrency=c, store=False
+                )
                 run = session.run(PROMPT, {"t": frame(n)})
                 seconds = run.timings().get("execution_s") or 0.0
         rows.append({"method": method, "n": n, "c": c, "seconds": seconds} | load)
