@@ -84,12 +84,21 @@ def run_text(run: Run) -> str:
     return "\n".join(parts)
 
 
+# Runs with more subtasks than this show their rows, subtasks and (when a typical latency is
+# known) estimated time before the calls/tokens/money estimate.
+TIMED_ESTIMATE_FROM = 1_000
+
+
 def estimate_line(run: Run) -> str:
     """Before Run: calls, a token range and a money range (or "tokens only"), and the budget."""
     found = run.cost_estimate()
     if found is None:
         return f"{run.estimate_subtasks():,} model calls"
     text = found.describe()
+    if run.estimate_subtasks() > TIMED_ESTIMATE_FROM:  # a big run: its size and time first
+        from .orchestrator import run_size_line
+
+        text = f"{run_size_line(run)} · {text}"
     if run.budget is not None:
         text += f" · budget {run.budget}"
     return text

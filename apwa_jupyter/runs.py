@@ -461,8 +461,9 @@ class Run:
         """Record one stage's outcome (called on the engine thread by execution)."""
         with self._lock:
             self.outcomes[outcome.stage_id] = outcome
+            # A big stage keeps only its failed results; its usage covers all of them.
+            self.worker_usage = self.worker_usage + outcome.spent
             for result in outcome.results:
-                self.worker_usage = self.worker_usage + result.usage
                 if result.error_kind not in ("cancelled", "not_run") or (
                     result.subtask.id not in self._results
                 ):
@@ -538,7 +539,7 @@ class Run:
         outcome = self.outcomes.get(stage_id)
         if outcome is None:
             return []
-        return [outcome.sources.get(p) for p in range(outcome.rows)]
+        return outcome.sources.tolist()
 
     @property
     def from_store(self) -> int:
@@ -569,6 +570,9 @@ class Run:
     def transcript(self, subtask_id: str) -> str:
         """What one worker saw and said (kept for all subtasks of small runs, failed ones always)."""
         result = self._results.get(subtask_id)
+        stage = subtask_id.split("/", 1)[0]
+        if result is None and stage in self.outcomes and not self.options.keep_transcripts:
+            return "(transcript not kept: large run and this subtask succeeded)"
         if result is None:
             raise KeyError(f"no subtask {subtask_id!r} in run {self.id}")
         if not result.steps:

@@ -273,6 +273,7 @@ class ResultStore:
         self.write_errors = 0
         self.dropped = 0
         self._pending: dict[str, StoredAnswer] = {}
+        self._writing: dict[str, StoredAnswer] = {}
         self._touched: set[str] = set()
         self._lock = threading.Lock()  # guards _pending and _touched
         self._read_lock = threading.Lock()
@@ -365,9 +366,9 @@ class ResultStore:
     def get_many(self, keys: list[str]) -> dict[str, StoredAnswer]:
         """The stored answers among `keys` (absent keys are misses); hits count as recent use."""
         found: dict[str, StoredAnswer] = {}
-        with self._lock:
+        with self._lock:  # queued, or being written right now (neither is in the database yet)
             for key in keys:
-                pending = self._pending.get(key)
+                pending = self._pending.get(key) or self._writing.get(key)
                 if pending is not None:
                     found[key] = pending
         rest = [key for key in keys if key not in found]
@@ -422,46 +423,55 @@ class ResultStore:
             with self._lock:
                 batch, self._pending = self._pending, {}
                 touched, self._touched = self._touched, set()
+                self._writing = batch  # still visible to get_many until committed
             if not batch and not touched:
                 return
-            if self._writer is None:
-                self._writer = self._connect()
-            now = time.time()
-            rows = [
-                (
-                    key,
-                    json.dumps(a.outputs, ensure_ascii=False, default=_json_default),
-                    a.run_id,
-                    a.prompt_tokens,
-                    a.completion_tokens,
-                    a.created_at,
-                    now,
-                )
-                for key, a in batch.items()
-            ]
-            db = self._writer
             try:
-                db.execute("BEGIN IMMEDIATE")
-                db.executemany("INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-                if touched:
-                    db.executemany(
-                        "UPDATE answers SET last_used = ? WHERE key = ?",
-                        [(now, key) for key in touched],
-                    )
-                db.execute("COMMIT")
-                self.write_transactions += 1
-            except sqlite3.Error:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                self.write_errors += 1
-                if self.write_errors <= 3:  # put it back; newer answers for a key win
-                    with self._lock:
-                        self._pending = batch | self._pending
-                else:
-                    self.dropped += len(batch)
-                raise
-            if batch:
-                self._evict_if_needed(db)
+                self._write(batch, touched)
+            finally:
+                with self._lock:
+                    self._writing = {}
+
+    def _write(self, batch: dict[str, StoredAnswer], touched: set[str]) -> None:
+        """One transaction: the batch's answers and the touched keys' last use."""
+        if self._writer is None:
+            self._writer = self._connect()
+        now = time.time()
+        rows = [
+            (
+                key,
+                json.dumps(a.outputs, ensure_ascii=False, default=_json_default),
+                a.run_id,
+                a.prompt_tokens,
+                a.completion_tokens,
+                a.created_at,
+                now,
+            )
+            for key, a in batch.items()
+        ]
+        db = self._writer
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany("INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            if touched:
+                db.executemany(
+                    "UPDATE answers SET last_used = ? WHERE key = ?",
+                    [(now, key) for key in touched],
+                )
+            db.execute("COMMIT")
+            self.write_transactions += 1
+        except sqlite3.Error:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            self.write_errors += 1
+            if self.write_errors <= 3:  # put it back; newer answers for a key win
+                with self._lock:
+                    self._pending = batch | self._pending
+            else:
+                self.dropped += len(batch)
+            raise
+        if batch:
+            self._evict_if_needed(db)
 
     def flush(self) -> None:
         """Write every queued answer now (blocks until committed)."""
@@ -588,7 +598,7 @@ class ResultStore:
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            table = pa.Table.from_pandas(frame, preserve_index=True)
+            table = pa.Table.from_pandas(_compact_attrs(frame), preserve_index=True)
             buffer = io.BytesIO()
             pq.write_table(table, buffer)
         except (pa.ArrowException, TypeError, ValueError):
@@ -615,7 +625,7 @@ class ResultStore:
             return None
         import pyarrow.parquet as pq
 
-        return pq.read_table(io.BytesIO(row[0])).to_pandas()
+        return _expand_attrs(pq.read_table(io.BytesIO(row[0])).to_pandas())
 
     # plans
     def save_plan(self, plan_key: str, plan_json: str) -> None:
@@ -686,3 +696,40 @@ class ResultStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# -- per-row attrs in a stored result (added for issue #12, 10 million rows) ----------------------
+# pyarrow writes a frame's attrs as JSON into the Parquet metadata: the per-row run ids of a
+# 10M-row result (`apwa_sources`) were 130 MB of JSON, 12 s and 0.8 GB of kernel memory to save.
+# They are stored run-length encoded ([value, count] pairs) and expanded again on load.
+_ROW_ATTRS = ("apwa_sources",)
+_RLE = "__rle"
+
+
+def _compact_attrs(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame (data shared, not copied) with per-row attrs run-length encoded."""
+    import numpy as np
+    import pandas as pd
+
+    if not any(isinstance(frame.attrs.get(k), list) for k in _ROW_ATTRS):
+        return frame
+    attrs = dict(frame.attrs)
+    for key in _ROW_ATTRS:
+        if isinstance(attrs.get(key), list):
+            values = np.array(attrs.pop(key), dtype=object)
+            changed = np.r_[True, values[1:] != values[:-1]] if len(values) else np.zeros(0, bool)
+            starts = np.flatnonzero(changed)
+            lengths = np.diff(np.r_[starts, len(values)]).tolist()
+            attrs[key + _RLE] = [[values[i], n] for i, n in zip(starts, lengths, strict=True)]
+    compact = pd.DataFrame(frame, copy=False)  # the constructor does not carry attrs over
+    compact.attrs = attrs
+    return compact
+
+
+def _expand_attrs(frame: pd.DataFrame) -> pd.DataFrame:
+    """A loaded frame with run-length encoded per-row attrs expanded back to lists."""
+    for key in _ROW_ATTRS:
+        pairs = frame.attrs.pop(key + _RLE, None)
+        if pairs is not None:
+            frame.attrs[key] = [value for value, count in pairs for _ in range(count)]
+    return frame

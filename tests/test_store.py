@@ -381,3 +381,31 @@ def test_store_written_during_a_run_does_not_contain_the_api_key(tmp_path, fake_
     store.close()
     blobs = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.is_file())
     assert len(blobs) > 0 and b"DISTINCTIVE" not in blobs
+
+
+def test_answers_being_written_are_still_found(tmp_path):
+    """The writer takes a batch out of the pending queue before it commits: a lookup in between
+    must still find those answers (it missed up to a whole batch, intermittently)."""
+    import threading
+
+    store = ResultStore(tmp_path)
+    entered, release = threading.Event(), threading.Event()
+    original = store._write
+
+    def slow_write(batch, touched):
+        entered.set()
+        release.wait(10)
+        original(batch, touched)
+
+    store._write = slow_write  # type: ignore[method-assign]
+    store.put("k", StoredAnswer([{"a": 1}], run_id="r"))
+    flushing = threading.Thread(target=store.flush)
+    flushing.start()
+    assert entered.wait(10)
+    try:
+        assert store.get_many(["k"])["k"].outputs == [{"a": 1}]
+    finally:
+        release.set()
+        flushing.join(10)
+    assert store.get_many(["k"])["k"].run_id == "r"
+    store.close()
