@@ -122,6 +122,8 @@ def lab_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
         "JUPYTER_RUNTIME_DIR": str(runtime),
         "JUPYTER_PATH": os.pathsep.join(filter(None, [str(data), os.environ.get("JUPYTER_PATH")])),
         "JUPYTER_PLATFORM_DIRS": "1",
+        # The kernels' own result store: never the user's per-user one, never another run's.
+        "APWA_CACHE_DIR": str(tmp_path_factory.mktemp("apwa-store")),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
     token = secrets.token_hex(16)

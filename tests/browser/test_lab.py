@@ -25,8 +25,16 @@ HINT = "Run %load_ext apwa_jupyter in this notebook"
 
 
 def run_row(page: Any, prompt: str) -> Any:
-    """The panel row of the run whose prompt starts with ``prompt``."""
-    return page.locator(".apwa-Run").filter(has=page.locator(".apwa-Run-prompt", has_text=prompt))
+    """The panel row of this kernel's run whose prompt starts with ``prompt``.
+
+    Runs of earlier kernels (from the result store, which the lab server's kernels share) are
+    listed too, marked "earlier kernel"; they are not the run a test just started.
+    """
+    return (
+        page.locator(".apwa-Run")
+        .filter(has=page.locator(".apwa-Run-prompt", has_text=prompt))
+        .filter(has_not_text="earlier kernel")
+    )
 
 
 def sample_status_until(page: Any, done: Any, timeout_s: float) -> list[str]:
