@@ -20,7 +20,7 @@ import asyncio
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, overload
 
 import numpy as np
@@ -272,8 +272,7 @@ class StageOutcome:
     `answers` holds the answer of each answered row of the stage's frame (columnar): retry keeps
     those. `results` are this execution's final subtask results (transcripts, per-subtask
     errors): every one for a stage of up to RESULTS_KEPT_UP_TO subtasks, else only the failed
-    ones (10M result objects would not fit a kernel); `usage` is what all of them used. `kept`
-    holds earlier results whose answers were kept.
+    ones (10M result objects would not fit a kernel); `usage` is what all of them used.
     """
 
     stage_id: str
@@ -282,7 +281,6 @@ class StageOutcome:
     rows: int
     failures: list[Failure]
     results: list[SubtaskResult]
-    kept: list[SubtaskResult] = field(default_factory=list)
     # Which run computed each answered row: this run, or one whose answer came from the store.
     sources: Sources = None  # type: ignore[assignment]  # set in __post_init__ when not given
     usage: Usage | None = None  # None: the sum over `results` (they are all there)
@@ -305,11 +303,6 @@ class StageOutcome:
     def ok_mask(self) -> np.ndarray:
         """Per row of the frame: does it have a value (a boolean array)."""
         return self.answers.mask.copy()
-
-    @property
-    def row_ok(self) -> list[bool]:
-        """Per row of the frame: does it have a value."""
-        return list(self.answers.mask.tolist())
 
     @property
     def missing(self) -> int:
@@ -1144,11 +1137,6 @@ def _with_outputs(
 
 def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
     return [{str(k): v for k, v in row.items()} for row in frame.to_dict("records")]
-
-
-def missing_rows(outcomes: Iterable[StageOutcome]) -> int:
-    """Rows without a value across stages (for the final state line)."""
-    return sum(o.missing for o in outcomes)
 
 
 def _origin(results: Iterable[SubtaskResult], run_id: str) -> str:

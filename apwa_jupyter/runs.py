@@ -461,6 +461,10 @@ class Run:
         """Record one stage's outcome (called on the engine thread by execution)."""
         with self._lock:
             self.outcomes[outcome.stage_id] = outcome
+            if self.plan is not None and outcome.stage_id == self.plan.output:
+                # Tagged once per outcome, not on every read of `result` (10M rows: seconds).
+                outcome.frame.attrs["apwa_run"] = self.id
+                outcome.frame.attrs["apwa_sources"] = outcome.sources.tolist()
             # A big stage keeps only its failed results; its usage covers all of them.
             self.worker_usage = self.worker_usage + outcome.spent
             for result in outcome.results:
@@ -527,11 +531,7 @@ class Run:
         """
         if self.plan is None or self.plan.output not in self.outcomes:
             return None
-        outcome = self.outcomes[self.plan.output]
-        frame = outcome.frame
-        frame.attrs["apwa_run"] = self.id
-        frame.attrs["apwa_sources"] = self.provenance(self.plan.output)
-        return frame
+        return self.outcomes[self.plan.output].frame
 
     def provenance(self, stage_id: str | None = None) -> list[str | None]:
         """Per row of a stage (default: the result), the run that computed its value."""
