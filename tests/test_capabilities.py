@@ -109,3 +109,42 @@ def test_bad_arguments_and_exceptions_become_readable_errors(registry):
 def test_selecting_unknown_tools_fails(registry):
     with pytest.raises(CapabilityError, match="no capability named 'x'"):
         registry.select(["x"])
+
+
+def test_num_cpus_is_checked_at_registration_with_a_message_naming_the_fix(registry):
+    def crunch(n: int) -> int:
+        """Crunch.
+
+        Args:
+            n: how much
+        """
+        return n
+
+    async def fetch(n: int) -> int:
+        """Fetch.
+
+        Args:
+            n: what
+        """
+        return n
+
+    with pytest.raises(CapabilityError, match="num_cpus must be a number of CPUs from 0"):
+        registry.register(crunch, num_cpus=-1)
+    with pytest.raises(CapabilityError, match=r"an async function waits.*drop num_cpus"):
+        registry.register(fetch, num_cpus=1)
+    assert registry.register(crunch, num_cpus=2).num_cpus == 2.0
+
+
+def test_a_num_cpus_tool_runs_on_the_tool_threads_without_an_executor_runner(registry):
+    import threading
+
+    def thread_name(n: int) -> str:
+        """The thread that ran this call.
+
+        Args:
+            n: ignored
+        """
+        return threading.current_thread().name
+
+    tool = registry.register(thread_name, num_cpus=1)
+    assert json.loads(asyncio.run(tool.call('{"n": 1}'))).startswith("apwa-tool")

@@ -139,36 +139,70 @@ def _raylet_of(temp_dir: str) -> Any:
     return raylets[0]
 
 
-@contextmanager
-def two_node_cluster() -> Iterator[tuple[str, str, str]]:
-    """(address, head temp dir, node-2 temp dir) of a fresh two-node cluster on this machine."""
-    import psutil
+class LocalCluster:
+    """A Ray cluster of separate nodes on this machine, started and stopped by this test alone."""
 
-    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
-    env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    port = _free_port()
-    # short dirs: unix socket paths must stay under 107 characters
-    head_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")
-    node2_dir = tempfile.mkdtemp(prefix="r2", dir="/tmp")
-    common = ["--num-cpus=1", "--disable-usage-stats"]
-    head = [ray_cli, "start", "--head", "--node-ip-address=127.0.0.1"]
-    node2 = [ray_cli, "start", "--node-ip-address=127.0.0.2", '--resources={"node2": 1}']
-    commands = [
-        [*head, f"--port={port}", "--include-dashboard=false", f"--temp-dir={head_dir}", *common],
-        [*node2, f"--address=127.0.0.1:{port}", f"--temp-dir={node2_dir}", *common],
-    ]
-    try:
-        for command in commands:
-            started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-            assert started.returncode == 0, started.stderr[-3000:]
-        yield f"127.0.0.1:{port}", head_dir, node2_dir
-    finally:
-        for temp_dir in (node2_dir, head_dir):
+    def __init__(self) -> None:
+        self.ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+        self.env = dict(os.environ, RAY_AUTH_MODE="disabled")
+        self.port = _free_port()
+        # short dirs: unix socket paths must stay under 107 characters
+        self.head_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")
+        self.node2_dir = tempfile.mkdtemp(prefix="r2", dir="/tmp")
+        self.address = f"127.0.0.1:{self.port}"
+
+    def _ray_start(self, *args: str) -> None:
+        command = [self.ray_cli, "start", *args, "--num-cpus=1", "--disable-usage-stats"]
+        started = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=180)
+        assert started.returncode == 0, started.stderr[-3000:]
+
+    def start_head(self) -> None:
+        self._ray_start(
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={self.port}",
+            "--include-dashboard=false",
+            f"--temp-dir={self.head_dir}",
+        )
+
+    def start_second(self) -> None:
+        """Node 2, with the custom resource `node2` (so a test can tell it apart)."""
+        self._ray_start(
+            "--node-ip-address=127.0.0.2",
+            '--resources={"node2": 1}',
+            f"--address={self.address}",
+            f"--temp-dir={self.node2_dir}",
+        )
+
+    def stop(self) -> None:
+        import psutil
+
+        for temp_dir in (self.node2_dir, self.head_dir):
             for proc in _processes_under(temp_dir):
                 with suppress(psutil.NoSuchProcess):
                     proc.kill()
-        for temp_dir in (node2_dir, head_dir):
+        for temp_dir in (self.node2_dir, self.head_dir):
             shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@contextmanager
+def local_cluster(nodes: int = 2) -> Iterator[LocalCluster]:
+    """A fresh cluster on this machine with `nodes` (1 or 2) nodes started; stopped by pid."""
+    cluster = LocalCluster()
+    try:
+        cluster.start_head()
+        if nodes == 2:
+            cluster.start_second()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@contextmanager
+def two_node_cluster() -> Iterator[tuple[str, str, str]]:
+    """(address, head temp dir, node-2 temp dir) of a fresh two-node cluster on this machine."""
+    with local_cluster(2) as cluster:
+        yield cluster.address, cluster.head_dir, cluster.node2_dir
 
 
 DRIVER = textwrap.dedent("""
@@ -351,3 +385,118 @@ def test_losing_a_node_mid_run_every_row_once_no_user_action_and_the_pool_heals(
     assert healed["replaced"] == sum(1 for a in before["placement"] if a["node"] == node2)
     assert healed["state"] == "done", healed["error"]
     assert healed["values"] == [_value_of(f"row {i}") for i in range(ROWS, ROWS + 2 * CONCURRENCY)]
+
+
+JOIN_DRIVER = textwrap.dedent("""
+    import json, sys, threading, time
+    import pandas as pd
+    import ray
+    from apwa_jupyter.config import EndpointConfig
+    from apwa_jupyter.engine import get_engine
+    from apwa_jupyter.executors.base import RetryPolicy
+    from apwa_jupyter.executors.ray import RayExecutor
+    from apwa_jupyter.session import Session
+
+    MARK = "apwa-test: "
+    base_url, address, rows, concurrency = sys.argv[1:5]
+    rows, concurrency = int(rows), int(concurrency)
+    # The test server holds every answer while node 2 starts (tens of seconds on a loaded
+    # machine): that silence must not count as the endpoint being down.
+    executor = RayExecutor(address=address, concurrency=concurrency,
+                           retry=RetryPolicy(down_after_s=600))
+    session = Session(endpoint=EndpointConfig(base_url=base_url, model="m"), executor=executor,
+                      concurrency=concurrency)
+    get_engine().submit(executor.start()).result()
+    print(MARK + json.dumps({"placement": executor.describe()["placement"]}), flush=True)
+
+    def watch():
+        while not executor.added:
+            time.sleep(0.2)
+        print(MARK + json.dumps({"joined": executor.describe()["placement"]}), flush=True)
+
+    threading.Thread(target=watch, daemon=True).start()
+    frame = pd.DataFrame({"text": [f"row {i}" for i in range(rows)]})
+    run = session.plan("number {rows}", {"rows": frame}).wait()
+    run.start().wait(300)
+    served = ray.get([a.stats.remote() for a in executor._actors])
+    placement = executor.describe()["placement"]
+    print(MARK + json.dumps({
+        "state": run.state, "status": run.status, "error": run.error,
+        "values": run.result["n"].tolist() if run.result is not None else None,
+        "placement": placement, "served": [s["subtasks"] for s in served],
+    }), flush=True)
+    session.shutdown()
+""")
+
+
+@pytest.mark.slow
+def test_a_node_that_joins_mid_run_gets_actors_and_serves_the_rest_of_the_run(fake_server):
+    """Start on a one-node cluster, add a node while a map runs: it gets its own actors.
+
+    No timing luck: the test server holds every answer from request JOIN_AFTER on until the
+    driver reports that the pool grew, so the rest of the run is certainly scheduled after the
+    join; the new actors start with no load, so the least-loaded choice must send them work.
+    """
+    rows, concurrency, join_after = 240, 16, 32
+    asked: collections.Counter[str] = collections.Counter()
+    lock = threading.Lock()
+    reached = threading.Event()
+    joined = threading.Event()
+
+    def respond(body: dict[str, Any]) -> Reply:
+        if is_manager_request(body):
+            return Reply.json(_map_plan())
+        text = worker_input(body)["text"]
+        with lock:
+            asked[text] += 1
+            if sum(asked.values()) >= join_after:
+                reached.set()
+        if reached.is_set():
+            joined.wait(240)  # blocks the server: every call waits until the pool has grown
+        return Reply.json({"n": _value_of(text)})
+
+    server = fake_server(respond, latency=0.2)
+    with local_cluster(nodes=1) as cluster:
+        env = dict(os.environ, RAY_AUTH_MODE="disabled")
+        args = [server.base_url, cluster.address, str(rows), str(concurrency)]
+        driver = subprocess.Popen(
+            [sys.executable, "-c", JOIN_DRIVER, *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        lines: queue.Queue[str] = queue.Queue()
+        stderr: list[str] = []
+        out, err = driver.stdout, driver.stderr
+        assert out is not None and err is not None
+        threading.Thread(
+            target=lambda: [_report(x, lines, stderr) for x in out], daemon=True
+        ).start()
+        threading.Thread(target=lambda: stderr.extend(err), daemon=True).start()
+        try:
+            before = _next_report(lines, driver, 120, "no placement", stderr)
+            assert len({a["node"] for a in before["placement"]}) == 1, before  # one node
+            assert reached.wait(120), "the run never got going"
+            began = time.monotonic()
+            cluster.start_second()
+            grown = _next_report(lines, driver, 180, "the pool never grew", stderr)
+            grew_s = time.monotonic() - began
+            joined.set()
+            report = _next_report(lines, driver, 240, "the run never finished", stderr)
+            driver.wait(60)
+        finally:
+            joined.set()
+            if driver.poll() is None:
+                driver.kill()
+    head = before["placement"][0]["node"]
+    new = [i for i, a in enumerate(report["placement"]) if a["node"] != head]
+    print(
+        f"\nnode 2 started and its actors joined the pool {grew_s:.1f} s after `ray start`; "
+        f"placement {grown['joined']}; subtasks served per actor {report['served']}"
+    )
+    assert report["state"] == "done" and report["status"] == "done", report["error"]
+    assert report["values"] == [_value_of(f"row {i}") for i in range(rows)]
+    assert len(new) == 2 and all(report["placement"][i]["alive"] for i in new), report
+    assert all(report["served"][i] > 0 for i in new), report["served"]  # node 2 did real work
+    assert sum(report["served"]) >= rows

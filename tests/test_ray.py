@@ -403,3 +403,54 @@ def test_workers_call_registered_tools_over_http_and_nothing_else(
     assert run.result["product"].tolist() == ["kettle", "headphones", "blender", "shoes"]
     first_turns = [b for b in server.requests if b.get("tools")]
     assert {t["function"]["name"] for b in first_turns for t in b["tools"]} == {"product_of"}
+
+
+def where_am_i(label: str) -> str:
+    """Say which process and node ran this call, and the CPUs Ray reserved for it.
+
+    Args:
+        label: any text, echoed back
+    """
+    import os
+
+    import ray
+
+    context = ray.get_runtime_context()
+    cpus = context.get_assigned_resources().get("CPU", 0.0)
+    return json.dumps({"pid": os.getpid(), "node": context.get_node_id(), "cpus": cpus})
+
+
+def test_a_tool_declaring_num_cpus_runs_as_a_task_on_its_actors_node_with_the_cpus_reserved(
+    fake_server, ray_executor, registry, reviews
+):
+    import asyncio
+
+    registry.register(where_am_i, num_cpus=1)
+    plan = plan_of(
+        "m",
+        stage("m", "map", "Where? {text}", (), source="reviews", batch_size=1, tools=["where_am_i"])
+        | {"outputs": [field("where", "string")]},
+    )
+
+    def worker(body):
+        results = [m for m in body["messages"] if m["role"] == "tool"]
+        if not results:
+            call = {"name": "where_am_i", "arguments": json.dumps({"label": "x"})}
+            return Reply(
+                tool_calls=[{"id": "a", "type": "function", "function": call}],
+                finish_reason="tool_calls",
+            )
+        return Reply.json({"where": json.loads(results[0]["content"])})
+
+    server = serve(fake_server, plan, worker)
+    run = ray_session(server, ray_executor, registry).run(
+        "where {reviews}", {"reviews": reviews}, tools=["where_am_i"]
+    )
+    assert run.status == "done", run.error
+    ran = [json.loads(value) for value in run.result["where"]]
+    actors = set(asyncio.run(ray_executor.actor_pids()))
+    actor_nodes = {p["node"] for p in ray_executor.describe()["placement"]}
+    assert len(ran) == 4
+    assert all(r["cpus"] == 1.0 for r in ran), ran  # Ray reserved the declared CPU
+    assert not {r["pid"] for r in ran} & actors, ran  # not on the actor's event loop
+    assert {r["node"][:8] for r in ran} <= actor_nodes, ran  # on the actor's node
