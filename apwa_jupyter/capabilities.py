@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
 import functools
 import inspect
 import json
 import keyword
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, get_type_hints
 
@@ -49,6 +50,18 @@ DEFAULT_TIMEOUT_S = 60.0
 # outlives its timeout cannot be killed; it keeps its slot until the function returns.
 TOOL_THREADS = 32
 _tool_pool: concurrent.futures.ThreadPoolExecutor | None = None
+# How tools that declare `num_cpus` run, when an executor provides a way: the Ray actor sets this
+# so such a tool runs as a task on the actor's own node with its CPUs reserved (Ray schedules it,
+# and the actor's event loop, serving thousands of calls, never runs it). Without one (the local
+# executor, plain Python), they run on the tool threads like any other sync tool.
+CpuRunner = Callable[["Capability", dict[str, Any]], Awaitable[Any]]
+_cpu_runner: CpuRunner | None = None
+
+
+def use_cpu_runner(runner: CpuRunner | None) -> None:
+    """Install (or remove, with None) how this process runs tools that declare `num_cpus`."""
+    global _cpu_runner
+    _cpu_runner = runner
 
 
 def _pool() -> concurrent.futures.ThreadPoolExecutor:
@@ -70,6 +83,11 @@ class Capability:
     arguments: type[BaseModel]
     side_effects: bool = False
     timeout_s: float = DEFAULT_TIMEOUT_S
+    # CPUs one call needs: > 0 for real computation (parsing, OCR, a solver). On Ray the call
+    # runs as a task on the node of the actor that asked, with these CPUs reserved.
+    num_cpus: float = 0.0
+    # Granted by the run itself and unable to change anything (the lookups of lookups.py).
+    read_only: bool = False
 
     @property
     def parameters_schema(self) -> dict[str, Any]:
@@ -127,6 +145,8 @@ class Capability:
         )
 
     async def _invoke(self, arguments: dict[str, Any]) -> Any:
+        if self.num_cpus > 0 and _cpu_runner is not None:
+            return await _cpu_runner(self, arguments)
         if inspect.iscoroutinefunction(self.function):
             return await self.function(**arguments)
         loop = asyncio.get_running_loop()
@@ -146,6 +166,7 @@ def describe_function(
     name: str | None = None,
     side_effects: bool = False,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    num_cpus: float = 0.0,
 ) -> Capability:
     """Build a Capability from a typed, documented function, or explain what to add."""
     name = str(name or getattr(function, "__name__", ""))
@@ -201,6 +222,16 @@ def describe_function(
         ) from None
     if not timeout_s > 0:
         raise CapabilityError(f"{where}: timeout_s must be a positive number of seconds.")
+    if not (isinstance(num_cpus, (int, float)) and 0 <= num_cpus <= 1024):
+        raise CapabilityError(
+            f"{where}: num_cpus must be a number of CPUs from 0 (waits on I/O) to 1024, "
+            f"not {num_cpus!r}."
+        )
+    if num_cpus > 0 and inspect.iscoroutinefunction(function):
+        raise CapabilityError(
+            f"{where}: an async function waits, it does not compute; drop num_cpus, or make it "
+            "a plain def if it really needs CPUs."
+        )
     return Capability(
         name=name,
         description=summary,
@@ -208,6 +239,7 @@ def describe_function(
         arguments=arguments,
         side_effects=side_effects,
         timeout_s=float(timeout_s),
+        num_cpus=float(num_cpus),
     )
 
 
@@ -223,9 +255,12 @@ class CapabilityRegistry:
         name: str | None = None,
         side_effects: bool = False,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        num_cpus: float = 0.0,
     ) -> Capability:
         """Register a function (see module docstring); a taken name is an error, not an overwrite."""
-        tool = describe_function(function, name, side_effects=side_effects, timeout_s=timeout_s)
+        tool = describe_function(
+            function, name, side_effects=side_effects, timeout_s=timeout_s, num_cpus=num_cpus
+        )
         self._add(tool)
         return tool
 
@@ -333,6 +368,26 @@ class GrantedRegistry(CapabilityRegistry):
         """Granted tools that write, delete, send or spend."""
         return [t.name for t in self if t.side_effects]
 
+    def with_automatic(
+        self, tools: Iterable[Capability], refused: Mapping[str, str] | None = None
+    ) -> GrantedRegistry:
+        """A copy of this grant plus tools the run grants itself (read-only table lookups).
+
+        A copy, because a grant object may be shared by several runs (`Session(registry=grant)`):
+        one run's lookups must not reach another run's tables. `refused` names tools this run
+        will not grant, with the reason the plan's reviewer is shown.
+        """
+        granted = copy.copy(self)
+        granted._tools = dict(self._tools)
+        granted._reasons = dict(self._reasons)
+        for tool in tools:
+            granted._tools.setdefault(tool.name, tool)
+            granted._reasons.pop(tool.name, None)
+        for name, reason in (refused or {}).items():
+            if name not in granted._tools:
+                granted._reasons[name] = reason
+        return granted
+
 
 def _same_definition(a: Callable[..., Any], b: Callable[..., Any]) -> bool:
     return getattr(a, "__qualname__", None) == getattr(b, "__qualname__", None) and getattr(
@@ -350,16 +405,19 @@ def capability(
     registry: CapabilityRegistry | None = None,
     side_effects: bool = False,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    num_cpus: float = 0.0,
 ) -> Any:
     """Decorator: register a typed, documented function as a tool; returns the function unchanged.
 
     `side_effects=True` marks a tool that writes, deletes, sends or spends: it needs a grant in
     the cell and an explicit approval click. `timeout_s` bounds each call (default 60 s).
+    `num_cpus` declares a tool that computes: on Ray each call runs on the calling actor's node
+    with that many CPUs reserved; elsewhere it runs on the tool threads.
     """
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         (registry if registry is not None else default_registry).register(
-            fn, name=name, side_effects=side_effects, timeout_s=timeout_s
+            fn, name=name, side_effects=side_effects, timeout_s=timeout_s, num_cpus=num_cpus
         )
         return fn
 

@@ -56,6 +56,12 @@ class EndpointConfig(BaseModel):
         description="'llama.cpp': structured output goes as a compact JSON grammar, which stops "
         "small models from spending their token budget on whitespace between JSON tokens.",
     )
+    choice_scoring: Literal["generate", "logprobs"] = Field(
+        default="generate",
+        description="'logprobs': a field with allowed choices is answered by scoring each choice's "
+        "log-probability (one 1-token request) instead of generating; on for the embedded model, "
+        "where it raised sentiment accuracy from 0.60 to 0.98 (bench/embedded_accuracy.py).",
+    )
 
     @field_validator("base_url")
     @classmethod

@@ -524,10 +524,13 @@ def stage_loads(
         source = getattr(stage, "source", None)
         inputs: list[Any] = list(rows.get(source, [])) if source else []
         per = 1
+        kept = inputs  # what the stage's own result rows carry besides its outputs
         if isinstance(stage, MapStage):
             per = stage.batch_size
         elif isinstance(stage, ReduceStage):
             per = stage.fan_in
+            kept = [{k: r[k] for k in stage.group_by if k in r} for r in _dicts(inputs)]
+            inputs = _reduce_items(plan, stage, inputs)
         elif isinstance(stage, TaskStage):
             inputs = [task.instruction for task in stage.tasks]
         elif isinstance(stage, ReplicateStage) and source is None:
@@ -544,9 +547,23 @@ def stage_loads(
             count,
         )
         made_up = {out.name: _typical_value(out) for out in stage.outputs}
-        base = inputs if inputs and isinstance(inputs[0], dict) else [{}]
+        base = kept if kept and isinstance(kept[0], dict) else [{}]
         rows[stage_id] = [dict(row) | made_up for row in base[:3]]
     return [by_id[stage.id] for stage in plan.stages]
+
+
+def _reduce_items(plan: Plan, stage: Any, rows: list[Any]) -> list[Any]:
+    """Sampled rows cut to what a reduce item carries (the rule of `reduce_item_columns`)."""
+    from .orchestrator import reduce_item_columns
+
+    if not rows or not isinstance(rows[0], dict):
+        return rows
+    keep = reduce_item_columns(plan, stage, list(rows[0]))
+    return [{name: row[name] for name in keep if name in row} for row in _dicts(rows)]
+
+
+def _dicts(rows: list[Any]) -> list[dict[str, Any]]:
+    return [row for row in rows if isinstance(row, dict)]
 
 
 def _typical_value(out: OutputField) -> Any:

@@ -353,6 +353,19 @@ class ApwaMagics(Magics):
             )
         for tool in registry:
             print(f"{tool.name}: {tool.description}")
+        self._print_automatic_tools()
+
+    def _print_automatic_tools(self) -> None:
+        """The read-only lookups the newest run granted itself (issue #11).
+
+        They are not registered, so not listed above, yet that run's workers may call them.
+        """
+        if self._session is None or not self._session.runs:
+            return
+        run = self._session.runs[-1]
+        for tool in run.registry:
+            if getattr(tool, "read_only", False):
+                print(f"{tool.name} (read-only, granted to run {run.id}): {tool.description}")
 
     def _cmd_cluster(self, args: list[str], settings: dict[str, str]) -> None:
         session = self.session

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from .capabilities import CapabilityRegistry
 from .errors import PlanError
+from .lookups import manager_keys_json
 from .models.base import ChatModel, ChatRequest, Usage
 from .plan_fixes import DeniedTools, deny_tools, fix_plan
 from .plans import Plan, plan_json_schema, validate_plan
@@ -33,10 +34,14 @@ Split the request into stages of independent subtasks. Stage kinds:
 - "map": one subtask per row of `source` (a table or an earlier stage); use for per-row work.
 - "task": a few distinct subtasks listed in `tasks`, each run once.
 - "replicate": the same subtask `replicas` times, answers combined by "vote" or "merge".
-- "reduce": combine the rows of `source` into one result (per `group_by` value if set).
+- "reduce": combine the rows of `source` into one result per distinct `group_by` key ([] for
+  one result); `group_by` may list several columns (["book", "chapter"]) and a later reduce may
+  group that result by fewer of them (["book"]), one reduce per level of a hierarchy.
 Rules:
 - An instruction speaks to ONE worker about ONE input. Use {column} to insert a column of the
-  worker's row (map/replicate); a reduce instruction may only use {group_by column}.
+  worker's row (map/replicate); a reduce instruction may only use its {group_by columns}.
+  A worker receives only the columns its instruction names as {column} (every column only when
+  it names none and the table has at most 30), so name each column the work needs.
 - Outputs are short snake_case fields with a type (string, integer, number, boolean,
   string_list); give `choices` when a string field has a fixed set of values.
 - Never reuse an input column name as an output name.
@@ -68,6 +73,9 @@ def build_manager_request(
     metadata = "\n".join(
         escape_data(table.metadata(samples=samples).to_prompt()) for table in tables.values()
     )
+    keys = manager_keys_json(tables, prompt)  # several tables: how their keys match (issue #11)
+    if keys is not None:
+        metadata += "\n" + escape_data(keys)
     manifest = registry.manifest()
     tools = "\n".join(f"- {t['name']}: {t['description']}" for t in manifest) or "none"
     user = f"Request: {prompt.strip()}\nTables: <data>\n{metadata}\n</data>\nTools: {tools}\nPlan:"

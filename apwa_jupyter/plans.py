@@ -6,8 +6,9 @@ Four stage kinds cover the APWA patterns:
 - `task` (task-parallel): a handful of distinct subtasks, each run once.
 - `replicate` (replication-parallel): the same subtask N times (per row, if it has a source),
   aggregated by majority vote or merge.
-- `reduce`: combine an earlier stage's rows, per group if `group_by` is set, in rounds of `fan_in`
-  items when they do not fit one call (scene -> act -> book).
+- `reduce`: combine an earlier stage's rows, per distinct key of its `group_by` columns, in rounds
+  of at most `fan_in` items (and the input budget) a call until one value per group remains
+  (chunk -> chapter -> book -> novel, one reduce per level).
 
 Every list and string in the schema has a bound so that constrained decoding cannot run away, and
 `validate_plan` checks what a schema cannot: that sources, columns and tools exist and the stages
@@ -20,7 +21,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,39}$")]
 FieldType = Literal["string", "integer", "number", "boolean", "string_list"]
@@ -100,15 +101,33 @@ class ReplicateStage(_Stage):
     )
 
 
+MAX_GROUP_KEYS = 4
+
+
 class ReduceStage(_Stage):
-    """Combine the rows of `source` into one row (per `group_by` value), hierarchically."""
+    """Combine the rows of `source` into one row per distinct `group_by` key, hierarchically.
+
+    `group_by` names one or more key columns (["book", "chapter"]); the result keeps them all, so
+    a following reduce can group the same rows by a coarser key (["book"]): chunk -> chapter ->
+    book -> novel is one plan. A single string or null (plans saved before several keys) is read
+    as a one-key list or no key.
+    """
 
     kind: Literal["reduce"]
     source: Name
-    group_by: Name | None = Field(
-        default=None, description="Column to group by (one result per value), or null."
+    group_by: list[Name] = Field(
+        default_factory=list,
+        max_length=MAX_GROUP_KEYS,
+        description="Key columns; one result per distinct combination. [] for one result.",
     )
     fan_in: int = Field(default=10, ge=2, le=50, description="Most items one call combines.")
+
+    @field_validator("group_by", mode="before")
+    @classmethod
+    def _one_key_or_none(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        return [value] if isinstance(value, str) else value
 
 
 Stage = Annotated[MapStage | TaskStage | ReplicateStage | ReduceStage, Field(discriminator="kind")]
@@ -203,7 +222,7 @@ def stage_columns(plan: Plan, table_columns: Mapping[str, list[str]]) -> dict[st
         elif isinstance(stage, TaskStage):
             cols = ["task", *outputs]
         elif isinstance(stage, ReduceStage) and stage.group_by:
-            cols = [stage.group_by, *outputs]
+            cols = [*stage.group_by, *outputs]
         else:
             cols = outputs
         columns[stage_id] = cols
@@ -257,19 +276,28 @@ def validate_plan(
     columns = stage_columns(plan, table_columns)
     for stage in plan.stages:
         problems.extend(_check_placeholders(stage, columns, table_columns))
+    problems.extend(_check_columns_named(plan, columns, table_columns))
     return problems
 
 
 def allowed_placeholders(
-    kind: str, group_by: str | None, source_columns: Iterable[str]
+    kind: str, group_by: str | Iterable[str] | None, source_columns: Iterable[str]
 ) -> set[str]:
-    """The {names} an instruction may use: its source row's columns; a reduce only its group key.
+    """The {names} an instruction may use: its source row's columns; a reduce only its key columns.
 
-    The one home of this rule: validation reports other names, and plan fixes unbrace them.
+    A reduce call combines many rows, so only what they share (the group's key values) can fill
+    a placeholder. The one home of this rule: validation reports other names, plan fixes unbrace.
     """
     if kind == "reduce":
-        return {group_by} if group_by else set()
+        return group_keys(group_by)
     return set(source_columns)
+
+
+def group_keys(group_by: str | Iterable[str] | None) -> set[str]:
+    """A reduce's key columns as a set, whichever form the plan wrote them in."""
+    if group_by is None:
+        return set()
+    return {group_by} if isinstance(group_by, str) else set(group_by)
 
 
 def _check_placeholders(
@@ -285,10 +313,8 @@ def _check_placeholders(
         for task in stage.tasks:
             used |= set(PLACEHOLDER.findall(task.instruction))
     allowed = allowed_placeholders(stage.kind, getattr(stage, "group_by", None), source_cols)
-    if isinstance(stage, ReduceStage) and stage.group_by and stage.group_by not in source_cols:
-        problems.append(
-            f"{where} groups by {stage.group_by!r}, not a column of {source!r} {source_cols}"
-        )
+    if isinstance(stage, ReduceStage):
+        problems.extend(_check_group_keys(stage, source_cols))
     for name in sorted(used - allowed):
         hint = f"columns of {source!r} are {source_cols}" if source else "this stage has no source"
         problems.append(f"{where} uses placeholder {{{name}}}, but {hint}")
@@ -300,4 +326,62 @@ def _check_placeholders(
                     f"{where} output {fld.name!r} would overwrite input column {fld.name!r}; "
                     "choose another name"
                 )
+    return problems
+
+
+def _check_group_keys(stage: ReduceStage, source_cols: list[str]) -> list[str]:
+    """Each key is a column of the source, named once, and no output reuses a key's name."""
+    where = f"stage {stage.id!r}"
+    problems = [
+        f"{where} groups by {key!r}, not a column of {stage.source!r} {source_cols}"
+        for key in stage.group_by
+        if key not in source_cols
+    ]
+    for dup in sorted({k for k in stage.group_by if stage.group_by.count(k) > 1}):
+        problems.append(f"{where} names group key {dup!r} twice")
+    for fld in stage.outputs:
+        if fld.name in stage.group_by:
+            problems.append(
+                f"{where} output {fld.name!r} is also a group key (kept in the result); "
+                "choose another name"
+            )
+    return problems
+
+
+# -- which columns a stage reads (wide tables) -----------------------------------------------------
+# A map or replicate stage whose instruction has no {column} placeholder is sent every column of its
+# source, which is only allowed up to this many columns: a 2,000-column row is ~70,000 characters.
+MAX_COLUMNS_WITHOUT_PLACEHOLDERS = 30
+
+
+def columns_read(instruction: str, source_columns: Iterable[str]) -> list[str]:
+    """The columns a row stage's workers receive: its {column} placeholders, else all of them.
+
+    No plan-schema field is needed: the instruction already names what it reads. Columns are
+    returned in the source's order.
+    """
+    named = set(PLACEHOLDER.findall(instruction))
+    columns = list(source_columns)
+    chosen = [c for c in columns if c in named]
+    return chosen or columns
+
+
+def _check_columns_named(
+    plan: Plan, columns: Mapping[str, list[str]], table_columns: Mapping[str, list[str]]
+) -> list[str]:
+    problems = []
+    available = dict(table_columns) | dict(columns)
+    for stage in plan.stages:
+        source = getattr(stage, "source", None)
+        if not isinstance(stage, (MapStage, ReplicateStage)) or source is None:
+            continue
+        width = len(available.get(source, []))
+        read = columns_read(stage.instruction, available.get(source, []))
+        if width > MAX_COLUMNS_WITHOUT_PLACEHOLDERS and len(read) == width:
+            problems.append(
+                f"stage {stage.id!r} reads {source!r}, which has {width} columns: name the "
+                "columns its workers need as {column} placeholders in its instruction (without "
+                f"any, a stage is sent every column, allowed up to "
+                f"{MAX_COLUMNS_WITHOUT_PLACEHOLDERS})"
+            )
     return problems

@@ -33,6 +33,7 @@ from .costs import Budget, CostMeter, Estimate, EstimateInput, estimate, stage_l
 from .errors import ApwaError, RunCancelled, UserInputError
 from .events import Event, Listener, ProgressSink, StageProgress
 from .executors.base import StopSignal
+from .lookups import scope_lookups
 from .models.base import Usage
 from .orchestrator import ExecutionSpec, Failure, StageOutcome, estimate_subtasks, execute_plan
 from .plans import Plan, validate_plan
@@ -212,7 +213,9 @@ class Run:
         """How many subtasks each stage expands to (estimated for stages fed by other stages)."""
         if self.plan is None:
             return {}
-        return estimate_subtasks(self.plan, {n: t.num_rows for n, t in self.tables.items()})
+        return estimate_subtasks(
+            self.plan, {n: t.num_rows for n, t in self.tables.items()}, self.tables
+        )
 
     def estimate_subtasks(self) -> int:
         """Total subtasks the plan expands to (at least one model call each)."""
@@ -326,8 +329,10 @@ class Run:
         with self._lock:
             if self.state != "planning":  # cancelled while the manager was thinking
                 return
+            # Lookups of other named tables (issue #11): never a stage's own table; see lookups.py.
+            plan, scoped = scope_lookups(plan, self.registry, self.tables)
             self.plan, self.manager_usage, self.plan_attempts = plan, usage, attempts
-            self.plan_fixes = fixes
+            self.plan_fixes = [*fixes, *scoped]
             self._set_state("awaiting_approval")
             if self._may_auto_start():
                 self.start()

@@ -26,6 +26,7 @@ from .engine import get_engine
 from .errors import ApwaError, PlanError, UserInputError
 from .events import Event
 from .executors.base import Executor
+from .lookups import grant_lookups
 from .models.base import ChatModel, Usage
 from .models.pool import ModelPool
 from .plans import Plan, validate_plan
@@ -237,6 +238,8 @@ class Session:
             raise UserInputError("The prompt is empty: say what each worker should do.")
         data_tables: dict[str, DataTable] = resolve_tables(tables)
         granted = self.grant_tools(registry, tools, allow_side_effects)
+        # Several tables named in the prompt: read-only lookups of each (lookups.py, issue #11).
+        granted = grant_lookups(granted, prompt, data_tables)
         engine = get_engine()
         options = RunOptions(
             concurrency=concurrency or self.concurrency, max_tokens=max_tokens, out=out
@@ -533,16 +536,22 @@ def shared_store(cache_dir: str | None = None) -> Any:
 
 
 def endpoint_id(endpoint: EndpointConfig) -> str:
-    """Who answers, for store keys: base URL + model.
+    """Who answers, for store keys: base URL + model (+ how choices are picked, if not generated).
 
     The embedded model is named by its model alone: its port changes with every kernel, its
     answers do not.
     """
     from .store import endpoint_identity
+    from .worker import CHOICE_CALIBRATION
 
     if endpoint.embedded:
-        return f"embedded {endpoint.model}"
-    return endpoint_identity(endpoint.base_url, endpoint.model)
+        identity = f"embedded {endpoint.model}"
+    else:
+        identity = endpoint_identity(endpoint.base_url, endpoint.model)
+    if endpoint.choice_scoring != "generate":
+        # Scored choices are other answers than generated ones: never serve one for the other.
+        identity += f" choices:{endpoint.choice_scoring}/{CHOICE_CALIBRATION}"
+    return identity
 
 
 def _stored_plan(run: Run, samples: bool) -> Plan | None:

@@ -6,11 +6,12 @@ what a user inspects after a run is exactly what the model saw and said.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any
 
-from .models.base import ChatResponse
+from .models.base import ChatResponse, Usage
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,43 @@ class FinalStep:
         return []
 
 
-Step = TaskStep | ModelStep | ToolStep | CorrectionStep | FinalStep
+@dataclass(frozen=True)
+class ScoreStep:
+    """A choice field answered by likelihood instead of generation (`choice_scoring="logprobs"`).
+
+    Kept so that a user sees the value was scored, not written: each allowed choice's
+    log-probability for this input, the calibration subtracted (a content-free input's scores,
+    or the batch's mean), and the tokens the scoring requests cost.
+    """
+
+    field: str
+    scores: dict[str, float]
+    choice: str
+    calibration: str = "none"  # "none", "content_free" or "batch"
+    adjustment: dict[str, float] | None = None  # what was subtracted per choice
+    usage: Usage = dataclasses.field(default_factory=Usage)
+    row: int | None = None  # the row's number in a batched subtask
+
+    def to_messages(self) -> list[dict[str, Any]]:
+        """Scoring sends its own one-token requests; nothing joins the conversation."""
+        return []
+
+    def describe(self) -> str:
+        """One line: field, each choice's score (and adjustment), the pick."""
+        parts = []
+        for choice, score in sorted(self.scores.items(), key=lambda item: -item[1]):
+            text = f"{choice} {score:.2f}"
+            if self.adjustment is not None and choice in self.adjustment:
+                text += f" (-{self.adjustment[choice]:.2f})"
+            parts.append(text)
+        where = f" row {self.row}" if self.row is not None else ""
+        return (
+            f"[scored {self.field}{where}, calibration {self.calibration}] "
+            f"{', '.join(parts)} -> {self.choice}"
+        )
+
+
+Step = TaskStep | ModelStep | ToolStep | CorrectionStep | ScoreStep | FinalStep
 
 
 def transcript_text(steps: list[Step]) -> str:
@@ -109,6 +146,8 @@ def transcript_text(steps: list[Step]) -> str:
             lines.append(f"[tool {step.name}] {step.result}")
         elif isinstance(step, CorrectionStep):
             lines.append(f"[correction] {step.problem}")
+        elif isinstance(step, ScoreStep):
+            lines.append(step.describe())
         else:
             lines.append(f"[final] {json.dumps(step.outputs, default=str)}")
     return "\n".join(lines)

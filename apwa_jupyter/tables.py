@@ -12,12 +12,23 @@ the manager inside an escaped <data> block (`escape_data`), free-text columns sh
 than short categorical ones, and `metadata(samples=False)` holds no value from any row at all.
 
 Workers never receive the table: they receive `(name, offset, length)` slices and read only
-those rows (zero-copy Arrow slices of the one object-store copy on Ray).
+those rows (zero-copy Arrow slices of the one object-store copy on Ray), and of those rows only
+the columns their stage names as {column} placeholders (`plans.columns_read`).
+
+Tables as users have them: a DataFrame is kept by reference (`DataTable.frame`, never copied) and
+map results are built from it, so they keep its column labels, cell objects, dtypes and index
+exactly; Arrow is only the copy workers read. A column label that is not a string is named for
+plans by `column_name` (`0` -> `col_0`, `("price", "usd")` -> `price_usd`). Dict cells are held
+as JSON text (`_dicts_as_json`) so each keeps its own keys. A table too wide for the metadata
+budget is described by name pattern and type ("feature_0..feature_1999: double x2000"), never by
+dropping columns silently (`summarise_columns`, `_shed_columns`).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -80,6 +91,11 @@ class TableMetadata(BaseModel):
     rows: int
     columns: list[ColumnInfo]
     sample: list[dict[str, Any]]
+    # A wide table (see `summarise_columns`): how many columns it has, and the columns not listed
+    # one by one, summarised by name pattern and type ("feature_0..feature_1999: double x2000").
+    column_count: int | None = None
+    column_patterns: list[str] = Field(default_factory=list)
+    columns_note: str = ""
 
     def to_prompt(self) -> str:
         """Compact JSON for the manager prompt (no indentation: every character is a token)."""
@@ -98,13 +114,17 @@ class TableSlice:
 class DataTable:
     """A named table: Arrow data plus what is needed to give results back with the user's index."""
 
-    def __init__(self, name: str, arrow: pa.Table, kind: str, index: Any = None):
+    def __init__(self, name: str, arrow: pa.Table, kind: str, index: Any = None, frame: Any = None):
         if not name.isidentifier():
             raise UserInputError(f"Table name {name!r} must be a Python identifier.")
         self.name = name
         self.arrow = arrow
         self.kind = kind
         self.index = index  # the pandas index to put back on results, or None
+        # The user's own DataFrame (a reference, never a copy): map results are built from it, so
+        # they keep its column labels, cell objects and dtypes exactly (Arrow is only the copy
+        # workers read).
+        self.frame = frame
 
     @classmethod
     def from_value(cls, name: str, value: Any) -> DataTable:
@@ -117,9 +137,10 @@ class DataTable:
             if value.columns.duplicated().any():
                 dupes = sorted({str(c) for c in value.columns[value.columns.duplicated()]})
                 raise UserInputError(f"{name} has duplicate column names {dupes}: rename them.")
-            frame = value.rename(columns=str)
+            names = column_names_of(name, list(value.columns))
+            frame = value.set_axis(names, axis=1)
             try:
-                arrow = pa.Table.from_pandas(frame, preserve_index=False)
+                arrow = _dicts_as_json(frame, pa.Table.from_pandas(frame, preserve_index=False))
             except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
                 raise UserInputError(
                     f"{name} has a column Arrow cannot store ({exc}); convert mixed-type columns "
@@ -128,7 +149,7 @@ class DataTable:
             except UnicodeEncodeError:
                 raise UserInputError(_unencodable_text(name, frame)) from None
             kind = str(value.attrs.get("apwa_kind", "dataframe"))  # e.g. "documents", "chunks"
-            table = cls(name, arrow, kind, index=value.index)
+            table = cls(name, arrow, kind, index=value.index, frame=value)
         elif isinstance(value, pa.Table):
             table = cls(name, value, "arrow")
         elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
@@ -173,15 +194,45 @@ class DataTable:
         With `samples=False` (sensitive data) no value from any row is included: no sample rows,
         no frequent values, no min/max; names, types and counts only.
         """
-        stats_sample = self.arrow.take(_evenly_spaced(self.num_rows, STATS_SAMPLE_ROWS))
+        types = [
+            "json" if f.metadata and JSON_FIELD in f.metadata else str(f.type)
+            for f in self.arrow.schema
+        ]
+        listed = self.column_names
+        patterns: list[str] = []
+        kinds = dict(zip(self.column_names, types, strict=True))
+        if _names_only_chars(self.column_names, types) > budget_chars:
+            listed, patterns = summarise_columns(self.column_names, types)
+            if _names_only_chars(listed, [kinds[n] for n in listed]) > budget_chars:
+                # not even the names of the columns without a pattern fit: no stats or samples
+                named = TableMetadata(
+                    name=self.name,
+                    kind=self.kind,
+                    rows=self.num_rows,
+                    columns=[ColumnInfo(name=n, type=kinds[n]) for n in listed],
+                    sample=[],
+                    column_count=self.arrow.num_columns,
+                    column_patterns=patterns,
+                )
+                return _shed_columns(named, budget_chars)
+        shown = self.arrow.select(listed)
+        stats_sample = shown.take(_evenly_spaced(self.num_rows, STATS_SAMPLE_ROWS))
         scale = self.num_rows / max(stats_sample.num_rows, 1)
         columns = [
-            _describe_column(name, self.arrow.column(name), stats_sample.column(name), scale)
-            for name in self.column_names
+            _describe_column(name, shown.column(name), stats_sample.column(name), scale)
+            for name in listed
         ]
+        columns = [c.model_copy(update={"type": kinds[c.name]}) for c in columns]
         if not samples:
             columns = [c.model_copy(update={"min": None, "max": None}) for c in columns]
-        sample_rows = self.arrow.take(self.sample_positions()).to_pylist() if samples else []
+        sample_rows = shown.take(self.sample_positions()).to_pylist() if samples else []
+        wide: dict[str, Any] = {}
+        if patterns:
+            wide = {
+                "column_count": self.arrow.num_columns,
+                "column_patterns": patterns,
+                "columns_note": WIDE_NOTE.format(count=self.arrow.num_columns, listed=len(listed)),
+            }
         free_text = {
             c.name
             for c in columns
@@ -195,6 +246,7 @@ class DataTable:
                 name=self.name,
                 kind=self.kind,
                 rows=self.num_rows,
+                **wide,
                 columns=[
                     c.model_copy(update={"top_values": c.top_values[:top] if samples else []})
                     if stats
@@ -215,8 +267,161 @@ class DataTable:
                 ],
             )
             if len(meta.to_prompt()) <= budget_chars:
-                break
-        return meta
+                return meta
+        return _shed_columns(meta, budget_chars)
+
+
+WIDE_NOTE = (
+    "{count} columns: {listed} listed, the others summarised by name pattern and type "
+    "(a..b: every name from a to b). A stage reads only the columns its instruction names as "
+    "{{column}} placeholders."
+)
+# A run of at least this many names `<prefix><number>` of one type is summarised as a pattern.
+PATTERN_MIN_COLUMNS = 3
+_NUMBERED = re.compile(r"^(.*?)(\d+)$")
+
+
+def summarise_columns(names: list[str], types: list[str]) -> tuple[list[str], list[str]]:
+    """Split a wide table's columns into (listed one by one, patterns summarising the rest).
+
+    Names `<prefix><number>` of one type, at least `PATTERN_MIN_COLUMNS` of them, become one
+    pattern: "feature_0..feature_1999: double x2000" (with "(some numbers missing)" when the
+    numbers are not contiguous). Other columns stay listed by name, in table order.
+    """
+    groups: dict[tuple[str, str], list[tuple[int, str]]] = {}
+    for name, kind in zip(names, types, strict=True):
+        match = _NUMBERED.match(name)
+        if match:
+            groups.setdefault((match.group(1), kind), []).append((int(match.group(2)), name))
+    patterned: set[str] = set()
+    patterns = []
+    for (_, kind), members in groups.items():
+        if len(members) < PATTERN_MIN_COLUMNS:
+            continue
+        members.sort()
+        (low, first), (high, last) = members[0], members[-1]
+        gaps = "" if high - low + 1 == len(members) else " (some numbers missing)"
+        patterns.append(f"{first}..{last}{gaps}: {kind} x{len(members)}")
+        patterned.update(name for _, name in members)
+    return [n for n in names if n not in patterned], patterns
+
+
+def _names_only_chars(names: list[str], types: list[str]) -> int:
+    """The size of the least detailed listing (names and types), without building it."""
+    per_column = len('{"name":"","type":""},')
+    return 200 + sum(len(n) + len(t) + per_column for n, t in zip(names, types, strict=True))
+
+
+def _shed_columns(meta: TableMetadata, budget_chars: int) -> TableMetadata:
+    """Still over budget at names and types only: list what fits, count the rest by type.
+
+    Nothing is dropped silently: the last pattern says how many columns of which type are not
+    named, and `column_count` is the table's true width.
+    """
+    count = meta.column_count or len(meta.columns)
+    base = meta.model_copy(update={"columns": [], "column_patterns": [], "column_count": count})
+    size = len(base.to_prompt()) + len(WIDE_NOTE) + 200  # room for the note and the last line
+    columns: list[ColumnInfo] = []
+    patterns: list[str] = []
+    left: Counter[str] = Counter()
+    for column in meta.columns:
+        size += len(column.model_dump_json(exclude_defaults=True)) + 1
+        if size > budget_chars:
+            left[column.type] += 1
+        else:
+            columns.append(column)
+    for pattern in meta.column_patterns:
+        size += len(json.dumps(pattern, ensure_ascii=False)) + 1
+        if size > budget_chars:
+            kind, _, times = pattern.rpartition(": ")[2].rpartition(" x")
+            left[kind] += int(times)
+        else:
+            patterns.append(pattern)
+    if left:
+        by_type = ", ".join(f"{kind} x{n}" for kind, n in left.most_common())
+        patterns.append(f"not named here (too many to list): {by_type}")
+    note = WIDE_NOTE.format(count=count, listed=len(columns))
+    return base.model_copy(
+        update={"columns": columns, "column_patterns": patterns, "columns_note": note}
+    )
+
+
+# Field metadata marking a column whose cells Arrow holds as JSON text (see `_dicts_as_json`).
+JSON_FIELD = b"apwa_json"
+
+
+def _dicts_as_json(frame: Any, arrow: pa.Table) -> pa.Table:
+    """Store object columns holding dicts (at any depth) as JSON text, not as Arrow structs.
+
+    Arrow gives every dict of a column one struct shape: `{"a": 1}` and `{"b": "x"}` become
+    `{"a": 1, "b": None}` and `{"a": None, "b": "x"}`, keys the rows never had. As JSON text each
+    cell stays exactly what it was; `decode_json_columns` gives workers the dicts back.
+    """
+    for i, field in enumerate(arrow.schema):
+        if not _has_struct(field.type) or frame.iloc[:, i].dtype != object:
+            continue
+        from .templates import encode_json  # templates imports this module
+
+        text = pa.array(
+            [None if v is None else encode_json(v) for v in frame.iloc[:, i]], pa.large_string()
+        )
+        marked = pa.field(field.name, text.type, metadata={JSON_FIELD: b"1"})
+        arrow = arrow.set_column(i, marked, text)
+    return arrow
+
+
+def _has_struct(kind: pa.DataType) -> bool:
+    if pa.types.is_struct(kind):
+        return True
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        return _has_struct(kind.value_type)
+    if pa.types.is_map(kind):
+        return _has_struct(kind.item_type)
+    return False
+
+
+def decode_json_columns(table: pa.Table, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of `table` with JSON-text columns (`_dicts_as_json`) decoded back to their values."""
+    names = [f.name for f in table.schema if f.metadata and JSON_FIELD in f.metadata]
+    for row in rows if names else []:
+        for name in names:
+            if row[name] is not None:
+                row[name] = json.loads(row[name])
+    return rows
+
+
+def column_name(label: Any) -> str:
+    """The name a plan, the manager and workers use for a DataFrame column label.
+
+    A string label is its own name. Any other label gets a name a `{placeholder}` can hold: a
+    tuple (MultiIndex) label joins its non-empty parts with "_" (`("price", "usd")` ->
+    `price_usd`), other labels use their str(); characters other than letters, digits and "_"
+    become "_", and a name that would start with a digit starts with "col_" (`0` -> `col_0`).
+    Results keep the original labels: the name is only how the plan refers to the column.
+    """
+    if isinstance(label, str):
+        return label
+    if isinstance(label, tuple):
+        text = "_".join(str(part) for part in label if part is not None and part != "")
+    else:
+        text = str(label)
+    text = re.sub(r"\W", "_", text, flags=re.ASCII)
+    return text if text[:1].isalpha() or text[:1] == "_" else f"col_{text}"
+
+
+def column_names_of(table: str, labels: list[Any]) -> list[str]:
+    """Names of all column labels of one table; two labels with the same name are an error."""
+    names = [column_name(label) for label in labels]
+    if len(set(names)) != len(names):
+        seen: dict[str, Any] = {}
+        for label, name in zip(labels, names, strict=True):
+            if name in seen:
+                raise UserInputError(
+                    f"{table} has columns {seen[name]!r} and {label!r}, both named {name!r} in "
+                    "plans; rename one of them."
+                )
+            seen[name] = label
+    return names
 
 
 def escape_data(text: str) -> str:

@@ -9,11 +9,23 @@ Row text reaches the model only as data: inside a <data>...</data> block whose c
 the block is never instructions. Batched rows carry a key ("row": 1..n) that the answer must echo,
 so answers are matched to rows by key, not by position. A value longer than the stage's input
 budget fails its subtask (error kind "input") instead of being cut without a word.
+
+Row values reach the worker as strict JSON (`encode_json`; never a bare `NaN` or `Infinity`):
+- a missing value (None, NaN, NaT) is `null`; an infinite number is the string "Infinity" or
+  "-Infinity" (it is a value, not a missing one), also inside lists and dicts;
+- bytes are their UTF-8 text when they decode as UTF-8, otherwise `{"base64": "..."}`;
+- a Decimal is an exact decimal string, never a float that could round (at its column's common
+  Arrow scale: 1.5 next to 2.25 is sent as "1.50"; the result keeps the user's own Decimal);
+- dates and times are ISO 8601 strings; lists and dicts are JSON arrays and objects.
+Columns are named as `tables.column_name` says (a label `0` is `col_0`).
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import datetime
+import decimal
 import functools
 import json
 import math
@@ -202,12 +214,59 @@ def render_instruction(template: str, row: dict[str, Any] | None) -> str:
 
 def inline_data(value: Any) -> str:
     """One value inside the instruction, marked and escaped as data."""
-    text = value if isinstance(value, str) else json.dumps(value, default=str, ensure_ascii=False)
+    text = value if isinstance(value, str) else encode_json(value)
     return f"<data>{escape_data(text)}</data>"
 
 
 def _json_line(row: dict[str, Any]) -> str:
-    return escape_data(json.dumps(row, default=str, ensure_ascii=False))
+    return escape_data(encode_json(row))
+
+
+def encode_json(value: Any) -> str:
+    """Strict JSON text of a row or value, with the encoding the module docstring documents.
+
+    The common case (plain strings and numbers) is one `json.dumps` call; a value JSON cannot hold
+    as is (infinity, bytes, Decimal, dates, numpy scalars) is converted by `_json_value`.
+    """
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False, default=_json_default)
+    except ValueError:  # a non-finite float somewhere: rebuild with it as a string or null
+        return json.dumps(_finite(value), ensure_ascii=False, default=_json_default)
+
+
+def _json_default(value: Any) -> Any:
+    """What `json.dumps` cannot encode itself: bytes, Decimal, dates, numpy and other objects."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        raw = bytes(value)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return {"base64": base64.b64encode(raw).decode("ascii")}
+    if isinstance(value, decimal.Decimal):
+        return str(value) if value.is_finite() else _non_finite(float(value))
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return str(value)
+    tolist = getattr(value, "tolist", None)  # numpy arrays and scalars
+    if callable(tolist):
+        return _finite(tolist())
+    return str(value)
+
+
+def _finite(value: Any) -> Any:
+    """The value with every NaN as None and every infinity as "Infinity"/"-Infinity"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return _non_finite(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _non_finite(value: float) -> str | None:
+    return None if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
 
 
 def data_block(lines: list[str]) -> str:
@@ -219,7 +278,7 @@ def check_input_sizes(rows: list[dict[str, Any]] | tuple[dict[str, Any], ...], l
     """Raise InputTooLong if any value is over `limit` characters (never cut silently)."""
     for position, row in enumerate(rows):
         for column, value in row.items():
-            size = len(value) if isinstance(value, str) else len(json.dumps(value, default=str))
+            size = len(value) if isinstance(value, str) else len(encode_json(value))
             if size > limit:
                 where = f"row {position + 1} of this subtask" if len(rows) > 1 else "its row"
                 raise InputTooLong(
@@ -271,14 +330,10 @@ def worker_messages(
     if ctx.tools:
         system += TOOLS_RULE
     if ctx.kind == "reduce":
-        header = f"Inputs ({len(subtask.items)} items"
-        header += f", group {subtask.group!r})" if subtask.group is not None else ")"
+        header = f"Inputs ({len(subtask.items)} items{reduce_group_text(subtask.group)})"
         if subtask.level > 0:
             header += ". Some inputs are already partial results of this same instruction"
-        fill = None
-        if subtask.group is not None:
-            fill = {name: subtask.group for name in PLACEHOLDER.findall(ctx.instruction)}
-        instruction = render_instruction(ctx.instruction, fill)
+        instruction = render_instruction(ctx.instruction, reduce_group_fill(ctx, subtask.group))
         body = data_block([_json_line(item) for item in subtask.items])
         return system, f"{instruction}\n\n{header}:\n{body}"
     if ctx.kind == "task":
@@ -291,6 +346,24 @@ def worker_messages(
         return system, f"{instruction}\n\nInput:\n{data_block([_json_line(rows[0])])}"
     keyed = [_json_line({ROW_KEY: i + 1, "input": row}) for i, row in enumerate(rows)]
     return system, f"{ctx.instruction}\n\nInputs:\n{data_block(keyed)}"
+
+
+def reduce_group_text(group: Any) -> str:
+    """The header's ", group ..." part: key=value for each key column (a dict), else the value."""
+    if group is None:
+        return ""
+    if isinstance(group, dict):
+        return ", group " + ", ".join(f"{k}={v!r}" for k, v in group.items())
+    return f", group {group!r}"
+
+
+def reduce_group_fill(ctx: StageContext, group: Any) -> dict[str, Any] | None:
+    """Placeholder values of a reduce call: each key column's value (a dict group), else the key."""
+    if group is None:
+        return None
+    if isinstance(group, dict):
+        return group
+    return {name: group for name in PLACEHOLDER.findall(ctx.instruction)}
 
 
 def batches(total: int, size: int) -> list[tuple[int, int]]:

@@ -42,6 +42,9 @@ SIDE_EFFECTS_BADGE = (
     'padding:0 4px;font-size:85%">side effects</span>'
 )
 
+# A tool the run granted itself because it cannot change anything (lookups.py, issue #11).
+READ_ONLY_BADGE = ' <small class="apwa-read-only" style="color:#2a7d2a">read-only</small>'
+
 
 def tools_html(run: Run, stage_id: str) -> str:
     """A stage's tools: granted ones by name (side effects badged), denied ones struck out.
@@ -54,6 +57,7 @@ def tools_html(run: Run, stage_id: str) -> str:
     for name in stage.tools:
         tool = run.registry.select([name])[name] if name in run.registry else None
         badge = f" {SIDE_EFFECTS_BADGE}" if tool is not None and tool.side_effects else ""
+        badge = badge or (READ_ONLY_BADGE if getattr(tool, "read_only", False) else "")
         parts.append(f"<code>{html.escape(name)}</code>{badge}")
     for name, reason in run.denied_tools.get(stage_id, []):
         parts.append(

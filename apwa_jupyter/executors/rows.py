@@ -6,6 +6,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from ..tables import decode_json_columns
 from ..templates import Subtask
 
 
@@ -14,4 +15,5 @@ def read_rows(subtask: Subtask, tables: dict[str, pa.Table]) -> list[dict[str, A
     if subtask.rows is None:
         return []
     part = subtask.rows
-    return tables[part.table].slice(part.offset, part.length).to_pylist()
+    table = tables[part.table].slice(part.offset, part.length)
+    return decode_json_columns(table, table.to_pylist())  # dict cells as they were (tables.py)

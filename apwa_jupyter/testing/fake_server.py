@@ -39,6 +39,8 @@ class Reply:
     delay: float = 0.0
     finish_reason: str = "stop"
     raw_body: str | None = None
+    # With `Reply.logprobs`: the next token's alternatives (token, log-probability), best first.
+    top_logprobs: list[tuple[str, float]] | None = None
 
     @classmethod
     def json(cls, value: Any) -> Reply:
@@ -68,6 +70,15 @@ class Reply:
         headers = {"retry-after": f"{retry_after:g}"} if retry_after is not None else {}
         body = json.dumps({"error": {"message": message, "type": "scripted", "code": status}})
         return cls(status=status, headers=headers, raw_body=body)
+
+    @classmethod
+    def logprobs(cls, top: dict[str, float]) -> Reply:
+        """Answer a `logprobs=True, top_logprobs=k` request: one token and its alternatives.
+
+        The best token is the content, as llama.cpp and OpenAI return it (k is not enforced).
+        """
+        ranked = sorted(top.items(), key=lambda item: -item[1])
+        return cls(content=ranked[0][0], top_logprobs=ranked, finish_reason="length")
 
     @classmethod
     def hang(cls, seconds: float) -> Reply:
@@ -152,6 +163,12 @@ def worker_rows(body: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
 def is_manager_request(body: dict[str, Any]) -> bool:
     """True for a planning request (it asks for the plan schema)."""
     return ((body.get("response_format") or {}).get("json_schema") or {}).get("name") == "plan"
+
+
+def _logprobs_body(top: list[tuple[str, float]]) -> dict[str, Any]:
+    """The `logprobs` object of a one-token answer, in the chat-completions shape."""
+    alternatives = [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in top]
+    return {"content": [{**alternatives[0], "top_logprobs": alternatives}]}
 
 
 class FakeOpenAIServer:
@@ -262,12 +279,19 @@ class FakeOpenAIServer:
         message: dict[str, Any] = {"role": "assistant", "content": reply.content}
         if reply.tool_calls:
             message["tool_calls"] = reply.tool_calls
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": message,
+            "finish_reason": reply.finish_reason,
+        }
+        if reply.top_logprobs is not None:
+            choice["logprobs"] = _logprobs_body(reply.top_logprobs)
         return {
             "id": f"chatcmpl-{self.count}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": body.get("model", MODEL_NAME),
-            "choices": [{"index": 0, "message": message, "finish_reason": reply.finish_reason}],
+            "choices": [choice],
             "usage": {
                 "prompt_tokens": prompt_chars // 4,
                 "completion_tokens": len(reply.content or "") // 4 + 1,
