@@ -8,9 +8,13 @@ are read as they are. A file that cannot be read is a row whose `error` says why
 call: one corrupt PDF in a folder of a thousand must not cost the other 999.
 
 Extraction is CPU-bound Python (pypdf parses content streams in pure Python), so with many files it
-runs in a process pool (`concurrent.futures`, spawned processes: forking a kernel that holds Ray
-and the engine's threads is unsafe). It does not go through Ray: the executors run model calls,
-and reading files on the driver's disk belongs on the driver's machine anyway.
+runs in parallel, and not in the kernel: when the session's executor is Ray, on the Ray cluster
+(one task of one CPU per batch of files, results streamed back in order; see
+`executors.ray.run_on_cluster`, which says what the nodes need: the files at the same path on
+every node); with the local executor or no session, in a process pool (spawned processes:
+forking a kernel that holds Ray and the engine's threads is unsafe). A few small files are read
+in this process, since starting workers would cost more than it saves. `attrs["apwa_extraction"]`
+says where the text was extracted.
 
 `chunks(docs, tokens=800, overlap=100)` splits long text into pieces of at most `tokens` tokens
 that end on sentence boundaries (on a paragraph boundary when one is near), with about `overlap`
@@ -31,6 +35,7 @@ import glob as globlib
 import itertools
 import os
 import re
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -65,39 +70,192 @@ _SUFFIX_TYPES = {
 # importing pypdf takes about 0.5-1 s on this project's 2-core machine.
 POOL_MIN_FILES = 4
 POOL_MIN_BYTES = 1_000_000
+# ... or this many PDF/DOCX files, whatever their size: parsing one costs 10-50 ms of CPU.
+POOL_MIN_PARSED = 16
 
 
 # -- files -> table ------------------------------------------------------------------------------
-def files(source: str | os.PathLike[str] | Iterable[Any], workers: int | None = None) -> Any:
+def files(
+    source: str | os.PathLike[str] | Iterable[Any],
+    workers: int | None = None,
+    executor: Any = None,
+) -> Any:
     """Read files into a table for `{name}` prompts: one row per file; unreadable ones get `error`.
 
     `source` is a glob (`"reports/**/*.pdf"`, recursive), a folder (every file directly in it), a
-    single file, or any iterable of paths (a list, `Path("reports").glob("*.pdf")`). `workers`
-    sets the process pool's size; None picks it (no pool for a few small files), 0 or 1 reads in
-    this process. The result is a pandas DataFrame with `attrs["apwa_kind"] == "documents"`.
+    single file, or any iterable of paths (a list, `Path("reports").glob("*.pdf")`).
+
+    Where the text is extracted: `executor` is "ray", "local" or an executor object; None means
+    the executor of this kernel's session (`%%apwa`'s, else `apwa_jupyter.run`'s), if one exists.
+    On Ray the files are read by Ray tasks on the cluster (Ray is started if it is not yet: the
+    first run would start it anyway); otherwise by a process pool of `workers` processes. With
+    neither `executor` nor `workers` given, a few small files are read in this process. `workers`
+    0 or 1 reads in this process whatever the executor. The result is a pandas DataFrame with
+    `attrs["apwa_kind"] == "documents"` and `attrs["apwa_extraction"]` saying where it was read.
     """
     import pandas as pd
 
     paths = _expand(source)
-    total = sum(_size(p) for p in paths)
-    if workers is None:
-        big = len(paths) >= POOL_MIN_FILES and total >= POOL_MIN_BYTES
-        workers = min(os.cpu_count() or 1, len(paths)) if big else 1
+    sizes = [_size(p) for p in paths]
+    if executor is not None and not isinstance(executor, str) and not hasattr(executor, "name"):
+        raise UserInputError(
+            f"files(): executor must be 'ray', 'local' or an executor, not {executor!r}"
+        )
+    if isinstance(executor, str) and executor not in ("ray", "local"):
+        raise UserInputError(f"files(): executor {executor!r} is not known; use 'ray' or 'local'.")
+    parsed = sum(1 for p in paths if _SUFFIX_TYPES.get(Path(p).suffix.lower()) in ("pdf", "docx"))
+    big = len(paths) >= POOL_MIN_FILES and (
+        sum(sizes) >= POOL_MIN_BYTES or parsed >= POOL_MIN_PARSED
+    )
+    cluster = None
+    if workers is None or workers > 1:
+        if executor == "ray":
+            chosen = _session_executor(required=True)
+        else:
+            chosen = executor if executor is not None else (_session_executor() if big else None)
+        if chosen is not None and _executor_name(chosen) == "ray":
+            cluster = chosen
+    if cluster is not None and (big or executor is not None):
+        rows, where = _extract_on_ray(cluster, paths, sizes)
+    else:
+        if workers is None:
+            workers = min(os.cpu_count() or 1, len(paths)) if big else 1
+        rows, where = _extract_here_or_pool(paths, workers)
+    frame = pd.DataFrame(rows, columns=DOCUMENT_COLUMNS)
+    frame["size"] = frame["size"].astype("int64")
+    frame.attrs["apwa_kind"] = "documents"
+    frame.attrs["apwa_extraction"] = where
+    return frame
+
+
+def _executor_name(executor: Any) -> str:
+    return executor if isinstance(executor, str) else str(getattr(executor, "name", ""))
+
+
+def _session_executor(required: bool = False) -> Any:
+    """The executor of the session this process already has, or None (no session: no Ray).
+
+    The kernel's `%%apwa` session comes first, then `apwa_jupyter.run`'s default session. Both
+    are looked up in `sys.modules`, so the core imports neither the magics (IPython) nor ray.
+    `required` (files(executor="ray")): create the default session if there is none, and say so
+    in one line if its workers do not run on Ray.
+    """
+    session = None
+    magics = sys.modules.get("apwa_jupyter.magics")
+    kernel = getattr(magics, "_magics", None) if magics is not None else None
+    if kernel is not None:
+        session = kernel.session
+    else:
+        module = sys.modules.get("apwa_jupyter.session")
+        session = getattr(module, "_default", None) if module is not None else None
+        if session is None and required:
+            from .session import default_session
+
+            session = default_session()
+    if session is None or session.executor_kind != "ray":
+        if required:
+            raise UserInputError(
+                "files(executor='ray'): this session's workers run in the kernel "
+                "(executor=local); pass a RayExecutor, or drop executor= to use a process pool."
+            )
+        return None
+    return session.executor
+
+
+def _extract_here_or_pool(paths: list[str], workers: int) -> tuple[list[dict[str, Any]], dict]:
     if workers > 1 and len(paths) > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         context = multiprocessing.get_context("spawn")
+        chunksize = max(1, len(paths) // (4 * workers))
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            rows = list(
-                pool.map(extract_file, paths, chunksize=max(1, len(paths) // (4 * workers)))
-            )
-    else:
-        rows = [extract_file(p) for p in paths]
-    frame = pd.DataFrame(rows, columns=DOCUMENT_COLUMNS)
-    frame["size"] = frame["size"].astype("int64")
-    frame.attrs["apwa_kind"] = "documents"
-    return frame
+            batches = [paths[i : i + chunksize] for i in range(0, len(paths), chunksize)]
+            done = list(pool.map(extract_batch, batches))
+        rows = [row for batch in done for row in batch["rows"]]
+        pids = sorted({batch["pid"] for batch in done})
+        return rows, {"where": "process pool", "processes": pids}
+    return [extract_file(p) for p in paths], {"where": "this process", "processes": [os.getpid()]}
+
+
+# A Ray task per batch of files: about 4 batches per CPU (even load when PDFs differ in size),
+# at most this many files or bytes each, so one result message stays small.
+RAY_BATCH_FILES = 64
+RAY_BATCH_BYTES = 16_000_000
+
+
+def _extract_on_ray(
+    executor: Any, paths: list[str], sizes: list[int]
+) -> tuple[list[dict[str, Any]], dict]:
+    """Rows read by Ray tasks on the executor's cluster, in `paths` order.
+
+    A lost task's files become error rows (like any file that cannot be read), never a failed call.
+    """
+    if getattr(executor, "start_seconds", None) is None:  # not started: start it as a run would
+        from .engine import get_engine
+
+        get_engine().submit(executor.start()).result()
+    from .executors.ray import cluster_cpus, run_on_cluster
+
+    cpus = cluster_cpus()
+    per_batch = max(1, min(RAY_BATCH_FILES, -(-len(paths) // (4 * cpus))))
+    # Absolute paths: Ray workers do not run in the kernel's working directory.
+    batches: list[list[str]] = []
+    current: list[str] = []
+    weight = 0
+    for path, size in zip(paths, sizes, strict=True):
+        if current and (len(current) >= per_batch or weight + size > RAY_BATCH_BYTES):
+            batches.append(current)
+            current, weight = [], 0
+        current.append(os.path.abspath(path))
+        weight += size
+    batches.append(current)
+    rows: list[dict[str, Any]] = []
+    pids: set[int] = set()
+    nodes: set[str] = set()
+    for batch, done in zip(batches, run_on_cluster(extract_batch, batches), strict=True):
+        if isinstance(done, BaseException):
+            message = " ".join(str(done).split())[:300] or type(done).__name__
+            rows.extend(_failed_row(p, f"{type(done).__name__}: {message}") for p in batch)
+            continue
+        rows.extend(done["rows"])
+        pids.add(done["pid"])
+        nodes.add(done["node"])
+    for row, given in zip(rows, paths, strict=True):  # a missing file keeps the path as given
+        if row["error"] is not None and not os.path.exists(given):
+            row["path"] = given
+    where = {
+        "where": "ray",
+        "tasks": len(batches),
+        "processes": sorted(pids),
+        "nodes": sorted(nodes),
+    }
+    return rows, where
+
+
+def _failed_row(path: str, error: str) -> dict[str, Any]:
+    return {
+        "path": path,
+        "name": os.path.basename(path),
+        "type": file_type(path),
+        "size": _size(path),
+        "text": None,
+        "error": error,
+    }
+
+
+def extract_batch(paths: list[str]) -> dict[str, Any]:
+    """Rows for several files, with the process and host that read them (for `apwa_extraction`).
+
+    Runs in Ray tasks and pool processes, so it takes and returns only plain picklable values.
+    """
+    import socket
+
+    return {
+        "rows": [extract_file(p) for p in paths],
+        "pid": os.getpid(),
+        "node": socket.gethostname(),
+    }
 
 
 def _expand(source: Any) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -274,3 +275,81 @@ def test_without_tiktoken_the_estimate_is_used_and_named(monkeypatch):
         assert table.attrs["apwa_tokenizer"] == "estimate (characters / 4)"
     finally:
         token_counter.cache_clear()
+
+
+# -- extraction on the workers (issue #11: "in parallel on the workers, not in the kernel") ------
+def test_on_ray_each_file_is_extracted_in_a_ray_worker_in_order_with_error_rows(
+    folder: Path, ray_executor
+):
+    (folder / "broken.pdf").write_bytes(b"this is not a pdf at all")
+    paths = [*sorted(folder.iterdir(), reverse=True), folder / "missing.txt"]  # not sorted order
+    docs = files(paths, executor=ray_executor)
+    where = docs.attrs["apwa_extraction"]
+    assert where["where"] == "ray" and where["tasks"] >= 2
+    assert where["processes"] and os.getpid() not in where["processes"]
+    assert list(docs["name"]) == [p.name for p in paths]  # the given order, across tasks
+    by_name = docs.set_index("name")
+    assert "Pdf" in by_name.loc["broken.pdf", "error"]
+    assert "FileNotFoundError" in by_name.loc["missing.txt", "error"]
+    assert by_name.loc["missing.txt", "path"] == str(folder / "missing.txt")
+    assert "ACME-PDF" in by_name.loc["a.pdf", "text"]
+    in_kernel = files(paths, workers=1)
+    assert in_kernel.attrs["apwa_extraction"] == {
+        "where": "this process",
+        "processes": [os.getpid()],
+    }
+    pd.testing.assert_frame_equal(docs, in_kernel, check_like=False)
+
+
+def test_run_on_cluster_streams_results_in_order_and_returns_a_failed_batch_as_its_error(
+    ray_executor,
+):
+    from apwa_jupyter.executors.ray import run_on_cluster
+
+    def square_or_fail(batch):
+        if batch == [3]:
+            raise ValueError("batch three is bad")
+        return [x * x for x in batch], os.getpid()
+
+    out = list(run_on_cluster(square_or_fail, [[1, 2], [3], [4], [5, 6]], window=2))
+    assert [o[0] if isinstance(o, tuple) else "error" for o in out] == [
+        [1, 4],
+        "error",
+        [16],
+        [25, 36],
+    ]
+    assert "batch three is bad" in str(out[1])
+    assert {o[1] for o in out if isinstance(o, tuple)} - {os.getpid()}  # ran in Ray workers
+
+
+def test_without_ray_a_big_folder_is_read_by_a_process_pool_and_a_few_files_in_process(
+    folder: Path,
+):
+    assert files(folder).attrs["apwa_extraction"]["where"] == "this process"  # small: no pool
+    pooled = files(folder, workers=2).attrs["apwa_extraction"]
+    assert pooled["where"] == "process pool" and os.getpid() not in pooled["processes"]
+    with pytest.raises(UserInputError, match="executor"):
+        files(folder, executor="spark")
+
+
+def test_files_uses_the_sessions_executor_ray_when_it_is_ray_a_pool_when_local(
+    tmp_path: Path, ray_executor, monkeypatch
+):
+    from apwa_jupyter import session as session_module
+    from apwa_jupyter.session import Session
+
+    for i in range(documents.POOL_MIN_PARSED):  # enough PDFs to be worth reading in parallel
+        write_pdf(tmp_path / f"invoice_{i:02d}.pdf", [f"Invoice {i}"])
+    monkeypatch.setattr(session_module, "_default", Session(executor=ray_executor, store=False))
+    on_ray = files(tmp_path)
+    assert on_ray.attrs["apwa_extraction"]["where"] == "ray"
+    assert list(on_ray["text"].str.strip()) == [
+        f"Invoice {i}" for i in range(documents.POOL_MIN_PARSED)
+    ]
+    assert files(tmp_path / "invoice_00.pdf", executor="ray").attrs["apwa_extraction"]["tasks"] == 1
+    monkeypatch.setattr(session_module, "_default", Session(executor="local", store=False))
+    assert files(tmp_path).attrs["apwa_extraction"]["where"] == "process pool"
+    with pytest.raises(UserInputError, match="executor=local"):
+        files(tmp_path, executor="ray")
+    monkeypatch.setattr(session_module, "_default", None)  # no session: no Ray started for this
+    assert files(tmp_path).attrs["apwa_extraction"]["where"] == "process pool"

@@ -9,6 +9,7 @@ model at the default small size and checks structure, not the model's wisdom.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -23,8 +24,8 @@ NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "pii_redaction.ipynb"
 NAME = re.compile(r"\b(?:This is) ([A-Z][a-z]+ [A-Z][a-z]+)")
 
 
-def run_notebook(tmp_path: Path) -> tuple[dict, list[str]]:
-    executed = execute(str(NOTEBOOK), str(tmp_path / "out.ipynb"), timeout=1500)
+def run_notebook(tmp_path: Path, notebook: Path = NOTEBOOK) -> tuple[dict, list[str]]:
+    executed = execute(str(notebook), str(tmp_path / "out.ipynb"), timeout=1500)
     texts = text_outputs(executed)
     line = next(t for t in texts if '"regexes_alone"' in t)
     report = json.loads(next(s for s in line.splitlines() if s.startswith("{")))
@@ -68,6 +69,34 @@ def test_pii_notebook_runs_against_an_endpoint(fake_server, monkeypatch, tmp_pat
     assert report["regexes_alone"]["recall"] < report["pipeline"]["recall"]
     assert report["pipeline"]["precision"] == 1.0
     assert "tickets unchanged" in texts[-1]
+
+
+@pytest.mark.slow
+def test_pii_notebook_counts_subtasks_of_a_run_too_large_to_keep_transcripts(
+    fake_server, monkeypatch, tmp_path
+):
+    """At full size (300,000 tickets) a run keeps only failed results; the count must not be 0.
+
+    The kernel's thresholds are lowered by an IPython startup file, so 30 tickets make a run
+    "too large" here.
+    """
+    plan = map_plan(
+        "tickets", "Redact the PII in {text}.", [{"name": "redacted_text", "type": "string"}]
+    )
+    server = fake_server(plan_responder(plan, redacting_worker))
+    startup = tmp_path / "ipython" / "profile_default" / "startup"
+    startup.mkdir(parents=True)
+    (startup / "00-small.py").write_text(
+        "import apwa_jupyter.orchestrator, apwa_jupyter.runs\n"
+        "apwa_jupyter.runs.TRANSCRIPTS_UP_TO = apwa_jupyter.orchestrator.RESULTS_KEPT_UP_TO = 10\n"
+    )
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+    monkeypatch.setenv("APWA_MODEL", "fake-model")
+    monkeypatch.setenv("APWA_PII_TICKETS", "30")
+    report, _ = run_notebook(tmp_path, Path(os.environ.get("APWA_TEST_PII_NOTEBOOK", NOTEBOOK)))
+    assert report["state"] == "done" and report["failures"] == 0
+    assert report["subtasks"] == 30
 
 
 @pytest.mark.embedded

@@ -52,6 +52,8 @@ PROBE_TIMEOUT_S = 5.0
 # live node (Ray itself gives up on an actor pinned to a node once the node is declared dead,
 # which took 12-15 s here; a crashed process on a live node restarts in 1-3 s).
 REPLACE_AFTER_S = 30.0
+# How often the pool looks for nodes that joined the cluster (one GCS query, ~1 ms).
+NODE_WATCH_S = 2.0
 # Micro-batches: how long an actor's batch stays open for more attempts, and its largest size.
 # A few ms against LLM latencies of a second or more; lanes freed by one yielded group of results
 # come back within a loop turn or two, so they share the next call.
@@ -91,6 +93,9 @@ class _WorkerActor:
     """Runs subtasks inside a Ray worker process; one instance serves many concurrent calls."""
 
     def __init__(self) -> None:
+        from apwa_jupyter.capabilities import use_cpu_runner
+
+        use_cpu_runner(_run_on_this_node)
         self._models = ModelPool()
         self._cache: OrderedDict[str, Any] = OrderedDict()
         # Calls received and subtasks they carried: `stats` shows how well batching works.
@@ -181,6 +186,36 @@ async def _run_one(subtask: Subtask, ctx: StageContext, model: Any, rows: Any) -
         return await run_subtask(subtask, ctx, model, rows)
     except Exception as exc:
         return SubtaskResult(subtask, error=f"{type(exc).__name__}: {exc}", error_kind="internal")
+
+
+def _call_tool(function: Any, arguments: dict[str, Any]) -> Any:
+    """Body of the Ray task that runs one call of a tool declaring `num_cpus`."""
+    return function(**arguments)
+
+
+async def _run_on_this_node(tool: Any, arguments: dict[str, Any]) -> Any:
+    """Run one call of a CPU tool as a Ray task pinned to this actor's node, CPUs reserved.
+
+    Pinned (not soft): the tool's inputs are usually local to the actor that asked (its rows,
+    files on that node), and the node's CPUs are what `num_cpus` reserves. When the call is
+    cancelled (the tool's timeout, a cancelled run) the task is cancelled too.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    task = ray.remote(_call_tool).options(
+        num_cpus=tool.num_cpus,
+        max_retries=0,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+    )
+    ref = task.remote(tool.function, arguments)
+    try:
+        return await ref
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            ray.cancel(ref, force=True)
+        raise
 
 
 def ray_start_options(address: str | None) -> dict[str, Any]:
@@ -304,6 +339,12 @@ class RayExecutor(Executor):
         self._probes: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
         self._owns_ray = False
+        # A pool sized by the user (`num_actors`) stays that size; otherwise it grows by
+        # `actors_per_node` on each node that joins (see `_watch_nodes`).
+        self._grows = num_actors is None
+        self._watcher: asyncio.Task[None] | None = None
+        # Actors added because their node joined after the pool started.
+        self.added = 0
 
     async def start(self) -> None:
         """Start or attach to Ray and create the actor pool, once.
@@ -319,6 +360,8 @@ class RayExecutor(Executor):
             began = time.perf_counter()
             await asyncio.wrap_future(_on_parked_thread(self._start_blocking))
             self.start_seconds = time.perf_counter() - began
+            if self._grows and self._watcher is None:
+                self._watcher = asyncio.ensure_future(self._watch_nodes())
 
     def _start_blocking(self) -> None:
         import ray
@@ -516,6 +559,46 @@ class RayExecutor(Executor):
                     since = time.monotonic()
             await asyncio.sleep(PROBE_INTERVAL_S)
 
+    async def _watch_nodes(self) -> None:
+        """Give each node that joins the cluster its own actors, while the pool lives.
+
+        Runs on the engine loop every NODE_WATCH_S: a cluster that autoscales (KubeRay, `ray up`)
+        adds nodes in the middle of a long run, and their capacity is used from the next micro-
+        batch on. A new actor joins the pool only once it answers, so no call waits on a
+        starting process. Nodes that leave are handled by `_probe` (their actors are replaced on
+        live nodes); the pool does not shrink when those nodes come back, it grows again.
+        """
+        import ray
+
+        while self._actors:
+            await asyncio.sleep(NODE_WATCH_S)
+            try:
+                nodes = _nodes_for_actors(await asyncio.to_thread(ray.nodes))
+            except Exception:  # the GCS is busy or restarting: look again next time
+                continue
+            served = {home for home, alive in zip(self._homes, self._alive, strict=True) if alive}
+            joined = [node for node in nodes if node not in served and node not in self._homes]
+            for node in joined:
+                actors = [self._new_actor(node) for _ in range(self.actors_per_node)]
+                try:
+                    await asyncio.wait_for(
+                        asyncio.gather(*(a.pid.remote() for a in actors)), timeout=60
+                    )
+                except Exception:  # the node left again, or cannot start workers: skip it
+                    for actor in actors:
+                        with contextlib.suppress(Exception):
+                            ray.kill(actor, no_restart=True)
+                    continue
+                if not self._actors:  # shut down meanwhile
+                    return
+                for actor in actors:  # the actor last: `describe` reads these from other threads
+                    self._homes.append(node)
+                    self._load.append(0)
+                    self._alive.append(True)
+                    self._actors.append(actor)
+                self.num_actors = len(self._actors)
+                self.added += len(actors)
+
     def _replace(self, slot: int) -> None:
         """A new actor in `slot` on the live node hosting the fewest live actors (soft pin)."""
         import ray
@@ -570,6 +653,8 @@ class RayExecutor(Executor):
                 ]
                 if self.replaced:
                     info["replaced"] = f"{self.replaced} actor(s) whose node was lost"
+                if self.added:
+                    info["added"] = f"{self.added} actor(s) on nodes that joined"
                 if self._actors:
                     info["placement"] = self._placement(ray)
         except Exception as exc:  # describing must never fail the caller
@@ -601,6 +686,10 @@ class RayExecutor(Executor):
             import ray
         except ImportError:
             return
+        if self._watcher is not None:  # it also ends by itself once the pool is empty
+            with contextlib.suppress(RuntimeError):  # the engine loop is already closed
+                self._watcher.get_loop().call_soon_threadsafe(self._watcher.cancel)
+            self._watcher = None
         for actor in self._actors:
             with contextlib.suppress(Exception):
                 ray.kill(actor)
@@ -609,3 +698,63 @@ class RayExecutor(Executor):
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
             self._owns_ray = False
+
+
+# -- Plain functions on the cluster (documents.files) -------------------------------------------
+# A separate section from the actor pool above: the actors wait on the network with num_cpus=0,
+# while this runs CPU-bound work (text extraction) as ordinary Ray tasks of one CPU each, so Ray
+# spreads it over the cluster's cores and no node runs more of it at once than it has CPUs.
+
+
+def run_on_cluster(fn: Any, batches: list[Any], window: int | None = None) -> Iterator[Any]:
+    """`fn(batch)` for every batch as one Ray task each; yields the results in `batches` order.
+
+    Results stream back: each is yielded as soon as it and every earlier one are done, and at
+    most `window` tasks (default: twice the cluster's CPUs) are submitted ahead of the next one
+    to yield, so memory stays bounded on any number of batches. A task that fails (its function
+    raised, or its worker died after Ray's retries) yields its exception in its place instead of
+    stopping the others: the caller decides what a failed batch means.
+
+    Ray must already be running (start the executor first). What the nodes need: `fn` and
+    whatever it imports must be importable there (apwa_jupyter installed, as for the actors),
+    and anything it reads by path, such as files, must be readable at that same path on every
+    node: a shared filesystem, or a cluster that is only this machine. Interrupting the caller
+    (Ctrl-C) cancels the tasks not yet finished.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        raise RuntimeError("run_on_cluster needs a running Ray: start the executor first")
+    if window is None:
+        window = 2 * cluster_cpus()
+    # One CPU per task, unless the cluster has none to give (then a task would wait forever).
+    task = ray.remote(num_cpus=1 if ray.cluster_resources().get("CPU", 0) >= 1 else 0)(fn)
+    pending: dict[Any, int] = {}
+    done: dict[int, Any] = {}
+    submitted = yielded = 0
+    try:
+        while yielded < len(batches):
+            while submitted < len(batches) and submitted - yielded < window:
+                pending[task.remote(batches[submitted])] = submitted
+                submitted += 1
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                position = pending.pop(ref)
+                try:
+                    done[position] = ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    done[position] = exc
+            while yielded in done:
+                yield done.pop(yielded)
+                yielded += 1
+    finally:
+        for ref in pending:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref)
+
+
+def cluster_cpus() -> int:
+    """CPUs of the running Ray cluster (at least 1): how many of `run_on_cluster`'s tasks run at once."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
