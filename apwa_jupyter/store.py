@@ -593,14 +593,23 @@ class ResultStore:
         return out
 
     def save_result(self, run_id: str, frame: pd.DataFrame) -> bool:
-        """Store a run's result frame (Parquet, index kept); False if it cannot be encoded."""
+        """Store a run's result frame (Parquet, index kept); False if it cannot be encoded.
+
+        Parquet alone does not give the frame back as it was (issue #11, round trip): column
+        labels become strings, lists come back as arrays, dicts as one struct shape and Decimals
+        rescaled. `_portable` records the labels and re-encodes such columns; `load_result`
+        undoes it.
+        """
         try:
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            table = pa.Table.from_pandas(_compact_attrs(frame), preserve_index=True)
+            portable, layout = _portable(_compact_attrs(frame))
+            table = pa.Table.from_pandas(portable, preserve_index=True)
+            metadata = dict(table.schema.metadata or {})
+            metadata[_LAYOUT_KEY] = json.dumps(layout).encode()
             buffer = io.BytesIO()
-            pq.write_table(table, buffer)
+            pq.write_table(table.replace_schema_metadata(metadata), buffer)
         except (pa.ArrowException, TypeError, ValueError):
             return False
         data = buffer.getvalue()
@@ -625,7 +634,12 @@ class ResultStore:
             return None
         import pyarrow.parquet as pq
 
-        return _expand_attrs(pq.read_table(io.BytesIO(row[0])).to_pandas())
+        table = pq.read_table(io.BytesIO(row[0]))
+        layout = (table.schema.metadata or {}).get(_LAYOUT_KEY)
+        frame = table.to_pandas()
+        if layout is not None:
+            frame = _restored(frame, json.loads(layout))
+        return _expand_attrs(frame)
 
     # plans
     def save_plan(self, plan_key: str, plan_json: str) -> None:
@@ -733,3 +747,86 @@ def _expand_attrs(frame: pd.DataFrame) -> pd.DataFrame:
         if pairs is not None:
             frame.attrs[key] = [value for value, count in pairs for _ in range(count)]
     return frame
+
+
+# -- a result frame exactly as it was (issue #11, round trip) -----------------------------------
+_LAYOUT_KEY = b"apwa_layout"
+
+
+def _portable(frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The frame with positional string column names and cells Parquet keeps, plus the layout.
+
+    The layout holds each original column label (tagged, so `0`, `"0"` and `("p", "usd")` stay
+    apart) and how a column was re-encoded: "json" for lists and dicts (each cell keeps its own
+    keys), "decimal" for Decimals (exact text, not the column's common scale).
+    """
+    import pandas as pd
+
+    columns: dict[str, Any] = {}
+    kinds: dict[str, str] = {}
+    for i, (_, series) in enumerate(frame.items()):
+        name = f"c{i}"
+        kind = _cell_kind(series) if series.dtype == object else None
+        if kind == "json":
+            series = series.map(lambda v: v if v is None else json.dumps(v), na_action="ignore")
+        elif kind == "decimal":
+            series = series.map(str, na_action="ignore")
+        if kind:
+            kinds[name] = kind
+        columns[name] = series
+    portable = pd.DataFrame(columns, index=frame.index, copy=False)
+    portable.attrs = frame.attrs
+    layout = {
+        "labels": [_tagged(label) for label in frame.columns],
+        "names": [_tagged(name) for name in frame.columns.names],
+        "kinds": kinds,
+    }
+    return portable, layout
+
+
+def _cell_kind(series: pd.Series) -> str | None:
+    """How a column is re-encoded: "json" (lists and dicts of JSON values), "decimal", or None."""
+    kinds = {type(v) for v in series if v is not None}
+    if kinds and kinds <= {list, dict}:
+        try:
+            for value in series:
+                json.dumps(value)
+        except (TypeError, ValueError):
+            return None  # not JSON: let Parquet try (or refuse)
+        return "json"
+    if kinds == {decimal.Decimal}:
+        return "decimal"
+    return None
+
+
+def _restored(frame: pd.DataFrame, layout: dict[str, Any]) -> pd.DataFrame:
+    """Undo `_portable`: original labels (a MultiIndex when they were tuples) and cell values."""
+    import pandas as pd
+
+    for name, kind in layout.get("kinds", {}).items():
+        if kind == "json":
+            frame[name] = frame[name].map(json.loads, na_action="ignore")
+        elif kind == "decimal":
+            frame[name] = frame[name].map(decimal.Decimal, na_action="ignore")
+    labels = [_untagged(label) for label in layout["labels"]]
+    names = [_untagged(name) for name in layout.get("names", [None])]
+    if len(names) > 1:
+        frame.columns = pd.MultiIndex.from_tuples(labels, names=names)
+    else:
+        frame.columns = pd.Index(labels, name=names[0] if names else None)
+    return frame
+
+
+def _tagged(label: Any) -> list[Any]:
+    if isinstance(label, tuple):
+        return ["tuple", [_tagged(part) for part in label]]
+    if label is None or isinstance(label, (bool, int, float, str)):
+        return [type(label).__name__, label]
+    return ["str", str(label)]  # a label of another type comes back as its text
+
+
+def _untagged(tagged: list[Any]) -> Any:
+    kind, value = tagged
+    if kind == "tuple":
+        return tuple(_untagged(part) for part in value)
+    return value if kind != "float" else float(value)

@@ -409,3 +409,30 @@ def test_answers_being_written_are_still_found(tmp_path):
         flushing.join(10)
     assert store.get_many(["k"])["k"].run_id == "r"
     store.close()
+
+
+def test_a_stored_result_comes_back_with_the_users_labels_and_cell_values(store, recwarn):
+    """`%apwa load` gives back what `--out` gave: labels, lists, dicts and Decimals as they were."""
+    frame = pd.DataFrame(
+        {
+            0: [1, 2],
+            "note": ["a", None],
+            "tags": [["x", "y"], []],
+            "meta": [{"a": 1}, {"b": "x"}],
+            "price": [Decimal("1.5"), Decimal("2.25")],
+        },
+        index=pd.Index(["r1", "r2"], name="id"),
+    )
+    assert store.save_result("labels", frame)
+    back = store.load_result("labels")
+    assert list(back.columns) == [0, "note", "tags", "meta", "price"]
+    assert back.index.tolist() == ["r1", "r2"] and back.index.name == "id"
+    assert back["tags"].tolist() == [["x", "y"], []]
+    assert back["meta"].tolist() == [{"a": 1}, {"b": "x"}]  # no keys a row never had
+    assert back["price"].tolist() == [Decimal("1.5"), Decimal("2.25")]
+    assert [str(v) for v in back["price"]] == ["1.5", "2.25"]  # not rescaled to 1.50
+    pd.testing.assert_series_equal(back["note"], frame["note"])
+    tuples = pd.DataFrame([[1, 2]], columns=pd.MultiIndex.from_tuples([("p", "usd"), ("p", "eur")]))
+    assert store.save_result("multi", tuples)
+    assert store.load_result("multi").columns.tolist() == [("p", "usd"), ("p", "eur")]
+    assert not [w for w in recwarn if "not roundtrip" in str(w.message)]
