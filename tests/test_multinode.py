@@ -274,6 +274,27 @@ def _report(line: str, reports: queue.Queue[str], other: list[str]) -> None:
         other.append(line)
 
 
+def _start_driver(
+    script: str, args: list[str]
+) -> tuple[subprocess.Popen[str], queue.Queue[str], list[str]]:
+    """Run a driver script in its own process: (process, its JSON reports, its other output)."""
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    driver = subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    stderr: list[str] = []
+    out, err = driver.stdout, driver.stderr
+    assert out is not None and err is not None
+    threading.Thread(target=lambda: [_report(x, lines, stderr) for x in out], daemon=True).start()
+    threading.Thread(target=lambda: stderr.extend(err), daemon=True).start()
+    return driver, lines, stderr
+
+
 def _next_report(
     reports: queue.Queue[str], driver: subprocess.Popen[str], timeout: float, what: str, log: list
 ) -> Any:
@@ -317,22 +338,8 @@ def test_losing_a_node_mid_run_every_row_once_no_user_action_and_the_pool_heals(
     began = time.monotonic()
     with two_node_cluster() as (address, _head_dir, node2_dir):
         cluster_up = time.monotonic() - began
-        env = dict(os.environ, RAY_AUTH_MODE="disabled")
-        driver = subprocess.Popen(
-            [sys.executable, "-c", DRIVER, server.base_url, address, str(ROWS), str(CONCURRENCY)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        lines: queue.Queue[str] = queue.Queue()
-        stderr: list[str] = []
-        out, err = driver.stdout, driver.stderr
-        assert out is not None and err is not None
-        threading.Thread(
-            target=lambda: [_report(x, lines, stderr) for x in out], daemon=True
-        ).start()
-        threading.Thread(target=lambda: stderr.extend(err), daemon=True).start()
+        args = [server.base_url, address, str(ROWS), str(CONCURRENCY)]
+        driver, lines, stderr = _start_driver(DRIVER, args)
         try:
             before = _next_report(lines, driver, 120, "no placement", stderr)
             node2 = next(n["node"] for n in before["nodes"] if "node2" in n["resources"])
@@ -457,23 +464,8 @@ def test_a_node_that_joins_mid_run_gets_actors_and_serves_the_rest_of_the_run(fa
 
     server = fake_server(respond, latency=0.2)
     with local_cluster(nodes=1) as cluster:
-        env = dict(os.environ, RAY_AUTH_MODE="disabled")
         args = [server.base_url, cluster.address, str(rows), str(concurrency)]
-        driver = subprocess.Popen(
-            [sys.executable, "-c", JOIN_DRIVER, *args],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        lines: queue.Queue[str] = queue.Queue()
-        stderr: list[str] = []
-        out, err = driver.stdout, driver.stderr
-        assert out is not None and err is not None
-        threading.Thread(
-            target=lambda: [_report(x, lines, stderr) for x in out], daemon=True
-        ).start()
-        threading.Thread(target=lambda: stderr.extend(err), daemon=True).start()
+        driver, lines, stderr = _start_driver(JOIN_DRIVER, args)
         try:
             before = _next_report(lines, driver, 120, "no placement", stderr)
             assert len({a["node"] for a in before["placement"]}) == 1, before  # one node
