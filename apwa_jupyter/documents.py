@@ -191,11 +191,10 @@ def _extract_on_ray(
 
     A lost task's files become error rows (like any file that cannot be read), never a failed call.
     """
-    if getattr(executor, "start_seconds", None) is None:  # not started: start it as a run would
-        from .engine import get_engine
-
-        get_engine().submit(executor.start()).result()
+    from .engine import get_engine
     from .executors.ray import cluster_cpus, run_on_cluster
+
+    get_engine().submit(executor.start()).result()  # as a run would; at once if already started
 
     cpus = cluster_cpus()
     per_batch = max(1, min(RAY_BATCH_FILES, -(-len(paths) // (4 * cpus))))

@@ -725,10 +725,11 @@ def run_on_cluster(fn: Any, batches: list[Any], window: int | None = None) -> It
 
     if not ray.is_initialized():
         raise RuntimeError("run_on_cluster needs a running Ray: start the executor first")
+    cpus = ray.cluster_resources().get("CPU", 0)
     if window is None:
-        window = 2 * cluster_cpus()
+        window = 2 * max(1, int(cpus))
     # One CPU per task, unless the cluster has none to give (then a task would wait forever).
-    task = ray.remote(num_cpus=1 if ray.cluster_resources().get("CPU", 0) >= 1 else 0)(fn)
+    task = ray.remote(num_cpus=1 if cpus >= 1 else 0)(fn)
     pending: dict[Any, int] = {}
     done: dict[int, Any] = {}
     submitted = yielded = 0
