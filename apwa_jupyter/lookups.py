@@ -40,12 +40,13 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from .capabilities import Capability, CapabilityRegistry, GrantedRegistry, describe_function
-from .plans import PLACEHOLDER, Plan
+from .parsers import find_references
+from .plans import Plan
+from .tables import evenly_spaced
 
 DEFAULT_K = 5
 # Evenly spaced values of the referencing column whose presence in the other table is measured.
@@ -63,14 +64,13 @@ GENERIC_STEMS = {"id", "key", "code", "uuid"}
 
 # -- which tables a prompt names -----------------------------------------------------------------
 def named_tables(prompt: str, tables: Iterable[str]) -> list[str]:
-    """Tables written as `{name}` in the prompt (a `{{name}}` literal does not count), in order."""
-    text = prompt.replace("{{", "").replace("}}", "")
+    """Tables written as `{name}` in the prompt, in order (a `{{name}}` literal does not count).
+
+    The rule is the one `%%apwa` uses to find the tables a cell references
+    (`parsers.find_references`), so both agree on which tables a prompt names.
+    """
     available = set(tables)
-    seen: list[str] = []
-    for name in PLACEHOLDER.findall(text):
-        if name in available and name not in seen:
-            seen.append(name)
-    return seen
+    return [name for name in find_references(prompt) if name in available]
 
 
 # -- keys ----------------------------------------------------------------------------------------
@@ -186,8 +186,7 @@ def measure_match(
     """
     values = source_table.column(column).drop_null()
     if len(values) > MATCH_SAMPLE:
-        step = len(values) / MATCH_SAMPLE
-        values = values.take(pa.array((np.arange(MATCH_SAMPLE) * step).astype(np.int64)))
+        values = values.take(evenly_spaced(len(values), MATCH_SAMPLE))
     keys, counts = key_counts.field("values"), key_counts.field("counts")
     if values.type != keys.type:  # integers and text compare as text
         values, keys = _as_text(values), _as_text(keys)

@@ -180,7 +180,7 @@ class DataTable:
 
     def sample_positions(self, n: int = SAMPLE_ROWS) -> list[int]:
         """The rows shown verbatim to the manager: evenly spaced, first row included."""
-        return _evenly_spaced(self.num_rows, n)
+        return evenly_spaced(self.num_rows, n)
 
     def slice(self, part: TableSlice) -> pa.Table:
         """Zero-copy view of a slice."""
@@ -216,7 +216,7 @@ class DataTable:
                 )
                 return _shed_columns(named, budget_chars)
         shown = self.arrow.select(listed)
-        stats_sample = shown.take(_evenly_spaced(self.num_rows, STATS_SAMPLE_ROWS))
+        stats_sample = shown.take(evenly_spaced(self.num_rows, STATS_SAMPLE_ROWS))
         scale = self.num_rows / max(stats_sample.num_rows, 1)
         columns = [
             _describe_column(name, shown.column(name), stats_sample.column(name), scale)
@@ -448,7 +448,8 @@ def _documents_to_arrow(name: str, items: Sequence[Any]) -> pa.Table:
     )
 
 
-def _evenly_spaced(total: int, n: int) -> list[int]:
+def evenly_spaced(total: int, n: int) -> list[int]:
+    """`n` row positions spread evenly over `total` rows, the first included (all if fewer)."""
     if total <= n:
         return list(range(total))
     step = total / n
