@@ -103,13 +103,25 @@ def scoring_requests(server: Any) -> list[dict[str, Any]]:
     return [body for body in server.requests if body.get("logprobs")]
 
 
-def test_choices_on_the_embedded_endpoint_are_scored_not_generated(fake_server):
+def label_reviews(
+    fake_server: Any, endpoint_of: Any = None, executor: Any = None
+) -> tuple[Any, Any]:
+    """The four reviews labelled by a positive/negative map stage: (server, finished run).
+
+    On the embedded-style endpoint (scoring) unless `endpoint_of(server)` gives another; on the
+    local executor unless `executor` is given.
+    """
     plan = map_plan("reviews", "Is this review positive or negative? {text}", SENTIMENT)
     server = fake_server(responder(plan))
-    run = local_session(embedded_endpoint_at(server.base_url)).run(
-        "Label {reviews}", {"reviews": reviews()}
-    )
+    endpoint = endpoint_of(server) if endpoint_of else embedded_endpoint_at(server.base_url)
+    session = Session(endpoint=endpoint, executor=executor) if executor else local_session(endpoint)
+    run = session.run("Label {reviews}", {"reviews": reviews()})
     assert run.status == "done", run.error
+    return server, run
+
+
+def test_choices_on_the_embedded_endpoint_are_scored_not_generated(fake_server):
+    server, run = label_reviews(fake_server)
     assert run.result["sentiment"].tolist() == ["negative", "positive", "negative", "positive"]
     workers = [body for body in server.requests if not is_plan_request(body)]
     assert workers and all(body.get("logprobs") for body in workers), workers[0]
@@ -127,12 +139,7 @@ def test_choices_on_the_embedded_endpoint_are_scored_not_generated(fake_server):
 
 
 def test_the_transcript_shows_the_scores_and_usage_counts_every_request(fake_server):
-    plan = map_plan("reviews", "Is this review positive or negative? {text}", SENTIMENT)
-    server = fake_server(responder(plan))
-    run = local_session(embedded_endpoint_at(server.base_url)).run(
-        "Label {reviews}", {"reviews": reviews()}
-    )
-    assert run.status == "done", run.error
+    server, run = label_reviews(fake_server)
     steps = [run._results[f"label/{i}"].steps for i in range(4)]
     scored = [[s for s in st if isinstance(s, ScoreStep)] for st in steps]
     assert all(len(s) == 1 for s in scored)
@@ -149,10 +156,7 @@ def test_the_transcript_shows_the_scores_and_usage_counts_every_request(fake_ser
 
 
 def test_generating_endpoints_still_generate(fake_server):
-    plan = map_plan("reviews", "Is this review positive or negative? {text}", SENTIMENT)
-    server = fake_server(responder(plan))
-    run = local_session(endpoint_for(server)).run("Label {reviews}", {"reviews": reviews()})
-    assert run.status == "done", run.error
+    server, run = label_reviews(fake_server, endpoint_for)
     assert not scoring_requests(server)
     assert run.result["sentiment"].tolist() == ["positive"] * 4  # what the server generated
 
@@ -300,11 +304,7 @@ def test_score_choices_sums_the_tokens_a_choice_starts_with():
 
 @pytest.mark.slow
 def test_scoring_runs_on_ray_actors(fake_server, ray_executor):
-    plan = map_plan("reviews", "Is this review positive or negative? {text}", SENTIMENT)
-    server = fake_server(responder(plan))
-    session = Session(endpoint=embedded_endpoint_at(server.base_url), executor=ray_executor)
-    run = session.run("Label {reviews}", {"reviews": reviews()})
-    assert run.status == "done", run.error
+    server, run = label_reviews(fake_server, executor=ray_executor)
     assert run.result["sentiment"].tolist() == ["negative", "positive", "negative", "positive"]
     assert "[scored sentiment" in run.transcript("label/1")
     workers = [body for body in server.requests if not is_plan_request(body)]

@@ -65,6 +65,33 @@ def _value_of(text: str) -> int:
     return int(text.split()[1]) * 3 + 1
 
 
+class WorkerCalls:
+    """The test server's answers: the plan, then each row's own value, every call counted.
+
+    `reached` is set once `after` worker requests have arrived; with `hold`, every answer from
+    then on waits (blocking the server) until `hold` is set.
+    """
+
+    def __init__(self, after: int, hold: threading.Event | None = None):
+        self.after = after
+        self.hold = hold
+        self.asked: collections.Counter[str] = collections.Counter()
+        self.lock = threading.Lock()
+        self.reached = threading.Event()
+
+    def respond(self, body: dict[str, Any]) -> Reply:
+        if is_manager_request(body):
+            return Reply.json(_map_plan())
+        text = worker_input(body)["text"]
+        with self.lock:
+            self.asked[text] += 1
+            if sum(self.asked.values()) >= self.after:
+                self.reached.set()
+        if self.hold is not None and self.reached.is_set():
+            self.hold.wait(240)
+        return Reply.json({"n": _value_of(text)})
+
+
 # -- %apwa cluster on the session-wide local Ray ------------------------------------------------
 @pytest.mark.ray
 def test_apwa_cluster_prints_nodes_resources_and_where_each_actor_runs(
@@ -320,20 +347,9 @@ def test_losing_a_node_mid_run_every_row_once_no_user_action_and_the_pool_heals(
     and the run ends `done` by itself. Then the dead node's actors are replaced on the live node
     without any user action, and the next run uses them.
     """
-    asked: collections.Counter[str] = collections.Counter()
-    lock = threading.Lock()
-    enough = threading.Event()
-
-    def respond(body: dict[str, Any]) -> Reply:
-        if is_manager_request(body):
-            return Reply.json(_map_plan())
-        text = worker_input(body)["text"]
-        with lock:
-            asked[text] += 1
-            if sum(asked.values()) >= KILL_AFTER:
-                enough.set()
-        return Reply.json({"n": _value_of(text)})
-
+    calls = WorkerCalls(KILL_AFTER)
+    asked, lock, enough = calls.asked, calls.lock, calls.reached
+    respond = calls.respond
     server = fake_server(respond, latency=LATENCY_S)
     began = time.monotonic()
     with two_node_cluster() as (address, _head_dir, node2_dir):
@@ -445,23 +461,10 @@ def test_a_node_that_joins_mid_run_gets_actors_and_serves_the_rest_of_the_run(fa
     join; the new actors start with no load, so the least-loaded choice must send them work.
     """
     rows, concurrency, join_after = 240, 16, 32
-    asked: collections.Counter[str] = collections.Counter()
-    lock = threading.Lock()
-    reached = threading.Event()
     joined = threading.Event()
-
-    def respond(body: dict[str, Any]) -> Reply:
-        if is_manager_request(body):
-            return Reply.json(_map_plan())
-        text = worker_input(body)["text"]
-        with lock:
-            asked[text] += 1
-            if sum(asked.values()) >= join_after:
-                reached.set()
-        if reached.is_set():
-            joined.wait(240)  # blocks the server: every call waits until the pool has grown
-        return Reply.json({"n": _value_of(text)})
-
+    # From request `join_after` on, the server holds every answer until the pool has grown.
+    calls = WorkerCalls(join_after, hold=joined)
+    reached, respond = calls.reached, calls.respond
     server = fake_server(respond, latency=0.2)
     with local_cluster(nodes=1) as cluster:
         args = [server.base_url, cluster.address, str(rows), str(concurrency)]
