@@ -157,6 +157,8 @@ class ApwaMagics(Magics):
         )
         run.dry_run = options.dry_run
         run.cell_id = self._cell_id()
+        # The run is `_apwa` from now on, so the next cell can read, edit and start its plan.
+        self.user_ns["_apwa"] = run
         self._maybe_tell_embedded(session)
         self._bind_when_finished(run, before)
         view = self._show(run)

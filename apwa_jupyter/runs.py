@@ -91,7 +91,7 @@ class Run:
         self.state: RunState = "planning"
         self.error: str | None = None
         self.error_detail: str | None = None
-        self.plan: Plan | None = None
+        self._plan: Plan | None = None
         self.plan_attempts = 0
         self.plan_fixes: list[str] = []
         self.notices: list[str] = []  # limits that apply to this run, said once
@@ -132,6 +132,33 @@ class Run:
         self._cancel_requested = False
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
+
+    # -- the plan ----------------------------------------------------------------------------
+    @property
+    def plan(self) -> Plan | None:
+        """The plan to run: the manager's, or what the user put in its place before approval."""
+        return self._plan
+
+    @plan.setter
+    def plan(self, plan: Plan | dict[str, Any] | None) -> None:
+        """Replace the plan (a Plan or its dict) while planning or awaiting approval.
+
+        It gets the checks the manager's plan got (stage ids, columns, tools, the output stage),
+        so a mistake is one error here rather than a run that ends "done" and binds nothing.
+        """
+        with self._lock:
+            if self.state not in ("planning", "awaiting_approval"):
+                raise UserInputError(
+                    f"run {self.id} is {self.state}; a plan can only be replaced before approval"
+                )
+            if plan is not None and not isinstance(plan, Plan):
+                plan = Plan.model_validate(plan)
+            if plan is not None:
+                columns = {name: table.column_names for name, table in self.tables.items()}
+                problems = validate_plan(plan, columns, self.registry.names())
+                if problems:
+                    raise UserInputError("That plan is invalid: " + "; ".join(problems))
+            self._plan = plan
 
     # -- observing ---------------------------------------------------------------------------
     def subscribe(self, listener: Listener) -> Callable[[], None]:
@@ -273,13 +300,12 @@ class Run:
                     stage["instruction"] = instruction
         if not data["stages"]:
             raise UserInputError("a plan needs at least one stage; cancel the run instead")
-        plan = Plan.model_validate(data)
-        problems = validate_plan(
-            plan, {n: t.column_names for n, t in self.tables.items()}, self.registry.names()
-        )
-        if problems:
-            raise UserInputError("That edit makes the plan invalid: " + "; ".join(problems))
-        self.plan = plan
+        try:
+            self.plan = Plan.model_validate(data)
+        except UserInputError as exc:
+            raise UserInputError(
+                str(exc).replace("That plan is", "That edit makes the plan")
+            ) from None
 
     # -- acting --------------------------------------------------------------------------------
     def start(self) -> Run:

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from IPython.testing import globalipapp
 
+from apwa_jupyter.errors import UserInputError
 from apwa_jupyter.testing import Reply, worker_input
 
 from .conftest import map_plan, plan_responder
@@ -143,6 +144,31 @@ def test_approval_flow_through_the_widget_handlers(ip):
     assert "2/2 done" in widget.progress.children[0].children[1].value
     text = widget._repr_mimebundle_()["text/plain"]
     assert "done" in text and "label (map over reviews, 2 subtasks)" in text
+
+
+def test_the_run_is_apwa_from_its_cell_on_so_the_next_cell_can_edit_and_approve_it(ip):
+    # A notebook (or nbconvert, where no widget is clicked) plans in one cell and approves in the
+    # next: `_apwa` must be that run already while it awaits approval, not only once it ended.
+    apwa(ip, "--out labels --wait", "For every review in {reviews}, count characters.")
+    run = ip.user_ns["_apwa"]
+    assert run.state == "awaiting_approval" and "labels" not in ip.user_ns
+    run.start().wait()
+    assert ip.user_ns["_apwa"] is run and ip.user_ns["labels"]["n_chars"].tolist() == [3, 2]
+
+
+def test_a_replaced_plan_is_checked_like_the_managers_and_only_before_approval(ip):
+    apwa(ip, "--out labels --wait", "For every review in {reviews}, count characters.")
+    run = ip.user_ns["_apwa"]
+    planned = run.plan
+    with pytest.raises(UserInputError, match="output 'labels' is not a stage id"):
+        run.plan = {**PLAN, "output": "labels"}  # not a stage id: nothing would be bound
+    assert run.plan is planned  # the refused plan replaced nothing
+    run.plan = {**PLAN, "summary": "Count them."}  # a dict is validated into a Plan
+    assert run.plan.summary == "Count them."
+    run.start().wait()
+    with pytest.raises(UserInputError, match="is done; a plan can only be replaced"):
+        run.plan = planned
+    assert ip.user_ns["labels"]["n_chars"].tolist() == [3, 2]
 
 
 def test_scalars_are_interpolated(ip):
