@@ -23,7 +23,19 @@ def execute(path: str, out_path: str | None = None, timeout: int = 900) -> objec
         notebook, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": "."}}
     )
     with client.setup_kernel():
-        client.execute(cleanup_kc=False)
+        try:
+            client.execute(cleanup_kc=False)
+        except BaseException:
+            # A failed or timed-out cell: show what the cells before it printed (the run's
+            # progress, the plan), which the error alone does not, and keep the partial notebook.
+            for i, text in enumerate(text_outputs(notebook)):
+                if text.strip():
+                    print(
+                        f"--- cell {i + 1} (before the error) ---\n{text.rstrip()}", file=sys.stderr
+                    )
+            if out_path:
+                nbformat.write(notebook, out_path)
+            raise
         # Stop Ray and the embedded model before the kernel is asked to exit: left to the
         # interpreter's exit, Ray's driver shutdown stalls inside ipykernel until SIGTERM.
         assert client.kc is not None

@@ -34,7 +34,7 @@ def run_quickstart(tmp_path: Path) -> tuple[dict, list[str], object]:
     notebook.cells.append(nbformat.v4.new_code_cell(PROBE))
     path = tmp_path / "quickstart.ipynb"
     nbformat.write(notebook, path)
-    executed = execute(str(path), str(tmp_path / "out.ipynb"), timeout=900)
+    executed = execute(str(path), str(tmp_path / "out.ipynb"), timeout=500)  # < pytest's 600
     texts = text_outputs(executed)
     return json.loads(texts[-1].strip().splitlines()[-1]), texts, executed
 
