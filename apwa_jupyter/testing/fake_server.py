@@ -219,6 +219,14 @@ class FakeOpenAIServer:
         self._loop.run_until_complete(self._start_app())
         self._ready.set()
         self._loop.run_forever()
+        # Stopped: close the loop here, on its own thread. Left to the garbage collector, a
+        # stopped loop's __del__ closes it later, from whatever thread, and raises on its
+        # already-closed self-pipe ("Invalid file descriptor: -1", a pytest warning).
+        pending = asyncio.all_tasks(self._loop)
+        for task in pending:
+            task.cancel()
+        self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        self._loop.close()
 
     async def _start_app(self) -> None:
         app = web.Application()
