@@ -2,6 +2,7 @@
 
     python bench/ten_million.py                      # local and Ray, 10M rows, L = 1 s, C = 256
     python bench/ten_million.py --rows 1000000 --executors local --seconds 20
+    python bench/ten_million.py --stage replicate --label replicate   # 3 replicas a row, vote
 
 Each executor is measured in a fresh interpreter (so RSS is what a new kernel would see): a
 one-stage map plan (`fakeserver.map_plan`, one subtask per row, one integer output) over a frame
@@ -39,7 +40,13 @@ RESULTS = Path(__file__).parent / "results" / "ten_million.json"
 
 
 def measure(
-    executor_kind: str, rows: int, latency: float, concurrency: int, seconds: float, store: bool
+    executor_kind: str,
+    rows: int,
+    latency: float,
+    concurrency: int,
+    seconds: float,
+    store: bool,
+    stage: str = "map",
 ) -> dict[str, Any]:
     """One executor, in this (fresh) process."""
     from apwa_jupyter.config import EndpointConfig
@@ -56,7 +63,7 @@ def measure(
 
         executor = LocalExecutor(concurrency=concurrency)
     process = psutil.Process()
-    with ServerProcess(latency=latency, limit=concurrency) as url:
+    with ServerProcess(latency=latency, limit=concurrency, stage=stage) as url:
         session = Session(
             endpoint=EndpointConfig(base_url=url, model="fake-model"),
             executor=executor,
@@ -114,6 +121,7 @@ def measure(
         errors = run.errors
         return {
             "executor": executor_kind,
+            "stage": stage,
             "rows": rows,
             "latency_s": latency,
             "concurrency": concurrency,
@@ -150,11 +158,14 @@ def main() -> None:
     parser.add_argument("--executors", default="local,ray")
     parser.add_argument("--label", default="after", help="key in the JSON (e.g. before/after)")
     parser.add_argument("--no-store", action="store_true", help="run without the result store")
+    parser.add_argument("--stage", choices=["map", "replicate"], default="map")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # child: measure one executor, print JSON
     args = parser.parse_args()
     if args.one:
         store = not args.no_store
-        record = measure(args.one, args.rows, args.latency, args.concurrency, args.seconds, store)
+        record = measure(
+            args.one, args.rows, args.latency, args.concurrency, args.seconds, store, args.stage
+        )
         print(json.dumps(record))
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -163,7 +174,8 @@ def main() -> None:
         log(f"{kind}: {args.rows:,} rows, L = {args.latency} s, C = {args.concurrency}")
         cmd = [sys.executable, __file__, "--one", kind, "--rows", str(args.rows)]
         cmd += ["--latency", str(args.latency), "--concurrency", str(args.concurrency)]
-        cmd += ["--seconds", str(args.seconds)] + (["--no-store"] if args.no_store else [])
+        cmd += ["--seconds", str(args.seconds), "--stage", args.stage]
+        cmd += ["--no-store"] if args.no_store else []
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent)
         if out.returncode != 0:
             log(f"{kind} failed:\n{out.stderr[-3000:]}")

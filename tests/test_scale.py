@@ -157,3 +157,70 @@ def test_a_stored_result_keeps_its_sources_without_a_json_entry_per_row(tmp_path
         assert back["n"].tolist() == frame["n"].tolist()
     finally:
         store.close()
+
+
+# -- replicate stages: the same laziness, replicas aggregated per row as they finish -------------
+VOTE = {
+    **PLAN,
+    "stages": [
+        {k: v for k, v in PLAN["stages"][0].items() if k != "batch_size"}
+        | {"kind": "replicate", "replicas": 3, "aggregate": "vote"}
+    ],
+}
+
+
+def test_a_replicate_stage_sends_its_first_request_before_all_replicas_exist(fake_server, registry):
+    rows = 50_000  # 150,000 replicas: built up front, as before, they would all be alive here
+    server = fake_server(plan_responder(VOTE, count_chars), latency=0.2)
+    executor = CountingExecutor(concurrency=8)
+    run = session_for(server, registry, executor).plan("count {t}", {"t": texts(rows)}).wait()
+    run.start()
+    assert executor.first_request.wait(120)
+    run.cancel()
+    run.wait(120)
+    assert executor.alive_at_first_request is not None
+    assert executor.alive_at_first_request <= EXPANSION_CHUNK + 8
+    assert run.state == "cancelled"
+    result, errors = run.result, run.errors_frame()
+    done = int(result["n_chars"].notna().sum())
+    assert done + sum(len(r) for r in errors["rows"]) == rows  # every row accounted for once
+    assert len(errors) <= 8 + 1  # rows with replicas in flight, then one record for the rest
+    assert result["agreement"].notna().sum() == done
+
+
+def test_retry_after_cancelling_a_replicate_stage_votes_every_row_and_keeps_the_voted_ones(
+    fake_server, registry
+):
+    rows = RESULTS_KEPT_UP_TO  # 6,000 replicas: only failed results are kept
+    sent: list[str] = []
+    lock = threading.Lock()
+
+    def worker(body: dict[str, Any]) -> Reply:
+        text = worker_input(body)["text"]
+        with lock:
+            sent.append(text)
+        # Replicas of every row disagree once in three: 2 of 3 agree, the vote still decides.
+        return Reply.json({"n_chars": len(text) + (1 if sent.count(text) == 3 else 0)})
+
+    server = fake_server(plan_responder(VOTE, worker), latency=0.01)
+    executor = LocalExecutor(concurrency=8, retry=FAST_RETRY)
+    frame = texts(rows)
+    run = session_for(server, registry, executor).plan("count {t}", {"t": frame}).wait()
+    enough = threading.Event()
+    run.subscribe(lambda e: run.sink.stage("label").done >= 150 and enough.set())
+    run.start()
+    assert enough.wait(120)
+    run.cancel()
+    run.wait(120)
+    voted = run.result["n_chars"].notna()
+    assert 0 < voted.sum() < rows
+    first_shares = run.result["agreement"][voted].tolist()
+    before = len(sent)
+    run.retry_failed().wait(300)
+    assert run.status == "done"
+    assert run.result["n_chars"].tolist() == [len(t) for t in frame["text"]]
+    assert run.result["agreement"][voted].tolist() == first_shares  # kept rows keep their vote
+    again = sent[before:]
+    assert not set(frame["text"][voted]).intersection(again)  # voted rows not asked again
+    # Each row's replicas: 3 per row over both runs, except rows cut off mid-vote, asked again.
+    assert len(sent) >= 3 * rows
