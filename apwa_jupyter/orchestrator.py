@@ -780,18 +780,25 @@ class StageRunner:
         if len(todo) != table.num_rows:  # send only the rows still missing
             table = DataTable(table.name, table.arrow.take(pa.array(todo)), "rows")
         work = _MapWork(self, stage, table, todo, src.labels, answers, sources, failures)
+        return await self._run_work(work, src, upstream_failed)
+
+    async def _run_work(
+        self, work: _MapWork, src: _Source, upstream_failed: np.ndarray
+    ) -> StageOutcome:
+        """Run a lazily expanded stage (map or replicate) and assemble its outcome."""
+        stage = work.stage
         self.sink.restart(stage.id, work.count + len(upstream_failed), 0)
-        self._upstream(stage, src, upstream_failed, failures)
+        self._upstream(stage, src, upstream_failed, work.failures)
         await work.run()
-        frame = _with_outputs(src.frame, stage.outputs, answers)
+        frame = _with_outputs(src.frame, stage.outputs, work.answers)
         return StageOutcome(
             stage.id,
             frame,
-            answers,
+            work.answers,
             src.rows,
-            failures,
+            work.failures,
             work.results,
-            sources=sources,
+            sources=work.sources,
             usage=work.usage,
         )
 
@@ -839,21 +846,9 @@ class StageRunner:
         work = _ReplicateWork(
             self, stage, table, todo, src.labels, answers, sources, failures, shares
         )
-        self.sink.restart(stage.id, work.count + len(upstream_failed), 0)
-        self._upstream(stage, src, upstream_failed, failures)
-        await work.run()
-        frame = _with_outputs(src.frame, stage.outputs, answers)
-        frame[AGREEMENT_COLUMN] = pd.array(shares, dtype="Float64")
-        return StageOutcome(
-            stage.id,
-            frame,
-            answers,
-            src.rows,
-            failures,
-            work.results,
-            sources=sources,
-            usage=work.usage,
-        )
+        outcome = await self._run_work(work, src, upstream_failed)
+        outcome.frame[AGREEMENT_COLUMN] = pd.array(shares, dtype="Float64")
+        return outcome
 
     # -- task ----------------------------------------------------------------------------------
     async def _tasks(self, stage: TaskStage) -> StageOutcome:

@@ -222,6 +222,22 @@ async def _call_until_done(
         return refused
 
 
+def _run_subtasks(
+    server: Any, limiter: RateLimiter, n: int, estimate: int, chars: int
+) -> list[int]:
+    """`n` subtasks at once through the limiter; each one's count of 429s."""
+
+    async def main() -> list[int]:
+        async with openai.AsyncOpenAI(
+            base_url=server.base_url, api_key="k", max_retries=0
+        ) as client:
+            return await asyncio.gather(
+                *(_call_until_done(client, limiter, estimate, chars) for _ in range(n))
+            )
+
+    return asyncio.run(main())
+
+
 def test_a_tpm_limit_is_never_exceeded_over_real_http(fake_server):
     window, limit, chars = 1.5, 4000, 380  # 100 tokens a request: 40 per window
     server_limit = TPMServer(limit, window)
@@ -231,15 +247,7 @@ def test_a_tpm_limit_is_never_exceeded_over_real_http(fake_server):
     # reserving max_tokens does; settle corrects each to the reported usage.
     limiter = RateLimiter(tpm=limit, window_s=window, max_in_flight=16)
 
-    async def main() -> list[int]:
-        async with openai.AsyncOpenAI(
-            base_url=server.base_url, api_key="k", max_retries=0
-        ) as client:
-            return await asyncio.gather(
-                *(_call_until_done(client, limiter, chars // 4 + 25, chars) for _ in range(n))
-            )
-
-    refusals = asyncio.run(main())
+    refusals = _run_subtasks(server, limiter, n, chars // 4 + 25, chars)
     assert sum(refusals) == 0 and server_limit.rejected == 0  # never pushed past the limit
     log = server_limit.log
     assert len(log) == n
@@ -318,15 +326,7 @@ def test_a_429_storm_slows_the_run_and_every_request_still_succeeds(fake_server)
     server = fake_server(responder, latency=0.05)
     limiter = RateLimiter(max_in_flight=16)
 
-    async def main() -> list[int]:
-        async with openai.AsyncOpenAI(
-            base_url=server.base_url, api_key="k", max_retries=0
-        ) as client:
-            return await asyncio.gather(
-                *(_call_until_done(client, limiter, 10, 40) for _ in range(n))
-            )
-
-    refusals = asyncio.run(main())
+    refusals = _run_subtasks(server, limiter, n, 10, 40)
     assert len(refusals) == n  # every subtask returned a 200 in the end
     assert sum(refusals) == calls["refused"] > 0
     assert calls["n"] == n + calls["refused"]

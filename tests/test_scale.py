@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import threading
+from collections import Counter
 from typing import Any
 
 import pandas as pd
@@ -53,9 +54,9 @@ def session_for(server: Any, registry: Any, executor: LocalExecutor) -> Session:
     return Session(endpoint=endpoint_for(server), executor=executor, registry=registry)
 
 
-def test_first_request_goes_out_before_all_subtasks_exist(fake_server, registry):
-    rows = 100_000
-    server = fake_server(plan_responder(PLAN, count_chars), latency=0.2)
+def cancel_after_the_first_request(fake_server: Any, registry: Any, plan: dict, rows: int) -> Any:
+    """Start a big run, cancel it once its first request is out; check the Subtasks made."""
+    server = fake_server(plan_responder(plan, count_chars), latency=0.2)
     executor = CountingExecutor(concurrency=8)
     run = session_for(server, registry, executor).plan("count {t}", {"t": texts(rows)}).wait()
     run.start()
@@ -66,6 +67,22 @@ def test_first_request_goes_out_before_all_subtasks_exist(fake_server, registry)
     assert executor.alive_at_first_request is not None
     assert executor.alive_at_first_request <= EXPANSION_CHUNK + 8
     assert run.state == "cancelled"
+    return run
+
+
+def cancel_once_done(run: Any, at_least: int) -> None:
+    """Start the run and cancel it once `at_least` subtasks of stage label are done."""
+    enough = threading.Event()
+    run.subscribe(lambda e: run.sink.stage("label").done >= at_least and enough.set())
+    run.start()
+    assert enough.wait(120)
+    run.cancel()
+    run.wait(120)
+
+
+def test_first_request_goes_out_before_all_subtasks_exist(fake_server, registry):
+    rows = 100_000
+    run = cancel_after_the_first_request(fake_server, registry, PLAN, rows)
     done = int(run.result["n_chars"].notna().sum())
     errors = run.errors_frame()
     assert set(errors["kind"]) == {"cancelled"}
@@ -111,12 +128,7 @@ def test_retry_after_cancelling_a_big_stage_sends_only_the_missing_rows(fake_ser
     executor = LocalExecutor(concurrency=8, retry=FAST_RETRY)
     frame = texts(rows)
     run = session_for(server, registry, executor).plan("count {t}", {"t": frame}).wait()
-    enough = threading.Event()
-    run.subscribe(lambda e: run.sink.stage("label").done >= 50 and enough.set())
-    run.start()
-    assert enough.wait(120)
-    run.cancel()
-    run.wait(120)
+    cancel_once_done(run, 50)
     assert run.state == "cancelled"
     answered = set(run.result.index[run.result["n_chars"].notna()])
     missing = sorted(r for rows_ in run.errors_frame()["rows"] for r in rows_)
@@ -171,16 +183,7 @@ VOTE = {
 
 def test_a_replicate_stage_sends_its_first_request_before_all_replicas_exist(fake_server, registry):
     rows = 50_000  # 150,000 replicas: built up front, as before, they would all be alive here
-    server = fake_server(plan_responder(VOTE, count_chars), latency=0.2)
-    executor = CountingExecutor(concurrency=8)
-    run = session_for(server, registry, executor).plan("count {t}", {"t": texts(rows)}).wait()
-    run.start()
-    assert executor.first_request.wait(120)
-    run.cancel()
-    run.wait(120)
-    assert executor.alive_at_first_request is not None
-    assert executor.alive_at_first_request <= EXPANSION_CHUNK + 8
-    assert run.state == "cancelled"
+    run = cancel_after_the_first_request(fake_server, registry, VOTE, rows)
     result, errors = run.result, run.errors_frame()
     done = int(result["n_chars"].notna().sum())
     assert done + sum(len(r) for r in errors["rows"]) == rows  # every row accounted for once
@@ -193,25 +196,23 @@ def test_retry_after_cancelling_a_replicate_stage_votes_every_row_and_keeps_the_
 ):
     rows = RESULTS_KEPT_UP_TO  # 6,000 replicas: only failed results are kept
     sent: list[str] = []
+    asked: Counter[str] = Counter()
     lock = threading.Lock()
 
     def worker(body: dict[str, Any]) -> Reply:
         text = worker_input(body)["text"]
         with lock:
             sent.append(text)
-        # Replicas of every row disagree once in three: 2 of 3 agree, the vote still decides.
-        return Reply.json({"n_chars": len(text) + (1 if sent.count(text) == 3 else 0)})
+            asked[text] += 1
+            nth = asked[text]
+        # Every third asking of a row is off by one: 2 of 3 agree, the vote still decides.
+        return Reply.json({"n_chars": len(text) + (1 if nth % 3 == 0 else 0)})
 
     server = fake_server(plan_responder(VOTE, worker), latency=0.01)
     executor = LocalExecutor(concurrency=8, retry=FAST_RETRY)
     frame = texts(rows)
     run = session_for(server, registry, executor).plan("count {t}", {"t": frame}).wait()
-    enough = threading.Event()
-    run.subscribe(lambda e: run.sink.stage("label").done >= 150 and enough.set())
-    run.start()
-    assert enough.wait(120)
-    run.cancel()
-    run.wait(120)
+    cancel_once_done(run, 150)
     voted = run.result["n_chars"].notna()
     assert 0 < voted.sum() < rows
     first_shares = run.result["agreement"][voted].tolist()
