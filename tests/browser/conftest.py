@@ -88,26 +88,38 @@ def _wait_until_up(server: LabServer, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
-            raise RuntimeError(f"jupyter-lab exited early:\n{server.log_tail()}")
+            raise RuntimeError(f"the Jupyter server exited early:\n{server.log_tail()}")
         try:
             with urllib.request.urlopen(server.url("api/status"), timeout=2) as response:
                 if response.status == 200:
                     return
         except OSError:
             time.sleep(0.3)
-    raise RuntimeError(f"jupyter-lab did not answer in {timeout} s:\n{server.log_tail()}")
+    raise RuntimeError(f"the Jupyter server did not answer in {timeout} s:\n{server.log_tail()}")
 
 
 @pytest.fixture(scope="package")
 def lab_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
     """Start JupyterLab for the browser tests; stop it (by its own pid) afterwards."""
+    yield from _jupyter_server(tmp_path_factory, "jupyterlab", "LabApp")
+
+
+@pytest.fixture(scope="package")
+def notebook7_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
+    """The same, as Jupyter Notebook 7 (the classic-style single-document interface)."""
+    yield from _jupyter_server(tmp_path_factory, "notebook", "JupyterNotebookApp")
+
+
+def _jupyter_server(
+    tmp_path_factory: pytest.TempPathFactory, module: str, app: str
+) -> Iterator[LabServer]:
     _require_module("playwright.sync_api")
     if not CHROMIUM.exists():
         _unavailable(f"{CHROMIUM} missing: apt-get update && apt-get install -y chromium")
     if not (BUILT_LABEXTENSION / "package.json").exists():
         _unavailable("labextension not built: cd labextension && jlpm install && jlpm build:prod")
 
-    base = tmp_path_factory.mktemp("lab")
+    base = tmp_path_factory.mktemp(module)
     config, runtime, root, data = (base / name for name in ("config", "runtime", "root", "data"))
     for folder in (config, runtime, root, data / "labextensions"):
         folder.mkdir(parents=True)
@@ -128,18 +140,18 @@ def lab_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
     }
     token = secrets.token_hex(16)
     port = _free_port()
-    log_path = base / "jupyter-lab.log"
+    log_path = base / f"{module}.log"
     command = [
         sys.executable,
         "-m",
-        "jupyterlab",
+        module,
         "--no-browser",
         "--allow-root",
         "--ip=127.0.0.1",
         f"--port={port}",
         f"--IdentityProvider.token={token}",
         f"--ServerApp.root_dir={root}",
-        "--LabApp.expose_app_in_browser=True",
+        f"--{app}.expose_app_in_browser=True",
     ]
     with log_path.open("wb") as log:
         process = subprocess.Popen(
@@ -158,7 +170,7 @@ def lab_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
         ARTIFACTS.mkdir(exist_ok=True)
-        shutil.copy(log_path, ARTIFACTS / "jupyter-lab.log")
+        shutil.copy(log_path, ARTIFACTS / log_path.name)
 
 
 @pytest.fixture(scope="package")

@@ -1,0 +1,70 @@
+"""The quickstart's approval flow in Jupyter Notebook 7, the other client data scientists use.
+
+Notebook 7 is built from JupyterLab's components but has its own shell: one notebook per page,
+no status bar, the left sidebar hidden. The plan widget must render as real widgets there too,
+Run must work, and the result must come back into the notebook.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from apwa_jupyter.testing import FakeOpenAIServer
+
+from .conftest import LabServer
+from .lab_page import NotebookPage, write_notebook
+from .test_quickstart import quickstart_cells, respond
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
+
+
+class Notebook7Page(NotebookPage):
+    """A notebook page in Notebook 7: kernel state is read from the app, not a status bar."""
+
+    def open(self, url: str) -> Notebook7Page:
+        self.page.goto(url)
+        self.page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
+        self.panel_id = str(self.page.evaluate("() => window.jupyterapp.shell.currentWidget.id"))
+        self.wait_idle(timeout=60_000)
+        return self
+
+    def wait_idle(self, timeout: float = 60_000) -> None:
+        self.page.wait_for_function(
+            """() => {
+                const session = window.jupyterapp.shell.currentWidget?.sessionContext?.session;
+                return session?.kernel?.status === 'idle';
+            }""",
+            timeout=timeout,
+        )
+
+
+def test_quickstart_in_notebook_7(notebook7_server: LabServer, page: Any) -> None:
+    with FakeOpenAIServer(respond) as server:
+        path = notebook7_server.root / "quickstart.ipynb"
+        write_notebook(path, quickstart_cells(server.base_url))
+        nb = Notebook7Page(page).open(notebook7_server.url("notebooks/quickstart.ipynb"))
+        assert page.locator(".jp-NotebookPanel").count() == 1  # Notebook 7's single document
+        for index in (0, 1, 2):
+            nb.run_cell(index)
+            nb.wait_idle()
+        nb.run_cell(3)
+        widget = nb.cell(3).locator(".apwa-plan-widget")
+        widget.wait_for(timeout=60_000)  # rendered by ipywidgets, not the text/plain fallback
+        page.wait_for_function(
+            """() => [...document.querySelectorAll('.apwa-plan-widget button')]
+                .some(b => b.textContent.includes('Run') && !b.disabled)""",
+            timeout=120_000,
+        )
+        assert widget.locator(".apwa-dag .apwa-stage").count() == 1
+        widget.locator("button", has_text="Run").click()
+        widget.locator(".apwa-state", has_text="done").wait_for(timeout=180_000)
+        nb.wait_idle()
+        nb.run_cell(4)
+        table = nb.cell(4).locator(".jp-OutputArea table")
+        table.wait_for(timeout=60_000)
+        text = table.inner_text()
+        assert [line.split()[0] for line in text.splitlines()[2:]] == ["r1", "r2", "r3", "r4"]
+        assert text.count("negative") == 2 and text.count("positive") == 2
+        nb.screenshot("notebook7-done")
