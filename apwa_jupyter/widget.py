@@ -9,6 +9,7 @@ counters: 10,000 subtasks cost the frontend no more messages than 10.
 
 from __future__ import annotations
 
+import collections
 import html
 import threading
 import time
@@ -308,10 +309,13 @@ class PlanWidget:
                 self.progress.children = (*self.progress.children, W.HBox([bar, label]))
             bar, label = self._bars[stage_id]
             bar.max = max(p.total, 1)
-            bar.value = p.finished
+            # What was worked on (answered or failed): a cancel must not look like a full bar.
+            bar.value = p.done + p.failed
             bar.bar_style = (
                 "danger"
                 if p.failed
+                else "warning"
+                if p.skipped
                 else ("success" if p.finished == p.total and p.total else "info")
             )
             retry = f" · {p.retries} retries" if p.retries else ""
@@ -322,7 +326,7 @@ class PlanWidget:
             )
         if progress or run.state in ("running", "done"):
             elapsed = run.timings().get("execution_s") or 0.0
-            done = sum(p.finished for p in progress.values())
+            done = sum(p.done + p.failed for p in progress.values())  # sent, not skipped
             startup = run.startup_seconds or 0.0
             working = max(elapsed - startup, 1e-9)
             rate = done / working if done else 0.0
@@ -333,25 +337,7 @@ class PlanWidget:
             )
 
     def _draw_errors(self) -> None:
-        errors = self.run.errors
-        if not errors:
-            self.errors.value = ""
-            return
-        rows = "".join(
-            f"<tr><td>{html.escape(e.subtask)}</td><td>{html.escape(e.kind)}</td>"
-            f"<td>{html.escape(str(list(e.rows))[:40])}</td><td>{html.escape(e.message[:200])}</td></tr>"
-            for e in errors[:MAX_ERRORS_SHOWN]
-        )
-        more = (
-            f"<br><small>and {len(errors) - MAX_ERRORS_SHOWN} more</small>"
-            if len(errors) > MAX_ERRORS_SHOWN
-            else ""
-        )
-        self.errors.value = (
-            f'<details open><summary style="color:#d62728">{len(errors)} failed subtasks</summary>'
-            f'<table class="apwa-errors"><tr><th>subtask</th><th>kind</th><th>rows</th><th>error</th></tr>{rows}</table>'
-            f"{more}<small>All details: <code>_apwa.errors_frame()</code></small></details>"
-        )
+        self.errors.value = errors_html(self.run.errors)
 
     # -- display ------------------------------------------------------------------------------
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
@@ -360,3 +346,37 @@ class PlanWidget:
         if isinstance(bundle, tuple):
             bundle = bundle[0]
         return {**bundle, "text/plain": run_text(self.run)}
+
+
+# Kinds that say the user (or a budget) stopped the run, not that something went wrong.
+STOPPED_KINDS = frozenset({"cancelled", "not_run"})
+
+
+def errors_html(errors: list[Any]) -> str:
+    """The "rows without a value" section: counts by kind, then the first few failures.
+
+    Open when something went wrong; collapsed when every row without a value was only stopped
+    (a cancel or a budget), so a cancelled 400-row run does not push the plan off the screen.
+    """
+    if not errors:
+        return ""
+    counts = collections.Counter(e.kind for e in errors)
+    by_kind = ", ".join(f"{n:,} {kind}" for kind, n in counts.most_common())
+    state = "" if set(counts) <= STOPPED_KINDS else " open"
+    colour = "#7f7f7f" if not state else "#d62728"
+    rows = "".join(
+        f"<tr><td>{html.escape(e.subtask)}</td><td>{html.escape(e.kind)}</td>"
+        f"<td>{html.escape(str(list(e.rows))[:40])}</td><td>{html.escape(e.message[:200])}</td></tr>"
+        for e in errors[:MAX_ERRORS_SHOWN]
+    )
+    more = (
+        f"<small>and {len(errors) - MAX_ERRORS_SHOWN:,} more</small><br>"
+        if len(errors) > MAX_ERRORS_SHOWN
+        else ""
+    )
+    return (
+        f'<details{state}><summary style="color:{colour}">{len(errors):,} subtasks without a value'
+        f" ({by_kind})</summary>"
+        f'<table class="apwa-errors"><tr><th>subtask</th><th>kind</th><th>rows</th><th>error</th></tr>{rows}</table>'
+        f"{more}<small>All details: <code>_apwa.errors_frame()</code></small></details>"
+    )

@@ -456,3 +456,21 @@ def test_record_then_replay_a_cell_offline(ip, tmp_path, capsys):
     assert "record again" in out.lower() or "--record" in out
     for name in ("first", "again", "third"):
         ip.user_ns.pop(name, None)
+
+
+def test_rows_without_a_value_are_counted_by_kind_and_a_cancel_does_not_unfold_them():
+    from apwa_jupyter.orchestrator import Failure
+    from apwa_jupyter.widget import MAX_ERRORS_SHOWN, errors_html
+
+    cancelled = [
+        Failure("label", f"label/{i}", "cancelled", "cancelled", 0, (i,)) for i in range(400)
+    ]
+    shown = errors_html(cancelled)
+    assert shown.startswith("<details>")  # collapsed: the user stopped it, nothing went wrong
+    assert "400 subtasks without a value (400 cancelled)" in shown
+    assert f"and {400 - MAX_ERRORS_SHOWN} more</small><br>" in shown
+    broken = [Failure("label", "label/7", "output", "not valid JSON", 3, (7,)), *cancelled[:3]]
+    shown = errors_html(broken)
+    assert shown.startswith("<details open>")
+    assert "4 subtasks without a value (3 cancelled, 1 output)" in shown
+    assert errors_html([]) == ""
