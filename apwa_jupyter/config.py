@@ -189,3 +189,29 @@ def _check_url(value: str, name: str = "base_url") -> str:
 
 def _secret(key: str | None) -> SecretStr:
     return SecretStr(key or PLACEHOLDER_API_KEY)
+
+
+# -- run settings the magic, the session and Python callers share (one check each) -------------
+# Limits of an endpoint: requests in flight, requests and tokens per minute.
+ENDPOINT_LIMITS = ("max_concurrency", "rpm", "tpm")
+
+
+def parse_tool_list(value: str | list[str] | None) -> list[str]:
+    """`"a, b"` or `["a", "b"]` -> `["a", "b"]`; empty or None -> no tools."""
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [item.strip() for item in items if item.strip()]
+
+
+def check_max_input_chars(value: int | None) -> int | None:
+    """The longest value a worker is sent: at least 1 (None: the default)."""
+    if value is not None and value < 1:
+        raise UserInputError("--max-input-chars must be at least 1")
+    return value
+
+
+def check_recording(record: str | None, replay: str | None) -> None:
+    """Recording every exchange and replaying a recording exclude each other."""
+    if record is not None and replay is not None:
+        raise UserInputError("--record and --replay contradict each other; pick one")

@@ -1,10 +1,11 @@
 """What a run costs: a price table, an estimate before Run, a meter while running, budgets.
 
 The estimate is built from what decides the bill, not a fixed figure per call: how many calls
-each stage makes (from the plan), how long the sampled inputs are (characters / 4, or a tokenizer
-the caller passes), the worker prompt around them (the real system prompt and schema text), and
-what the output schema lets a model say (a three-way choice costs a few tokens, free text tens).
-It gives a range, because samples are few and a chars/4 count is itself off by 10-25 %.
+each stage makes (from the plan), how long its sampled calls' messages are (the very messages
+workers send, built by `execution.estimate`; characters / 4, or a tokenizer the caller passes),
+and what the output schema lets a model say (a three-way choice costs a few tokens, free text
+tens). This module holds the arithmetic; it gives a range, because samples are few and a
+chars/4 count is itself off by 10-25 %.
 
 Prices are list prices for standard (uncached, non-batch) requests, in USD per 1M tokens, written
 down from the providers' pricing pages as known on `PRICES_AS_OF`; they change, so users can
@@ -19,14 +20,14 @@ import math
 import os
 import re
 import statistics
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from .errors import UserInputError
 
 if TYPE_CHECKING:
-    from .plans import OutputField, Plan
+    from .plans import OutputField
 
 PRICES_AS_OF = "2025-08"
 
@@ -251,39 +252,6 @@ class Tokens:
 
 
 @dataclass(frozen=True)
-class StageLoad:
-    """What one stage will send, for the estimate.
-
-    `sample_inputs` are what calls read: row dicts (map, replicate), items (reduce; source rows
-    are fine) or task instructions (task). `rows_per_call` is the batch size (map) or fan-in
-    (reduce); `tools` the number of tools the stage may call.
-    """
-
-    stage_id: str
-    kind: str
-    calls: int
-    instruction: str
-    outputs: Sequence[OutputField]
-    sample_inputs: Sequence[Any] = ()
-    rows_per_call: int = 1
-    tools: int = 0
-
-
-@dataclass(frozen=True)
-class EstimateInput:
-    """Everything `estimate` needs: the model (for prices) and one StageLoad per stage.
-
-    `tokenizer` counts a text's tokens (default: characters / 4, widened by 15 % / 25 % in the
-    range); `max_tokens` caps one answer, as the workers' requests do.
-    """
-
-    model: str | None
-    stages: Sequence[StageLoad]
-    tokenizer: Callable[[str], int] | None = None
-    max_tokens: int = 1024
-
-
-@dataclass(frozen=True)
 class StageEstimate:
     """One stage's share: calls, requests (tool rounds add some), input and output tokens."""
 
@@ -379,17 +347,13 @@ _MESSAGE_OVERHEAD = 4 * 2 + 3
 _TOOL_ROUND = Range(30 + 50, 30 + 250, 30 + 1000)
 
 
-def _chars_over_4(text: str) -> int:
+def chars_over_4(text: str) -> int:
+    """The default token count of a text: characters / 4 (widened into a range by the caller)."""
     return math.ceil(len(text) / 4)
 
 
-def _json_line(row: Any) -> str:
-    from .tables import escape_data
-
-    return escape_data(json.dumps(row, default=str, ensure_ascii=False))
-
-
-def _output_tokens(outputs: Sequence[OutputField], count: Callable[[str], int]) -> Range:
+def output_tokens(outputs: Sequence[OutputField], count: Callable[[str], int]) -> Range:
+    """Tokens one answer object takes: its keys and what each field's type lets a model say."""
     low = expected = high = 2.0  # the braces
     for out in outputs:
         keys = count(f'"{out.name}": ,') + 1
@@ -406,56 +370,37 @@ def _output_tokens(outputs: Sequence[OutputField], count: Callable[[str], int]) 
     return Range(low, expected, high)
 
 
-def _stage_estimate(
-    load: StageLoad, count: Callable[[str], int], widen: tuple[float, float], max_tokens: int
-) -> StageEstimate:
-    from .templates import (
-        BATCH_RULE,
-        TOOLS_RULE,
-        WORKER_SYSTEM,
-        answer_schema,
-        data_block,
-        describe_outputs,
-        render_instruction,
-    )
+@dataclass(frozen=True)
+class CallShape:
+    """What one call of a stage sends and may answer, measured on its real messages.
 
-    outputs = tuple(load.outputs)
-    per = max(1, load.rows_per_call)
-    system = WORKER_SYSTEM.format(fields=describe_outputs(outputs))
-    if per > 1 and load.kind == "map":
-        system += BATCH_RULE.format(count=per)
-    if load.tools:
-        system += TOOLS_RULE
-    schema = json.dumps(answer_schema(outputs, per if load.kind == "map" else 1))
+    `message_tokens` are the sampled calls' system + user message sizes; `schema_tokens` the
+    response schema's; `answer` one answer object's tokens and `rows_out` how many a call returns.
+    """
+
+    message_tokens: Sequence[int]
+    schema_tokens: int
+    answer: Range
+    rows_out: int = 1
+    tools: int = 0
+
+
+def stage_estimate(
+    stage_id: str,
+    calls: int,
+    shape: CallShape,
+    widen: tuple[float, float] = (0.85, 1.25),
+    max_tokens: int = 1024,
+) -> StageEstimate:
+    """One stage's requests and tokens (ranges) for `calls` calls of this shape."""
+    sizes = list(shape.message_tokens) or [0]
     # Sent with every request but not message text: the response schema, chat formatting, and
     # about 80 tokens per tool definition (name, docs, argument schema).
-    framing = count(schema) + _MESSAGE_OVERHEAD + 80 * load.tools
-
-    samples = list(load.sample_inputs) or [None]
-    sizes: list[int] = []
-    for position, sample in enumerate(samples):
-        if load.kind == "task":
-            user = f"{load.instruction}\n\nTask t: {sample or ''}"
-        elif load.kind == "reduce":
-            items = [samples[(position + i) % len(samples)] for i in range(per)]
-            body = data_block([_json_line(item) for item in items])
-            user = f"{load.instruction}\n\nInputs ({per} items):\n{body}"
-        elif per > 1:
-            rows = [samples[(position + i) % len(samples)] for i in range(per)]
-            keyed = [_json_line({"row": i + 1, "input": row}) for i, row in enumerate(rows)]
-            user = f"{load.instruction}\n\nInputs:\n{data_block(keyed)}"
-        elif isinstance(sample, dict):
-            user = f"{render_instruction(load.instruction, sample)}\n\nInput:\n{data_block([_json_line(sample)])}"
-        else:
-            user = load.instruction
-        sizes.append(count(system) + count(user))
-
-    answer = _output_tokens(outputs, count)
-    rows_out = per if load.kind == "map" else 1
-    if rows_out > 1:  # each answer object also carries its "row" key; plus the wrapper
-        answer = answer.scale(rows_out) + Range(
-            4 + 4 * rows_out, 4 + 4 * rows_out, 4 + 4 * rows_out
-        )
+    framing = shape.schema_tokens + _MESSAGE_OVERHEAD + 80 * shape.tools
+    answer = shape.answer
+    if shape.rows_out > 1:  # each answer object also carries its "row" key; plus the wrapper
+        wrapper = 4 + 4 * shape.rows_out
+        answer = answer.scale(shape.rows_out) + Range(wrapper, wrapper, wrapper)
     answer = Range(*(min(v, max_tokens) for v in (answer.low, answer.expected, answer.high)))
 
     def prompt(fixed: float) -> Range:
@@ -469,7 +414,7 @@ def _stage_estimate(
             fixed + statistics.fmean(sizes),
             (fixed + max(sizes)) * widen[1],
         )
-        if load.tools:
+        if shape.tools:
             return Range(
                 base.low,
                 base.expected * 2 + _TOOL_ROUND.expected,
@@ -477,105 +422,20 @@ def _stage_estimate(
             )
         return Range(base.low, base.expected, base.high + 0.1 * (base.high + answer.high))
 
-    if load.tools:
+    if shape.tools:
         requests = Range(1, 2, 3)
         per_call_out = Range(answer.low, answer.expected + 30, answer.high + 60)
     else:
         requests = Range(1, 1, 1.1)
         per_call_out = Range(answer.low, answer.expected, answer.high * 1.1)
-    calls = load.calls
     return StageEstimate(
-        load.stage_id,
+        stage_id,
         calls,
         requests.scale(calls),
         prompt(framing).scale(calls),
         per_call_out.scale(calls),
         prompt(0).scale(calls),
     )
-
-
-def estimate(inp: EstimateInput) -> Estimate:
-    """Calls, tokens (low, expected, high) and money of a plan before it runs."""
-    count = inp.tokenizer or _chars_over_4
-    widen = (1.0, 1.0) if inp.tokenizer else (0.85, 1.25)
-    stages = [_stage_estimate(load, count, widen, inp.max_tokens) for load in inp.stages]
-    return Estimate(inp.model, stages, price_of(inp.model))
-
-
-def stage_loads(
-    plan: Plan,
-    counts: Mapping[str, int],
-    samples: Mapping[str, Sequence[Mapping[str, Any]]],
-    tools: Mapping[str, int] | None = None,
-) -> list[StageLoad]:
-    """StageLoads of a plan, from subtask counts per stage and sampled rows per table.
-
-    A stage fed by another stage is sampled with made-up rows of the source's outputs at their
-    expected size (its real rows do not exist yet), joined to the source's own sample.
-    """
-    from .plans import MapStage, ReduceStage, ReplicateStage, TaskStage
-
-    rows: dict[str, list[dict[str, Any]]] = {
-        name: [dict(r) for r in rs] for name, rs in samples.items()
-    }
-    by_id: dict[str, StageLoad] = {}
-    for stage_id in plan.order():
-        stage = plan.stage(stage_id)
-        source = getattr(stage, "source", None)
-        inputs: list[Any] = list(rows.get(source, [])) if source else []
-        per = 1
-        kept = inputs  # what the stage's own result rows carry besides its outputs
-        if isinstance(stage, MapStage):
-            per = stage.batch_size
-        elif isinstance(stage, ReduceStage):
-            per = stage.fan_in
-            kept = [{k: r[k] for k in stage.group_by if k in r} for r in _dicts(inputs)]
-            inputs = _reduce_items(plan, stage, inputs)
-        elif isinstance(stage, TaskStage):
-            inputs = [task.instruction for task in stage.tasks]
-        elif isinstance(stage, ReplicateStage) and source is None:
-            inputs = []
-        count = len(stage.tools) if tools is None else tools.get(stage_id, len(stage.tools))
-        by_id[stage_id] = StageLoad(
-            stage_id,
-            stage.kind,
-            counts.get(stage_id, 0),
-            stage.instruction,
-            tuple(stage.outputs),
-            inputs,
-            per,
-            count,
-        )
-        made_up = {out.name: _typical_value(out) for out in stage.outputs}
-        base = kept if kept and isinstance(kept[0], dict) else [{}]
-        rows[stage_id] = [dict(row) | made_up for row in base[:3]]
-    return [by_id[stage.id] for stage in plan.stages]
-
-
-def _reduce_items(plan: Plan, stage: Any, rows: list[Any]) -> list[Any]:
-    """Sampled rows cut to what a reduce item carries (the rule of `reduce_item_columns`)."""
-    from .orchestrator import reduce_item_columns
-
-    if not rows or not isinstance(rows[0], dict):
-        return rows
-    keep = reduce_item_columns(plan, stage, list(rows[0]))
-    return [{name: row[name] for name in keep if name in row} for row in _dicts(rows)]
-
-
-def _dicts(rows: list[Any]) -> list[dict[str, Any]]:
-    return [row for row in rows if isinstance(row, dict)]
-
-
-def _typical_value(out: OutputField) -> Any:
-    if out.choices:
-        return out.choices[0]
-    return {
-        "boolean": True,
-        "integer": 12,
-        "number": 1.5,
-        "string": "x" * 100,
-        "string_list": ["x" * 20] * 4,
-    }.get(out.type, "x" * 100)
 
 
 # -- meter --------------------------------------------------------------------------------------

@@ -96,9 +96,7 @@ def estimate_line(run: Run) -> str:
         return f"{run.estimate_subtasks():,} model calls"
     text = found.describe()
     if run.estimate_subtasks() > TIMED_ESTIMATE_FROM:  # a big run: its size and time first
-        from .orchestrator import run_size_line
-
-        text = f"{run_size_line(run)} · {text}"
+        text = f"{run.size_line()} · {text}"
     if run.budget is not None:
         text += f" · budget {run.budget}"
     return text

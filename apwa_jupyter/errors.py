@@ -7,6 +7,34 @@ the model's (malformed or truncated output); `EndpointError` is the network's or
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
+# Why a row has no value (`Failure.kind`, `SubtaskResult.error_kind`), the one list of them:
+# output: the model's answer was unusable; input: the row is over the input budget; rejected: the
+# server refused this request (400); transient / unreachable / worker_lost: retried by the
+# executor within a time budget; endpoint: key or model refused (stops the run); internal: a bug;
+# quorum: the replicas of a row found no majority; cancelled / not_run / upstream: the subtask
+# never ran (the user cancelled, the run stopped, or its input failed).
+ErrorKind = Literal[
+    "output",
+    "input",
+    "rejected",
+    "transient",
+    "unreachable",
+    "worker_lost",
+    "endpoint",
+    "internal",
+    "quorum",
+    "cancelled",
+    "not_run",
+    "upstream",
+]
+ERROR_KINDS: frozenset[str] = frozenset(get_args(ErrorKind))
+# The user (or a budget) stopped the run: nothing went wrong with these rows.
+STOPPED_KINDS: frozenset[str] = frozenset({"cancelled", "not_run"})
+# Never ran at all (stopped, or the input failed upstream): counted as skipped, not failed.
+SKIPPED_KINDS: frozenset[str] = STOPPED_KINDS | {"upstream"}
+
 
 class ApwaError(Exception):
     """Base class of every error this package raises on purpose."""

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .errors import SKIPPED_KINDS
+
 log = logging.getLogger(__name__)
 
 EventKind = Literal[
@@ -65,9 +67,6 @@ class StageProgress:
 
 
 Listener = Callable[[Event], None]
-
-# Error kinds of subtasks that never ran: not failures of their own, but still missing values.
-SKIPPED_KINDS = frozenset({"cancelled", "not_run", "upstream"})
 
 
 class ProgressSink:
@@ -128,6 +127,11 @@ class ProgressSink:
         else:
             progress.failed += 1
         self.emit(Event("subtask_failed", self.run_id, stage, subtask, error, tokens))
+
+    def skipped_many(self, stage: str, count: int, error: str) -> None:
+        """`count` subtasks of `stage` will never run: counted as skipped, with one event."""
+        self.stage(stage).skipped += count
+        self.emit(Event("subtask_failed", self.run_id, stage, f"{count:,} subtasks", error))
 
     def retrying(self, stage: str, subtask: str, reason: str, tokens: int) -> None:
         """A subtask attempt failed transiently and will be tried again after a pause."""

@@ -44,8 +44,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .capabilities import Capability, CapabilityRegistry, GrantedRegistry, describe_function
-from .parsers import find_references
 from .plans import Plan
+from .prompt_syntax import find_references
 from .tables import evenly_spaced
 
 DEFAULT_K = 5
@@ -67,7 +67,7 @@ def named_tables(prompt: str, tables: Iterable[str]) -> list[str]:
     """Tables written as `{name}` in the prompt, in order (a `{{name}}` literal does not count).
 
     The rule is the one `%%apwa` uses to find the tables a cell references
-    (`parsers.find_references`), so both agree on which tables a prompt names.
+    (`prompt_syntax.find_references`), so both agree on which tables a prompt names.
     """
     available = set(tables)
     return [name for name in find_references(prompt) if name in available]
@@ -402,17 +402,16 @@ def lookup_table_of(tool: Capability) -> str | None:
     return getattr(tool.function, "apwa_lookup_table", None)
 
 
-def lookup_fingerprints(registry: CapabilityRegistry, tools: Iterable[str]) -> dict[str, Any]:
+def lookup_fingerprints(tools: Mapping[str, Capability]) -> dict[str, Any]:
     """For the result store's stage key: the content hash of each lookup a stage may call.
 
     Empty when the stage has no lookup, so stages without one keep the keys they always had.
     """
     found = {}
-    for name in tools:
-        if name in registry:
-            index = getattr(registry.select([name])[name].function, "apwa_index", None)
-            if isinstance(index, LookupIndex):
-                found[name] = index.fingerprint
+    for name, tool in tools.items():
+        index = getattr(tool.function, "apwa_index", None)
+        if isinstance(index, LookupIndex):
+            found[name] = index.fingerprint
     return {"lookup_data": found} if found else {}
 
 

@@ -154,9 +154,9 @@ class ApwaMagics(Magics):
             budget=options.budget,
             record=options.record,
             replay=options.replay,
+            cell_id=self._cell_id(),
+            dry_run=options.dry_run,
         )
-        run.dry_run = options.dry_run
-        run.cell_id = self._cell_id()
         # The run is `_apwa` from now on, so the next cell can read, edit and start its plan.
         self.user_ns["_apwa"] = run
         self._maybe_tell_embedded(session)
@@ -507,11 +507,7 @@ def _wait_until_settled(run: Run) -> None:
     import concurrent.futures
 
     while True:
-        futures = [
-            f
-            for f in (run.plan_future, getattr(run, "_future", None))
-            if f is not None and not f.done()
-        ]
+        futures = run.pending()
         if futures:
             concurrent.futures.wait(futures, timeout=0.1)
         elif _will_bind(run):  # between planned and started (--yes): a moment

@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 
 from .capabilities import CapabilityRegistry
+from .encoding import escape_data
 from .errors import PlanError
 from .lookups import manager_keys_json
 from .models.base import ChatModel, ChatRequest, Usage
 from .plan_fixes import DeniedTools, deny_tools, fix_plan
 from .plans import Plan, plan_json_schema, validate_plan
-from .tables import DataTable, escape_data
+from .tables import DataTable
 
 MAX_REPAIRS = 2
 PLAN_MAX_TOKENS = 3000

@@ -13,7 +13,7 @@ from collections.abc import Collection, Mapping, MutableMapping
 from typing import Any
 
 from .errors import UserInputError
-from .parsers import find_references
+from .prompt_syntax import find_references
 
 SCALARS = (str, int, float, bool)
 

@@ -5,15 +5,14 @@ from __future__ import annotations
 import argparse
 import difflib
 import keyword
-import re
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
+from .config import ENDPOINT_LIMITS, check_max_input_chars, check_recording, parse_tool_list
+from .costs import Budget
 from .errors import UserInputError
-
-REFERENCE = re.compile(r"(?<!\{)\{([A-Za-z_][A-Za-z0-9_]*)\}(?!\})")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -149,7 +148,7 @@ def parse_cell_options(line: str) -> CellOptions:
         raise UserInputError(f"cannot parse options ({exc}); check the quotes") from None
     ns = _cell_parser().parse_args(words)
     # `--tools ''` is a grant of nothing, not "no option given" (issue #13).
-    tools = [t.strip() for t in ns.tools.split(",") if t.strip()] if ns.tools is not None else None
+    tools = parse_tool_list(ns.tools) if ns.tools is not None else None
     options = CellOptions(**{**vars(ns), "tools": tools})
     if options.out is not None:
         check_identifier(options.out)
@@ -160,14 +159,10 @@ def parse_cell_options(line: str) -> CellOptions:
             f"--max-tokens {options.max_tokens}: a worker needs at least 1 token to answer "
             "(default 1024)"
         )
-    if options.max_input_chars is not None and options.max_input_chars < 1:
-        raise UserInputError("--max-input-chars must be at least 1")
+    check_max_input_chars(options.max_input_chars)
     if options.budget is not None:
-        from .costs import Budget
-
         Budget.parse(options.budget)  # a bad budget is one line now, not after planning
-    if options.record and options.replay:
-        raise UserInputError("--record and --replay contradict each other; pick one")
+    check_recording(options.record, options.replay)
     if options.no_cache and options.refresh:
         raise UserInputError("--no-cache and --refresh contradict each other; pick one")
     if options.dry_run and options.yes:
@@ -180,15 +175,6 @@ def check_identifier(name: str) -> str:
     if not name.isidentifier() or keyword.iskeyword(name):
         raise UserInputError(f"--out {name!r} is not a valid Python variable name")
     return name
-
-
-def find_references(prompt: str) -> list[str]:
-    """`{name}` references in the prompt, in order, without duplicates ({{x}} is literal)."""
-    seen: list[str] = []
-    for name in REFERENCE.findall(prompt):
-        if name not in seen:
-            seen.append(name)
-    return seen
 
 
 @dataclass
@@ -295,8 +281,6 @@ def _choice(*choices: str) -> Callable[[str, str], str]:
 
 # The typed `%apwa config` settings; the others (model, base_url, api_key, address, tools) are
 # strings the session validates where they are used.
-# Limits of the configured endpoint: requests in flight, requests and tokens per minute.
-ENDPOINT_LIMITS = ("max_concurrency", "rpm", "tpm")
 
 CONFIG_TYPES: dict[str, Callable[[str, str], Any]] = {
     "concurrency": _positive_int,

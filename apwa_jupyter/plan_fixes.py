@@ -13,7 +13,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .capabilities import CapabilityRegistry
-from .plans import PLACEHOLDER, Plan, allowed_placeholders, stage_columns
+from .plans import Plan, allowed_placeholders, stage_columns
+from .prompt_syntax import fill
 
 SourceKinds = ("map", "replicate", "reduce")
 # Batched answers are matched to their rows by this key (see templates.ROW_KEY).
@@ -142,12 +143,11 @@ def _fix_columns(
                     field["name"] = new
         allowed = allowed_placeholders(stage["kind"], stage.get("group_by"), upstream)
 
-        def unbrace(match: Any, allowed: set[str] = allowed) -> str:
-            name = match.group(1)
-            return match.group(0) if name in allowed else name
+        def unbrace(name: str, allowed: set[str] = allowed) -> str | None:
+            return None if name in allowed else name
 
         for holder in [stage, *stage.get("tasks", [])]:
-            fixed = PLACEHOLDER.sub(unbrace, holder["instruction"])
+            fixed = fill(holder["instruction"], unbrace)
             if fixed != holder["instruction"]:
                 fixes.append(
                     f"{where}: removed braces around unknown placeholders in the instruction"

@@ -17,15 +17,15 @@ form a DAG. Its messages are written for the model to repair its plan and for pe
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
+from .prompt_syntax import referenced
+
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,39}$")]
 FieldType = Literal["string", "integer", "number", "boolean", "string_list"]
-PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 MAX_STAGES = 4
 MAX_INSTRUCTION = 1000
@@ -308,10 +308,10 @@ def _check_placeholders(
     source = getattr(stage, "source", None)
     available = dict(table_columns) | dict(columns)
     source_cols = available.get(source, []) if source else []
-    used = set(PLACEHOLDER.findall(stage.instruction))
+    used = referenced(stage.instruction)
     if isinstance(stage, TaskStage):
         for task in stage.tasks:
-            used |= set(PLACEHOLDER.findall(task.instruction))
+            used |= referenced(task.instruction)
     allowed = allowed_placeholders(stage.kind, getattr(stage, "group_by", None), source_cols)
     if isinstance(stage, ReduceStage):
         problems.extend(_check_group_keys(stage, source_cols))
@@ -360,7 +360,7 @@ def columns_read(instruction: str, source_columns: Iterable[str]) -> list[str]:
     No plan-schema field is needed: the instruction already names what it reads. Columns are
     returned in the source's order.
     """
-    named = set(PLACEHOLDER.findall(instruction))
+    named = referenced(instruction)
     columns = list(source_columns)
     chosen = [c for c in columns if c in named]
     return chosen or columns
@@ -385,3 +385,19 @@ def _check_columns_named(
                 f"{MAX_COLUMNS_WITHOUT_PLACEHOLDERS})"
             )
     return problems
+
+
+def reduce_item_columns(plan: Plan, stage: ReduceStage, columns: Sequence[str]) -> list[str]:
+    """The columns one reduce item carries: what the call combines and nothing more.
+
+    The source stage's outputs (every column of a user table, named by `columns`) without this
+    stage's keys, plus the finer keys of a reduce below it: a book's items say which chapter each
+    summary is of. The one home of this rule: execution and the cost estimate both use it.
+    """
+    keep = list(columns)
+    if stage.source in {s.id for s in plan.stages}:
+        upstream = plan.stage(stage.source)
+        keep = [f.name for f in upstream.outputs]
+        if isinstance(upstream, ReduceStage):
+            keep = [*upstream.group_by, *keep]
+    return [name for name in keep if name not in stage.group_by]

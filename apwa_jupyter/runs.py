@@ -5,8 +5,10 @@ result, per-row failures and transcripts, token usage and timings. It is safe to
 notebook thread while the engine thread works on it; actions (start, cancel, retry) are
 thread-safe and work in every state.
 
-The Run is the one owner of its state. Execution (`orchestrator.py`) never writes into it: it
-hands back one `StageOutcome` per stage, which `_apply` records. A run's life:
+The Run is the one owner of its state. It is made from one frozen `RunSetup`; the session
+reports what planning found through methods (`endpoint_chosen`, `plan_ready`,
+`planning_failed`), and execution (`execution/`) never writes into it: it hands back one
+`StageOutcome` per stage, which `_apply` records. A run's life:
 
     planning -> awaiting_approval -> running -> done | failed | cancelled
     (planning and awaiting_approval may also end as failed or cancelled)
@@ -29,13 +31,28 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
 
-from .costs import Budget, CostMeter, Estimate, EstimateInput, estimate, stage_loads
-from .errors import ApwaError, RunCancelled, UserInputError
+from .costs import Budget, CostMeter, Estimate
+from .errors import STOPPED_KINDS, ApwaError, RunCancelled, UserInputError
 from .events import Event, Listener, ProgressSink, StageProgress
+from .execution import (
+    CacheMode,
+    EstimateInput,
+    ExecutionSpec,
+    Failure,
+    StageOutcome,
+    columns,
+    estimate,
+    estimate_subtasks,
+    execute_plan,
+    size_line,
+    stage_loads,
+    typical_latency,
+)
+from .execution.keys import plan_key
 from .executors.base import StopSignal
 from .lookups import scope_lookups
 from .models.base import Usage
-from .orchestrator import ExecutionSpec, Failure, StageOutcome, estimate_subtasks, execute_plan
+from .plan_fixes import DeniedTools
 from .plans import Plan, validate_plan
 from .steps import transcript_text
 from .templates import MAX_INPUT_CHARS
@@ -45,14 +62,13 @@ if TYPE_CHECKING:
     from .config import EndpointConfig
     from .executors.base import Executor
     from .models.base import ChatModel
+    from .store import ResultStore
     from .tables import DataTable
     from .worker import SubtaskResult
 
 RunState = Literal["planning", "awaiting_approval", "running", "done", "failed", "cancelled"]
 ACTIVE_STATES = ("planning", "running")
 FINAL_STATES = ("done", "failed", "cancelled")
-# Keep every transcript for small runs; for big ones keep only failed subtasks' transcripts.
-TRANSCRIPTS_UP_TO = 2_000
 # A failed row, as `errors_frame()` lists it (kept under its old name for callers).
 SubtaskError = Failure
 
@@ -67,27 +83,44 @@ class RunOptions:
     out: str | None = None
     max_input_chars: int | None = None  # None: the worker's default input budget
     # The result store: "use" (read and write), "refresh" (fresh answers, written), "off".
-    cache: Literal["use", "refresh", "off"] = "use"
+    cache: CacheMode = "use"
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """What a Run is made with: the request, what it may use, and how it reaches the engine.
+
+    `store` is the result store (None: nothing is read or written), `budget` what the run may
+    spend; `submit` and `call_soon` hand work to the engine loop; `executor_factory` gives the
+    session's executor when the run starts (Ray starts only then).
+    """
+
+    prompt: str
+    tables: dict[str, DataTable]
+    registry: CapabilityRegistry
+    options: RunOptions
+    executor_factory: Callable[[], Executor]
+    submit: Callable[[Any], Future[Any]]
+    call_soon: Callable[[Callable[[], Any]], None]
+    budget: Budget | None = None
+    store: ResultStore | None = None
+    cell_id: str | None = None
+    dry_run: bool = False
 
 
 class Run:
     """One %%apwa request: plan, approval, execution, results."""
 
-    def __init__(
-        self,
-        prompt: str,
-        tables: dict[str, DataTable],
-        registry: CapabilityRegistry,
-        options: RunOptions,
-        executor_factory: Callable[[], Executor],
-        submit: Callable[[Any], Future[Any]],
-        call_soon: Callable[[Callable[[], Any]], None],
-    ):
+    def __init__(self, setup: RunSetup):
         self.id = uuid.uuid4().hex[:8]
-        self.prompt = prompt
-        self.tables = tables
-        self.registry = registry
-        self.options = options
+        self.prompt = setup.prompt
+        self.tables = setup.tables
+        self.registry = setup.registry
+        self.options = setup.options
+        self.store = setup.store
+        self.budget = setup.budget  # money or tokens this run may spend (costs.Budget)
+        self.cell_id = setup.cell_id
+        self.dry_run = setup.dry_run
         self.state: RunState = "planning"
         self.error: str | None = None
         self.error_detail: str | None = None
@@ -97,13 +130,14 @@ class Run:
         self.notices: list[str] = []  # limits that apply to this run, said once
         self.manager_usage = Usage()
         self.worker_usage = Usage()
+        # Who answers, known once planning has chosen the endpoint (`endpoint_chosen`);
+        # `endpoint_id` names it in the result store (None: an in-process model, not stored).
         self.worker_model: EndpointConfig | ChatModel | None = None
         self.endpoint_description = ""
-        self.cell_id: str | None = None
-        self.dry_run = False
+        self.endpoint_id: str | None = None
         self.auto_start = False
         # Tools the plan asked for but was not granted, per stage: [(tool, reason)].
-        self.denied_tools: dict[str, list[tuple[str, str]]] = {}
+        self.denied_tools: DeniedTools = {}
         self.created_at = time.time()
         self.started_at: float | None = None
         self.finished_at: float | None = None
@@ -111,23 +145,17 @@ class Run:
         self.startup_seconds: float | None = None
         self.outcomes: dict[str, StageOutcome] = {}
         self._results: dict[str, SubtaskResult] = {}
-        # The result store (store.ResultStore) and the identity of the endpoint that answers;
-        # set by the session. Without either, nothing is read from or written to a store.
-        self.store: Any = None
-        self.endpoint_id: str | None = None
         self.plan_reused_from: str | None = None
-        self.plan_key: str | None = None  # where start() stores the approved plan
-        # Money or tokens this run may spend (costs.Budget); the meter counts what it spent.
-        self.budget: Budget | None = None
-        self.meter = CostMeter(model=None)
+        self._plan_key: str | None = None  # where start() stores the approved plan
+        self.meter = CostMeter(model=None)  # what the run spent, for the budget
         self._estimate: tuple[Plan, Estimate] | None = None
         self._listeners: list[Listener] = []
         self.sink = ProgressSink(self.id, self._listeners)
-        self._executor_factory = executor_factory
-        self._submit = submit
-        self._call_soon = call_soon
+        self._executor_factory = setup.executor_factory
+        self._submit = setup.submit
+        self._call_soon = setup.call_soon
         self._future: Future[Any] | None = None
-        self.plan_future: Future[Any] | None = None
+        self._plan_future: Future[Any] | None = None
         self._stop: StopSignal | None = None
         self._cancel_requested = False
         self._lock = threading.RLock()
@@ -154,8 +182,7 @@ class Run:
             if plan is not None and not isinstance(plan, Plan):
                 plan = Plan.model_validate(plan)
             if plan is not None:
-                columns = {name: table.column_names for name, table in self.tables.items()}
-                problems = validate_plan(plan, columns, self.registry.names())
+                problems = self.plan_problems(plan)
                 if problems:
                     raise UserInputError("That plan is invalid: " + "; ".join(problems))
             self._plan = plan
@@ -315,11 +342,11 @@ class Run:
                 raise UserInputError(f"run {self.id} is {self.state}, not awaiting approval")
             if self.dry_run:
                 raise UserInputError("this was a --dry-run: rerun the cell without it to execute")
-            if self.estimate_subtasks() > TRANSCRIPTS_UP_TO:
+            if self.estimate_subtasks() > columns.RESULTS_KEPT_UP_TO:
                 self.options.keep_transcripts = False
-            if self.store is not None and self.plan_key is not None and self.plan is not None:
+            if self.store is not None and self._plan_key is not None and self.plan is not None:
                 with contextlib.suppress(Exception):  # the store must never block a run
-                    self.store.save_plan(self.plan_key, self.plan.model_dump_json())
+                    self.store.save_plan(self._plan_key, self.plan.model_dump_json())
             self._launch(retry=False)
         return self
 
@@ -350,22 +377,56 @@ class Run:
         allowed = getattr(self.registry, "allow_side_effects", False)
         return bool(self.side_effect_stages()) and not allowed
 
-    def plan_ready(self, plan: Plan, usage: Usage, attempts: int, fixes: list[str]) -> None:
-        """Called by the session when planning succeeded: await approval, or start (--yes)."""
+    # -- what planning reports (the session calls these on the engine thread) ----------------
+    def begin_planning(self, planning: Any) -> None:
+        """Plan in the background: `planning` is the coroutine that reports back here."""
+        self._plan_future = self._submit(planning)
+
+    def endpoint_chosen(
+        self,
+        model: EndpointConfig | ChatModel,
+        description: str,
+        endpoint_id: str | None,
+        notices: list[str] | None = None,
+    ) -> None:
+        """Who will answer: the worker model, how to describe it, its store identity, limits."""
         with self._lock:
+            self.worker_model, self.endpoint_description = model, description
+            self.endpoint_id = endpoint_id
+            self.notices.extend(notices or [])
+
+    def plan_ready(
+        self,
+        plan: Plan,
+        usage: Usage,
+        attempts: int,
+        fixes: list[str],
+        *,
+        denied_tools: DeniedTools | None = None,
+        reused_from: str | None = None,
+        seconds: float | None = None,
+    ) -> None:
+        """Planning succeeded: await approval, or start (--yes)."""
+        with self._lock:
+            self.planning_seconds = seconds
             if self.state != "planning":  # cancelled while the manager was thinking
                 return
             # Lookups of other named tables (issue #11): never a stage's own table; see lookups.py.
             plan, scoped = scope_lookups(plan, self.registry, self.tables)
             self.plan, self.manager_usage, self.plan_attempts = plan, usage, attempts
             self.plan_fixes = [*fixes, *scoped]
+            self.denied_tools = denied_tools or {}
+            self.plan_reused_from = reused_from
             self._set_state("awaiting_approval")
             if self._may_auto_start():
                 self.start()
 
-    def planning_failed(self, error: str, detail: str | None = None) -> None:
-        """Called by the session when planning failed (a cancelled run stays cancelled)."""
+    def planning_failed(
+        self, error: str, detail: str | None = None, seconds: float | None = None
+    ) -> None:
+        """Planning failed (a cancelled run stays cancelled)."""
         with self._lock:
+            self.planning_seconds = seconds
             if self.state != "planning":
                 return
             self.error_detail = detail
@@ -499,7 +560,7 @@ class Run:
             # A big stage keeps only its failed results; its usage covers all of them.
             self.worker_usage = self.worker_usage + outcome.spent
             for result in outcome.results:
-                if result.error_kind not in ("cancelled", "not_run") or (
+                if result.error_kind not in STOPPED_KINDS or (
                     result.subtask.id not in self._results
                 ):
                     self._results[result.subtask.id] = result
@@ -509,8 +570,8 @@ class Run:
         """Stop planning or execution within a moment; finished rows are kept."""
         with self._lock:
             if self.state in ("planning", "awaiting_approval"):
-                if self.plan_future is not None:
-                    self.plan_future.cancel()
+                if self._plan_future is not None:
+                    self._plan_future.cancel()
                 self._set_state("cancelled")
                 return
             if self.state != "running":
@@ -546,6 +607,48 @@ class Run:
         if self.state in FINAL_STATES:
             return True
         return self.state == "awaiting_approval" and not self._may_auto_start()
+
+    def stored_plan(self, samples: bool) -> Plan | None:
+        """The approved plan of an identical earlier request, if the store has one that fits.
+
+        Remembers the key, so that approving this run's plan stores it there.
+        """
+        if self.store is None or self.endpoint_id is None:
+            return None
+        self._plan_key = plan_key(
+            self.prompt,
+            [table.metadata(samples=samples).to_prompt() for table in self.tables.values()],
+            self.endpoint_id,
+            self.registry.names(),
+        )
+        text = self.store.load_plan(self._plan_key)
+        if text is None:
+            return None
+        try:
+            plan = Plan.model_validate_json(text)
+        except ValueError:
+            return None
+        return None if self.plan_problems(plan) else plan
+
+    def plan_problems(self, plan: Plan) -> list[str]:
+        """What is wrong with a plan for this run's tables and tools (empty: nothing)."""
+        columns = {name: table.column_names for name, table in self.tables.items()}
+        return validate_plan(plan, columns, self.registry.names())
+
+    def pending(self) -> list[Future[Any]]:
+        """The background work (planning, execution) still going on for this run."""
+        return [f for f in (self._plan_future, self._future) if f is not None and not f.done()]
+
+    def size_line(self) -> str:
+        """Rows, subtasks and (once calls were timed) the expected time of the planned run."""
+        plan = self.plan
+        sources = {getattr(s, "source", None) for s in plan.stages} if plan is not None else set()
+        rows = sum(t.num_rows for name, t in self.tables.items() if name in sources)
+        latency = typical_latency(self.worker_model)
+        concurrency = self.options.concurrency
+        if concurrency is None and latency is not None:  # calls were timed: the executor exists
+            concurrency = getattr(self._executor_factory(), "concurrency", None)
+        return size_line(rows, self.estimate_subtasks(), concurrency, latency)
 
     # -- results -------------------------------------------------------------------------------
     @property

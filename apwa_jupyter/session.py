@@ -17,20 +17,29 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 from .capabilities import CapabilityRegistry, GrantedRegistry, default_registry
-from .config import EndpointConfig, merge_endpoint, resolve_endpoint
+from .config import (
+    ENDPOINT_LIMITS,
+    EndpointConfig,
+    check_max_input_chars,
+    check_recording,
+    merge_endpoint,
+    parse_tool_list,
+    resolve_endpoint,
+)
 from .costs import Budget
 from .engine import get_engine
 from .errors import ApwaError, PlanError, UserInputError
 from .events import Event
+from .execution import CacheMode, endpoint_id
 from .executors.base import Executor
 from .lookups import grant_lookups
 from .models.base import ChatModel, Usage
 from .models.pool import ModelPool
-from .plans import Plan, validate_plan
-from .runs import Run, RunOptions
+from .plans import Plan
+from .runs import Run, RunOptions, RunSetup
 from .tables import DataTable, resolve_tables
 
 RunListener = Callable[[Run], None]
@@ -102,9 +111,7 @@ class Session:
             self.tools = parse_tool_list(changes["tools"])
         if "concurrency" in changes:
             self.concurrency = int(changes["concurrency"])
-        limits: dict[str, Any] = {
-            k: changes[k] for k in ("max_concurrency", "rpm", "tpm") if k in changes
-        }
+        limits: dict[str, Any] = {k: changes[k] for k in ENDPOINT_LIMITS if k in changes}
         if limits:
             endpoint = self.resolved_endpoint()
             if endpoint is None:
@@ -209,12 +216,14 @@ class Session:
         allow_side_effects: bool = False,
         samples: bool | None = None,
         max_input_chars: int | None = None,
-        cache: Literal["use", "refresh", "off"] = "use",
+        cache: CacheMode = "use",
         replan: bool = False,
         budget: str | None = None,
         plan: Plan | None = None,
         record: str | None = None,
         replay: str | None = None,
+        cell_id: str | None = None,
+        dry_run: bool = False,
     ) -> Run:
         """Start planning in the background; the Run moves to "awaiting_approval" when ready.
 
@@ -227,9 +236,9 @@ class Session:
         `plan` runs a plan you wrote (validated like the manager's) without asking the manager.
         `record="FILE"` saves every model exchange (never the key); `replay="FILE"` answers every
         request from such a file, offline, and fails clearly on a request it does not hold.
+        `cell_id` names the notebook cell it came from; `dry_run` plans without running.
         """
-        if record is not None and replay is not None:
-            raise UserInputError("Pass either record= or replay=, not both.")
+        check_recording(record, replay)
         if record is not None:  # a complete recording: nothing may come from the store
             cache, replan = "refresh", True
         if replay is not None:
@@ -242,32 +251,31 @@ class Session:
         granted = grant_lookups(granted, prompt, data_tables)
         engine = get_engine()
         options = RunOptions(
-            concurrency=concurrency or self.concurrency, max_tokens=max_tokens, out=out
+            concurrency=concurrency or self.concurrency,
+            max_tokens=max_tokens,
+            out=out,
+            max_input_chars=check_max_input_chars(max_input_chars),
+            cache=cache,
         )
-        if max_input_chars is not None:
-            if max_input_chars < 1:
-                raise UserInputError("--max-input-chars must be at least 1")
-            options.max_input_chars = max_input_chars
-        options.cache = cache
-        spend_limit = Budget.parse(budget) if budget is not None else None
         run = Run(
-            prompt,
-            data_tables,
-            granted,
-            options,
-            executor_factory=lambda: self.executor,
-            submit=engine.submit,
-            call_soon=engine.call_soon,
+            RunSetup(
+                prompt,
+                data_tables,
+                granted,
+                options,
+                executor_factory=lambda: self.executor,
+                submit=engine.submit,
+                call_soon=engine.call_soon,
+                budget=Budget.parse(budget) if budget is not None else None,
+                store=self.store if cache != "off" else None,
+                cell_id=cell_id,
+                dry_run=dry_run,
+            )
         )
-        run.budget = spend_limit
         run.subscribe(lambda event: self._notify(run, event))
         self.runs.append(run)
         show_samples = self.samples if samples is None else samples
-        if cache != "off":
-            run.store = self.store
-        run.plan_future = engine.submit(
-            self._plan(run, endpoint, show_samples, replan, plan, (record, replay))
-        )
+        run.begin_planning(self._plan(run, endpoint, show_samples, replan, plan, (record, replay)))
         self._notify(run, None)
         return run
 
@@ -280,58 +288,70 @@ class Session:
         given: Plan | None = None,
         recording: tuple[str | None, str | None] = (None, None),
     ) -> None:
+        """Plan on the engine thread: choose the endpoint, then a given, stored or new plan."""
         from .manager import make_plan
 
         began = time.perf_counter()
+
+        def seconds() -> float:
+            return time.perf_counter() - began
+
         try:
             manager, workers = self._models(endpoint, *recording)
-            run.worker_model = workers
-            describe = getattr(workers, "describe", None)
-            run.endpoint_description = describe() if callable(describe) else "in-process model"
-            if isinstance(workers, EndpointConfig):
-                run.endpoint_id = endpoint_id(workers)
-                wanted = run.options.concurrency or self.concurrency or DEFAULT_CONCURRENCY
-                if wanted > workers.max_concurrency:
-                    run.notices.append(
-                        f"concurrency {wanted} is capped at this endpoint's limit of "
-                        f"{workers.max_concurrency} requests in flight; raise it with "
-                        f"%apwa config max_concurrency={wanted}"
-                    )
+            run.endpoint_chosen(workers, *self._describe_workers(run, workers))
             if given is not None:
-                problems = validate_plan(
-                    given, {n: t.column_names for n, t in run.tables.items()}, run.registry.names()
-                )
+                problems = run.plan_problems(given)
                 if problems:
-                    run.planning_failed("the given plan is invalid: " + "; ".join(problems))
+                    run.planning_failed(
+                        "the given plan is invalid: " + "; ".join(problems), seconds=seconds()
+                    )
                     return
-                run.plan_ready(given, Usage(), 0, ["plan given by the caller (no manager call)"])
+                fixes = ["plan given by the caller (no manager call)"]
+                run.plan_ready(given, Usage(), 0, fixes, seconds=seconds())
                 return
-            reused = None if replan else _stored_plan(run, samples)
+            reused = None if replan else run.stored_plan(samples)
             if reused is not None:
-                run.plan_reused_from = "store"
-                run.plan_ready(
-                    reused,
-                    Usage(),
-                    0,
-                    ["plan reused: this request was approved before (--replan asks again)"],
-                )
+                fixes = ["plan reused: this request was approved before (--replan asks again)"]
+                run.plan_ready(reused, Usage(), 0, fixes, reused_from="store", seconds=seconds())
                 return
             outcome = await make_plan(
                 run.prompt, run.tables, run.registry, manager, samples=samples
             )
         except PlanError as exc:
-            run.planning_failed(str(exc), exc.last_attempt)
+            run.planning_failed(str(exc), exc.last_attempt, seconds=seconds())
             return
         except ApwaError as exc:
-            run.planning_failed(str(exc))
+            run.planning_failed(str(exc), seconds=seconds())
             return
         except Exception as exc:
-            run.planning_failed(f"planning failed: {type(exc).__name__}: {exc}")
+            run.planning_failed(f"planning failed: {type(exc).__name__}: {exc}", seconds=seconds())
             return
-        finally:
-            run.planning_seconds = time.perf_counter() - began
-        run.denied_tools = outcome.denied_tools
-        run.plan_ready(outcome.plan, outcome.usage, outcome.attempts, outcome.fixes)
+        run.plan_ready(
+            outcome.plan,
+            outcome.usage,
+            outcome.attempts,
+            outcome.fixes,
+            denied_tools=outcome.denied_tools,
+            seconds=seconds(),
+        )
+
+    def _describe_workers(
+        self, run: Run, workers: EndpointConfig | ChatModel
+    ) -> tuple[str, str | None, list[str]]:
+        """(description, store identity, notices) of the model that will answer."""
+        describe = getattr(workers, "describe", None)
+        description = describe() if callable(describe) else "in-process model"
+        if not isinstance(workers, EndpointConfig):
+            return description, None, []
+        notices = []
+        wanted = run.options.concurrency or self.concurrency or DEFAULT_CONCURRENCY
+        if wanted > workers.max_concurrency:
+            notices.append(
+                f"concurrency {wanted} is capped at this endpoint's limit of "
+                f"{workers.max_concurrency} requests in flight; raise it with "
+                f"%apwa config max_concurrency={wanted}"
+            )
+        return description, endpoint_id(workers), notices
 
     def run(self, prompt: str, tables: dict[str, Any], **options: Any) -> Run:
         """Plan, approve and execute; block until done (Ctrl-C cancels, keeping finished work)."""
@@ -423,14 +443,6 @@ class Session:
 
         with contextlib.suppress(Exception):
             get_engine().submit(close_all()).result(timeout=10)
-
-
-def parse_tool_list(value: str | list[str] | None) -> list[str]:
-    """`"a, b"` or `["a", "b"]` -> `["a", "b"]`; empty or None -> no tools."""
-    if value is None:
-        return []
-    items = value.split(",") if isinstance(value, str) else list(value)
-    return [item.strip() for item in items if item.strip()]
 
 
 _default: Session | None = None
@@ -533,45 +545,3 @@ def shared_store(cache_dir: str | None = None) -> Any:
         if path not in _stores:
             _stores[path] = ResultStore(path)
         return _stores[path]
-
-
-def endpoint_id(endpoint: EndpointConfig) -> str:
-    """Who answers, for store keys: base URL + model (+ how choices are picked, if not generated).
-
-    The embedded model is named by its model alone: its port changes with every kernel, its
-    answers do not.
-    """
-    from .store import endpoint_identity
-    from .worker import CHOICE_CALIBRATION
-
-    if endpoint.embedded:
-        identity = f"embedded {endpoint.model}"
-    else:
-        identity = endpoint_identity(endpoint.base_url, endpoint.model)
-    if endpoint.choice_scoring != "generate":
-        # Scored choices are other answers than generated ones: never serve one for the other.
-        identity += f" choices:{endpoint.choice_scoring}/{CHOICE_CALIBRATION}"
-    return identity
-
-
-def _stored_plan(run: Run, samples: bool) -> Plan | None:
-    """The approved plan of an identical earlier request, if the store has one that still fits."""
-    from .store import plan_key
-
-    if run.store is None or run.endpoint_id is None:
-        return None
-    run.plan_key = plan_key(
-        run.prompt,
-        [table.metadata(samples=samples).to_prompt() for table in run.tables.values()],
-        run.endpoint_id,
-        run.registry.names(),
-    )
-    text = run.store.load_plan(run.plan_key)
-    if text is None:
-        return None
-    try:
-        plan = Plan.model_validate_json(text)
-    except ValueError:
-        return None
-    columns = {name: table.column_names for name, table in run.tables.items()}
-    return None if validate_plan(plan, columns, run.registry.names()) else plan

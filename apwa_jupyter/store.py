@@ -19,10 +19,7 @@ may carry, and run metadata refuses fields named like secrets. Only successes ar
 from __future__ import annotations
 
 import atexit
-import base64
-import datetime as _dt
 import decimal
-import hashlib
 import io
 import json
 import logging
@@ -36,7 +33,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -46,7 +42,6 @@ log = logging.getLogger(__name__)
 FILE_NAME = "results.sqlite3"
 APP_NAME = "apwa-jupyter"
 # Bump when the key encoding changes: old answers then simply stop matching (no migration).
-KEY_VERSION = "apwa-store-1"
 BATCH_RECORDS = 200
 BATCH_SECONDS = 0.1
 # SQLite's bound-variable limit is 999 before 3.32 and 32,766 after: stay under the old one.
@@ -82,139 +77,6 @@ CREATE TABLE IF NOT EXISTS plans (
     last_used REAL NOT NULL
 );
 """
-
-
-# -- keys ---------------------------------------------------------------------------------------
-def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _plain(value: Any) -> Any:
-    """A JSON-encodable form of `value` that keeps types apart (1, 1.0, True and "1" differ).
-
-    Non-JSON types become one-key tagged objects (`{"$dec": "1.10"}`), so the encoding is
-    unambiguous and independent of the running Python's repr of those types.
-    """
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, bool):
-        return {"$bool": value}
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):  # repr is the shortest round-tripping form; nan/inf included
-        return {"$float": repr(value)}
-    if isinstance(value, Mapping):
-        return {"$map": sorted([_key_text(k), _plain(v)] for k, v in value.items())}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, (set, frozenset)):
-        return {"$set": sorted((_plain(v) for v in value), key=_canonical)}
-    if isinstance(value, _dt.datetime):  # also pandas.Timestamp (a subclass)
-        return {"$datetime": value.isoformat()}
-    if isinstance(value, (_dt.date, _dt.time)):
-        return {"$" + type(value).__name__: value.isoformat()}
-    if isinstance(value, _dt.timedelta):
-        return {"$timedelta": value.total_seconds()}
-    if isinstance(value, decimal.Decimal):
-        return {"$decimal": str(value)}
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return {"$bytes": base64.b64encode(bytes(value)).decode("ascii")}
-    module = type(value).__module__
-    if module.startswith("numpy"):
-        tolist = getattr(value, "tolist", None)
-        if tolist is not None:  # numpy scalar or array: its Python equivalent
-            return _plain(tolist())
-    if module.startswith("pandas"):
-        if str(value) in ("<NA>", "NaT"):  # pd.NA / pd.NaT (NaT is not a datetime instance here)
-            return {"$missing": str(value)}
-        if hasattr(value, "isoformat"):
-            return {"$datetime": value.isoformat()}
-    return {"$" + f"{module}.{type(value).__qualname__}": str(value)}
-
-
-def _key_text(key: Any) -> str:
-    return key if isinstance(key, str) else _canonical(_plain(key))
-
-
-def _canonical(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
-
-
-def canonical_json(value: Any) -> str:
-    """The canonical JSON text of a row dict, a list of rows or reduce items (stable across runs)."""
-    return _canonical(_plain(value))
-
-
-def input_fingerprint(value: Any) -> str:
-    """Hash of a subtask's input content (row dict, list of rows, or reduce items)."""
-    return _sha(canonical_json(value))
-
-
-def endpoint_identity(base_url: str, model: str) -> str:
-    """The text "base URL + model", with any credentials in the URL removed.
-
-    The user part (`https://user:key@host`) and the query (`?api-key=...`) are dropped: neither
-    changes which model answers, and both may hold a key. A trailing slash is not significant.
-    """
-    parts = urlsplit(base_url.strip())
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    url = urlunsplit((parts.scheme.lower(), host.lower(), parts.path.rstrip("/"), "", ""))
-    return f"{url} {model}"
-
-
-def template_fingerprint(
-    instruction: str,
-    outputs_schema: dict[str, Any],
-    tools: list[str],
-    batch_size: int,
-    kind: str,
-    extra: Mapping[str, Any] | None = None,
-) -> str:
-    """Hash of a stage's rendered template: what every subtask of the stage shares.
-
-    `extra` takes anything else that changes answers (temperature, max_tokens, a prompt version);
-    a replicate stage must put the replica number in the subtask's inputs, or every replica
-    would get the first replica's stored answer.
-    """
-    return _sha(
-        canonical_json(
-            {
-                "instruction": instruction,
-                "outputs": outputs_schema,
-                "tools": sorted(tools),
-                "batch_size": batch_size,
-                "kind": kind,
-                "extra": dict(extra or {}),
-            }
-        )
-    )
-
-
-def subtask_key(endpoint: str, template: str, inputs: str) -> str:
-    """The store key of one subtask: a hash of endpoint identity, template and input hashes."""
-    return _sha("\x00".join((KEY_VERSION, endpoint, template, inputs)))
-
-
-def plan_key(
-    prompt: str, tables_metadata_json: list[str], endpoint_identity: str, granted_tools: list[str]
-) -> str:
-    """Key of an approved plan: prompt, tables' metadata, endpoint and granted tools.
-
-    Cell options such as --out or --wait are not part of it, so they do not force a new plan.
-    """
-    return _sha(
-        canonical_json(
-            [
-                KEY_VERSION,
-                prompt,
-                sorted(tables_metadata_json),
-                endpoint_identity,
-                sorted(granted_tools),
-            ]
-        )
-    )
 
 
 # -- records ------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, Field
 
+from .encoding import encode_json
 from .errors import UserInputError
 
 SAMPLE_ROWS = 3
@@ -360,7 +361,6 @@ def _dicts_as_json(frame: Any, arrow: pa.Table) -> pa.Table:
     for i, field in enumerate(arrow.schema):
         if not _has_struct(field.type) or frame.iloc[:, i].dtype != object:
             continue
-        from .templates import encode_json  # templates imports this module
 
         text = pa.array(
             [None if v is None else encode_json(v) for v in frame.iloc[:, i]], pa.large_string()
@@ -422,16 +422,6 @@ def column_names_of(table: str, labels: list[Any]) -> list[str]:
                 )
             seen[name] = label
     return names
-
-
-def escape_data(text: str) -> str:
-    """Make JSON text safe to put between <data> and </data>: no `<` or `>` survives.
-
-    `<` and `>` only occur inside JSON strings, where their JSON escapes mean the same
-    characters, so the JSON still decodes to exactly the original values, yet no row can write
-    `</data>` and step out of the block.
-    """
-    return text.replace("<", "\\u003c").replace(">", "\\u003e")
 
 
 def _documents_to_arrow(name: str, items: Sequence[Any]) -> pa.Table:

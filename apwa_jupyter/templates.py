@@ -10,22 +10,13 @@ the block is never instructions. Batched rows carry a key ("row": 1..n) that the
 so answers are matched to rows by key, not by position. A value longer than the stage's input
 budget fails its subtask (error kind "input") instead of being cut without a word.
 
-Row values reach the worker as strict JSON (`encode_json`; never a bare `NaN` or `Infinity`):
-- a missing value (None, NaN, NaT) is `null`; an infinite number is the string "Infinity" or
-  "-Infinity" (it is a value, not a missing one), also inside lists and dicts;
-- bytes are their UTF-8 text when they decode as UTF-8, otherwise `{"base64": "..."}`;
-- a Decimal is an exact decimal string, never a float that could round (at its column's common
-  Arrow scale: 1.5 next to 2.25 is sent as "1.50"; the result keeps the user's own Decimal);
-- dates and times are ISO 8601 strings; lists and dicts are JSON arrays and objects.
-Columns are named as `tables.column_name` says (a label `0` is `col_0`).
+Row values are encoded by `encoding` (strict JSON, escaped as data). Columns are named as
+`tables.column_name` says (a label `0` is `col_0`).
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import datetime
-import decimal
 import functools
 import json
 import math
@@ -36,10 +27,12 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from .capabilities import Capability
 from .config import EndpointConfig
+from .encoding import data_block, inline_data, json_line, value_chars
 from .errors import ApwaError
 from .models.base import ChatModel
-from .plans import PLACEHOLDER, OutputField
-from .tables import TableSlice, escape_data
+from .plans import OutputField
+from .prompt_syntax import fill, find_references
+from .tables import TableSlice
 
 MAX_STRING_OUTPUT = 2_000
 # The longest single input value a worker is sent (characters); see `check_input_sizes`.
@@ -108,9 +101,7 @@ class StageContext:
     @property
     def endpoint_key(self) -> str:
         """Identity of the endpoint, for per-endpoint concurrency limits."""
-        if isinstance(self.model, EndpointConfig):
-            return self.model.base_url
-        return f"in-process:{id(self.model)}"
+        return endpoint_key(self.model)
 
 
 @dataclass(frozen=True)
@@ -204,81 +195,14 @@ def render_instruction(template: str, row: dict[str, Any] | None) -> str:
     """
     if not row:
         return template
-
-    def fill(match: Any) -> str:
-        name = match.group(1)
-        return inline_data(row[name]) if name in row else match.group(0)
-
-    return PLACEHOLDER.sub(fill, template)
-
-
-def inline_data(value: Any) -> str:
-    """One value inside the instruction, marked and escaped as data."""
-    text = value if isinstance(value, str) else encode_json(value)
-    return f"<data>{escape_data(text)}</data>"
-
-
-def _json_line(row: dict[str, Any]) -> str:
-    return escape_data(encode_json(row))
-
-
-def encode_json(value: Any) -> str:
-    """Strict JSON text of a row or value, with the encoding the module docstring documents.
-
-    The common case (plain strings and numbers) is one `json.dumps` call; a value JSON cannot hold
-    as is (infinity, bytes, Decimal, dates, numpy scalars) is converted by `_json_value`.
-    """
-    try:
-        return json.dumps(value, ensure_ascii=False, allow_nan=False, default=_json_default)
-    except ValueError:  # a non-finite float somewhere: rebuild with it as a string or null
-        return json.dumps(_finite(value), ensure_ascii=False, default=_json_default)
-
-
-def _json_default(value: Any) -> Any:
-    """What `json.dumps` cannot encode itself: bytes, Decimal, dates, numpy and other objects."""
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        raw = bytes(value)
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return {"base64": base64.b64encode(raw).decode("ascii")}
-    if isinstance(value, decimal.Decimal):
-        return str(value) if value.is_finite() else _non_finite(float(value))
-    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
-        return value.isoformat()
-    if isinstance(value, datetime.timedelta):
-        return str(value)
-    tolist = getattr(value, "tolist", None)  # numpy arrays and scalars
-    if callable(tolist):
-        return _finite(tolist())
-    return str(value)
-
-
-def _finite(value: Any) -> Any:
-    """The value with every NaN as None and every infinity as "Infinity"/"-Infinity"."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return _non_finite(value)
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
-def _non_finite(value: float) -> str | None:
-    return None if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-
-
-def data_block(lines: list[str]) -> str:
-    """Escaped JSON lines between <data> and </data>, each tag on its own line."""
-    return "<data>\n" + "\n".join(lines) + "\n</data>"
+    return fill(template, lambda name: inline_data(row[name]) if name in row else None)
 
 
 def check_input_sizes(rows: list[dict[str, Any]] | tuple[dict[str, Any], ...], limit: int) -> None:
     """Raise InputTooLong if any value is over `limit` characters (never cut silently)."""
     for position, row in enumerate(rows):
         for column, value in row.items():
-            size = len(value) if isinstance(value, str) else len(encode_json(value))
+            size = value_chars(value)
             if size > limit:
                 where = f"row {position + 1} of this subtask" if len(rows) > 1 else "its row"
                 raise InputTooLong(
@@ -315,37 +239,49 @@ TOOLS_RULE = """
 You may call the tools you are given first; then answer with the JSON object."""
 
 
+def system_prompt(outputs: tuple[OutputField, ...], rows: int, tools: bool) -> str:
+    """The worker's system message: the output contract, the batch rule, the tools rule."""
+    system = WORKER_SYSTEM.format(fields=describe_outputs(outputs))
+    if rows > 1:
+        system += BATCH_RULE.format(count=rows)
+    if tools:
+        system += TOOLS_RULE
+    return system
+
+
+def user_message(kind: str, instruction: str, subtask: Subtask, rows: list[dict[str, Any]]) -> str:
+    """The worker's user message for one subtask: the instruction and its own data only."""
+    if kind == "reduce":
+        header = f"Inputs ({len(subtask.items)} items{reduce_group_text(subtask.group)})"
+        if subtask.level > 0:
+            header += ". Some inputs are already partial results of this same instruction"
+        filled = render_instruction(instruction, reduce_group_fill(instruction, subtask.group))
+        body = data_block([json_line(item) for item in subtask.items])
+        return f"{filled}\n\n{header}:\n{body}"
+    if kind == "task":
+        preamble = f"{instruction}\n\n" if instruction else ""
+        return f"{preamble}Task {subtask.label}: {subtask.task_instruction}"
+    if not rows:
+        return instruction
+    if len(rows) == 1:
+        filled = render_instruction(instruction, rows[0])
+        return f"{filled}\n\nInput:\n{data_block([json_line(rows[0])])}"
+    keyed = [json_line({ROW_KEY: i + 1, "input": row}) for i, row in enumerate(rows)]
+    return f"{instruction}\n\nInputs:\n{data_block(keyed)}"
+
+
 def worker_messages(
     ctx: StageContext, subtask: Subtask, rows: list[dict[str, Any]]
 ) -> tuple[str, str]:
     """System and user message for one subtask, from its own rows or items only.
 
-    Raises InputTooLong when a value is over `ctx.max_input_chars`.
+    Raises InputTooLong when a value is over `ctx.max_input_chars`. The cost estimate builds
+    its sample messages with the same two functions, so it measures what is sent.
     """
     check_input_sizes(rows, ctx.max_input_chars)
     check_input_sizes(subtask.items, ctx.max_input_chars)
-    system = WORKER_SYSTEM.format(fields=describe_outputs(ctx.outputs))
-    if len(rows) > 1:
-        system += BATCH_RULE.format(count=len(rows))
-    if ctx.tools:
-        system += TOOLS_RULE
-    if ctx.kind == "reduce":
-        header = f"Inputs ({len(subtask.items)} items{reduce_group_text(subtask.group)})"
-        if subtask.level > 0:
-            header += ". Some inputs are already partial results of this same instruction"
-        instruction = render_instruction(ctx.instruction, reduce_group_fill(ctx, subtask.group))
-        body = data_block([_json_line(item) for item in subtask.items])
-        return system, f"{instruction}\n\n{header}:\n{body}"
-    if ctx.kind == "task":
-        preamble = f"{ctx.instruction}\n\n" if ctx.instruction else ""
-        return system, f"{preamble}Task {subtask.label}: {subtask.task_instruction}"
-    if not rows:
-        return system, ctx.instruction
-    if len(rows) == 1:
-        instruction = render_instruction(ctx.instruction, rows[0])
-        return system, f"{instruction}\n\nInput:\n{data_block([_json_line(rows[0])])}"
-    keyed = [_json_line({ROW_KEY: i + 1, "input": row}) for i, row in enumerate(rows)]
-    return system, f"{ctx.instruction}\n\nInputs:\n{data_block(keyed)}"
+    system = system_prompt(ctx.outputs, len(rows), bool(ctx.tools))
+    return system, user_message(ctx.kind, ctx.instruction, subtask, rows)
 
 
 def reduce_group_text(group: Any) -> str:
@@ -357,13 +293,23 @@ def reduce_group_text(group: Any) -> str:
     return f", group {group!r}"
 
 
-def reduce_group_fill(ctx: StageContext, group: Any) -> dict[str, Any] | None:
+def reduce_group_fill(instruction: str, group: Any) -> dict[str, Any] | None:
     """Placeholder values of a reduce call: each key column's value (a dict group), else the key."""
     if group is None:
         return None
     if isinstance(group, dict):
         return group
-    return {name: group for name in PLACEHOLDER.findall(ctx.instruction)}
+    return {name: group for name in find_references(instruction)}
+
+
+def endpoint_key(model: EndpointConfig | ChatModel | None) -> str:
+    """Who answers, within this process: the base URL, or the identity of an in-process model.
+
+    Per-endpoint limits and the typical latency are kept under this key.
+    """
+    if isinstance(model, EndpointConfig):
+        return model.base_url
+    return f"in-process:{id(model)}"
 
 
 def batches(total: int, size: int) -> list[tuple[int, int]]:

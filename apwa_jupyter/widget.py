@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import ipywidgets as W
 
 from .display import estimate_line, run_text, spent_line, stage_line
-from .errors import ApwaError
+from .errors import STOPPED_KINDS, ApwaError
 from .plans import dependencies
 
 if TYPE_CHECKING:
@@ -346,10 +346,6 @@ class PlanWidget:
         if isinstance(bundle, tuple):
             bundle = bundle[0]
         return {**bundle, "text/plain": run_text(self.run)}
-
-
-# Kinds that say the user (or a budget) stopped the run, not that something went wrong.
-STOPPED_KINDS = frozenset({"cancelled", "not_run"})
 
 
 def errors_html(errors: list[Any]) -> str:

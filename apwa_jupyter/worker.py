@@ -25,7 +25,13 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from .errors import EndpointError, ModelOutputError, RequestRejected, TransientEndpointError
+from .errors import (
+    EndpointError,
+    ErrorKind,
+    ModelOutputError,
+    RequestRejected,
+    TransientEndpointError,
+)
 from .models.base import ChatModel, ChatRequest, Usage
 from .plans import OutputField
 from .steps import CorrectionStep, FinalStep, ModelStep, ScoreStep, Step, TaskStep, ToolStep
@@ -38,23 +44,6 @@ from .templates import (
     worker_messages,
 )
 
-# output: the model's answer was unusable; rejected: the server refused this request (400);
-# transient / unreachable / worker_lost: retried by the executor within a time budget;
-# endpoint: key or model refused (stops the run); internal: a bug; cancelled / not_run /
-# upstream: the subtask never ran (the user cancelled, the run stopped, or its input failed).
-ErrorKind = Literal[
-    "output",
-    "input",
-    "rejected",
-    "transient",
-    "unreachable",
-    "worker_lost",
-    "endpoint",
-    "internal",
-    "cancelled",
-    "not_run",
-    "upstream",
-]
 RowReader = Callable[[Subtask], list[dict[str, Any]]]
 WHITESPACE_RUN = re.compile(r"\s{40,}")
 

@@ -23,14 +23,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from apwa_jupyter.store import (
-    ResultStore,
-    StoredAnswer,
+from apwa_jupyter.execution.keys import (
     endpoint_identity,
     input_fingerprint,
     subtask_key,
     template_fingerprint,
 )
+from apwa_jupyter.store import ResultStore, StoredAnswer
 
 N = 10_000
 REPEATS = 5

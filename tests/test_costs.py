@@ -12,15 +12,12 @@ from apwa_jupyter.costs import (
     PRICES_AS_OF,
     Budget,
     CostMeter,
-    EstimateInput,
-    StageLoad,
     Tokens,
-    estimate,
     price_of,
     set_price,
-    stage_loads,
 )
 from apwa_jupyter.errors import UserInputError
+from apwa_jupyter.execution import EstimateInput, StageLoad, estimate, stage_loads
 from apwa_jupyter.plans import OutputField
 
 
@@ -194,7 +191,7 @@ def test_stage_loads_from_a_plan_cover_every_stage_kind():
             ],
         }
     )
-    from apwa_jupyter.orchestrator import estimate_subtasks
+    from apwa_jupyter.execution import estimate_subtasks
 
     counts = estimate_subtasks(plan, {"t": 250})
     loads = stage_loads(plan, counts, {"t": [{"text": "hello world"}] * 3})
@@ -208,7 +205,7 @@ def test_stage_loads_from_a_plan_cover_every_stage_kind():
 def test_estimate_brackets_a_real_run_against_the_test_server(fake_server, reviews):
     """Plan + sampled rows -> estimate; then the same run: the server's prompt tokens fall inside."""
     from apwa_jupyter.capabilities import CapabilityRegistry
-    from apwa_jupyter.orchestrator import estimate_subtasks
+    from apwa_jupyter.execution import estimate_subtasks
     from tests.conftest import local_session, map_plan, plan_responder
 
     frame = pd.concat([reviews] * 10, ignore_index=True)

@@ -459,7 +459,7 @@ def test_record_then_replay_a_cell_offline(ip, tmp_path, capsys):
 
 
 def test_rows_without_a_value_are_counted_by_kind_and_a_cancel_does_not_unfold_them():
-    from apwa_jupyter.orchestrator import Failure
+    from apwa_jupyter.execution import Failure
     from apwa_jupyter.widget import MAX_ERRORS_SHOWN, errors_html
 
     cancelled = [

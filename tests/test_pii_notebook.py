@@ -89,8 +89,8 @@ def test_pii_notebook_counts_subtasks_of_a_run_too_large_to_keep_transcripts(
     startup = tmp_path / "ipython" / "profile_default" / "startup"
     startup.mkdir(parents=True)
     (startup / "00-small.py").write_text(
-        "import apwa_jupyter.orchestrator, apwa_jupyter.runs\n"
-        "apwa_jupyter.runs.TRANSCRIPTS_UP_TO = apwa_jupyter.orchestrator.RESULTS_KEPT_UP_TO = 10\n"
+        "import apwa_jupyter.execution.columns\n"
+        "apwa_jupyter.execution.columns.RESULTS_KEPT_UP_TO = 10\n"
     )
     monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
     monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)

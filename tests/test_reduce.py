@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from apwa_jupyter.orchestrator import estimate_subtasks, reduce_subtask_count
+from apwa_jupyter.execution import estimate_subtasks, reduce_subtask_count
 from apwa_jupyter.plans import Plan, ReduceStage, plan_json_schema, validate_plan
 from apwa_jupyter.testing import worker_input
 from tests.conftest import local_session
@@ -284,7 +284,7 @@ def test_estimate_of_keys_the_workers_produce_is_documented_not_one_group():
 
 
 def test_cost_estimate_of_a_reduce_samples_what_its_calls_carry():
-    from apwa_jupyter.costs import stage_loads
+    from apwa_jupyter.execution import stage_loads
 
     passages = passages_of({"A": [3, 1], "B": [2]}, words=200)
     plan = hierarchy()

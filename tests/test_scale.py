@@ -15,8 +15,8 @@ from typing import Any
 import pandas as pd
 
 from apwa_jupyter.display import estimate_line
+from apwa_jupyter.execution import EXPANSION_CHUNK, RESULTS_KEPT_UP_TO
 from apwa_jupyter.executors.local import LocalExecutor
-from apwa_jupyter.orchestrator import EXPANSION_CHUNK, RESULTS_KEPT_UP_TO
 from apwa_jupyter.session import Session
 from apwa_jupyter.templates import Subtask
 from apwa_jupyter.testing import Reply, worker_input

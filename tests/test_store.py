@@ -12,15 +12,14 @@ import pandas as pd
 import pytest
 
 from apwa_jupyter.config import EndpointConfig
-from apwa_jupyter.store import (
-    ResultStore,
-    StoredAnswer,
+from apwa_jupyter.execution.keys import (
     endpoint_identity,
     input_fingerprint,
     plan_key,
     subtask_key,
     template_fingerprint,
 )
+from apwa_jupyter.store import ResultStore, StoredAnswer
 
 
 @pytest.fixture

@@ -1,0 +1,216 @@
+"""One stage's run: what it reads, the context its workers share, and how its outcome is built.
+
+A `StageRunner` is what a stage kind (stages/) is handed: the run's frozen `ExecutionSpec`, the
+executor, the progress sink and stop signal, the outcomes of the stages before it, and this
+stage's outcome from an earlier execution (a retry keeps its answered rows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from ..events import ProgressSink
+from ..executors.base import Executor, StopSignal
+from ..plans import columns_read
+from ..tables import DataTable
+from ..templates import StageContext
+from ..worker import SubtaskResult
+from . import columns
+from .columns import Answers, Sources, row_labels
+from .drive import drive
+from .outcomes import Failure, StageOutcome, with_outputs
+from .spec import ExecutionSpec
+from .work import RowWork, count_skipped
+
+
+class StageInput:
+    """What a stage reads: a table, which of its rows have values, and the frame.
+
+    The frame is the user's own DataFrame when the table came from one (so results keep its
+    labels, cell objects and dtypes), else built from Arrow on demand (with the user's index), so
+    a 10M-row map does not wait for it.
+    """
+
+    def __init__(
+        self,
+        table: DataTable,
+        ok: np.ndarray,
+        output_fields: list[str] | None,  # an earlier stage's outputs; None for a user table
+        frame: pd.DataFrame | None = None,
+    ):
+        self.table = table
+        self.ok = ok
+        self.output_fields = output_fields
+        self._frame = frame
+
+    @property
+    def rows(self) -> int:
+        """Rows of the table."""
+        return self.table.num_rows
+
+    def read_by(self, stage: Any) -> DataTable:
+        """The table as the stage's workers receive it: only the columns the stage reads.
+
+        One zero-copy Arrow `select` per stage, before the table is placed for the workers, so
+        neither the object store nor any request carries a column the instruction does not name
+        (`plans.columns_read`).
+        """
+        names = columns_read(stage.instruction, self.table.column_names)
+        if names == self.table.column_names:
+            return self.table
+        return DataTable(self.table.name, self.table.arrow.select(names), "rows")
+
+    @property
+    def _user_frame(self) -> pd.DataFrame | None:
+        """The user's frame, if the table has one with the rows the table was made from."""
+        frame = getattr(self.table, "frame", None)
+        if isinstance(frame, pd.DataFrame) and len(frame) == self.table.num_rows:
+            return frame
+        return None  # changed in place since (rows dropped): the Arrow copy is what was sent
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        """The frame results are built on (the user's own, or one made from Arrow once)."""
+        if self._frame is None and self._user_frame is not None:
+            self._frame = self._user_frame
+        if self._frame is None:
+            frame = self.table.arrow.to_pandas()
+            if self.table.index is not None:
+                frame.index = self.table.index
+            self._frame = frame
+        return self._frame
+
+    @property
+    def labels(self) -> pd.Index:
+        """Row labels (the user's index, or positions) without building the frame."""
+        if self._frame is not None:
+            return self._frame.index
+        if self._user_frame is not None:
+            return self._user_frame.index
+        if self.table.index is not None:
+            return pd.Index(self.table.index)
+        return pd.RangeIndex(self.rows)
+
+
+class StageRunner:
+    """Inputs, context and bookkeeping one stage kind needs to run a stage to its outcome."""
+
+    def __init__(
+        self,
+        spec: ExecutionSpec,
+        executor: Executor | None,
+        sink: ProgressSink,
+        stop: StopSignal,
+        outcomes: Mapping[str, StageOutcome],
+        previous: StageOutcome | None,
+    ):
+        self.spec = spec
+        self.executor = executor
+        self.sink = sink
+        self.stop = stop
+        self.outcomes = outcomes
+        self.previous = previous
+
+    # -- inputs --------------------------------------------------------------------------------
+    def source(self, name: str) -> StageInput:
+        """A user table, or an earlier stage's frame, with which of its rows have values."""
+        if name in self.outcomes:
+            outcome = self.outcomes[name]
+            upstream = self.spec.plan.stage(name)
+            table = DataTable.from_value(name, outcome.frame)
+            fields = [f.name for f in upstream.outputs]
+            return StageInput(table, outcome.ok_mask, fields, outcome.frame)
+        table = self.spec.tables[name]
+        return StageInput(table, np.ones(table.num_rows, dtype=np.bool_), None)
+
+    def context(self, stage: Any, temperature: float = 0.0) -> StageContext:
+        """The shared context of the stage's subtasks (what the store keys its template by)."""
+        return StageContext(
+            run_id=self.spec.run_id,
+            stage_id=stage.id,
+            kind=stage.kind,
+            instruction=stage.instruction,
+            outputs=tuple(stage.outputs),
+            tools=self.spec.registry.select(stage.tools),
+            model=self.spec.worker_model,
+            max_tokens=self.spec.max_tokens,
+            temperature=temperature,
+            keep_steps=self.spec.keep_transcripts,
+            max_input_chars=self.spec.max_input_chars,
+        )
+
+    def kept_answers(self, stage: Any, rows: int) -> Answers:
+        """Rows answered by an earlier execution (a retry keeps them)."""
+        old = self.previous.answers if self.previous is not None else None
+        return Answers.kept(old, [f.name for f in stage.outputs], rows)
+
+    def kept_sources(self, rows: int) -> Sources:
+        """Which run computed each kept row."""
+        return Sources.kept(self.previous.sources if self.previous is not None else None, rows)
+
+    def mark(
+        self,
+        sources: Sources,
+        result: SubtaskResult,
+        positions: Iterable[int],
+        answers: Mapping[int, Any],
+    ) -> None:
+        """Record which run computed the answered rows of `result`."""
+        origin = result.source_run or self.spec.run_id
+        for position in positions:
+            if position in answers:
+                sources.setdefault(position, origin)
+
+    # -- row stages (map, replicate) -----------------------------------------------------------
+    def rows_to_send(self, src: StageInput, answers: Answers, table: DataTable | None) -> Any:
+        """(rows still missing, rows that failed upstream, the table cut to the missing rows)."""
+        upstream_failed = np.flatnonzero(~src.ok)
+        todo = np.flatnonzero(src.ok & ~answers.mask)
+        if table is not None and len(todo) != table.num_rows:  # send only the rows still missing
+            table = DataTable(table.name, table.arrow.take(pa.array(todo)), "rows")
+        return todo, upstream_failed, table
+
+    async def run_rows(
+        self, work: RowWork, src: StageInput, upstream_failed: np.ndarray
+    ) -> StageOutcome:
+        """Run a lazily expanded row stage and assemble its outcome (the source frame + outputs)."""
+        stage = work.stage
+        self.sink.restart(stage.id, work.count + len(upstream_failed), 0)
+        self._upstream(stage, src, upstream_failed, work.failures)
+        await drive(work)
+        frame = with_outputs(src.frame, stage.outputs, work.answers)
+        return StageOutcome(
+            stage.id,
+            frame,
+            work.answers,
+            src.rows,
+            work.failures,
+            work.results,
+            sources=work.sources,
+            usage=work.usage,
+        )
+
+    def _upstream(
+        self, stage: Any, src: StageInput, positions: np.ndarray, failures: list[Failure]
+    ) -> None:
+        """Rows whose input failed upstream: not sent, recorded as failures of kind upstream."""
+        if not len(positions):
+            return
+        source = getattr(stage, "source", "?")
+        ids = [f"{stage.id}/{position}" for position in positions[: columns.RESULTS_KEPT_UP_TO]]
+        count_skipped(self.sink, stage.id, len(positions), ids, "upstream", "upstream")
+        failures.append(
+            Failure(
+                stage.id,
+                f"{stage.id}/upstream",
+                "upstream",
+                f"input rows have no value in stage {source!r}; retry fills them first",
+                0,
+                row_labels(src.labels, positions),
+            )
+        )

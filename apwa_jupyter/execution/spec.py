@@ -1,0 +1,47 @@
+"""What execution is given: the run's plan, tables and settings, frozen, and nothing to write back."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from ..capabilities import CapabilityRegistry
+from ..config import EndpointConfig
+from ..costs import Budget, CostMeter
+from ..models.base import ChatModel
+from ..plans import Plan
+from ..tables import DataTable
+from ..templates import MAX_INPUT_CHARS
+
+if TYPE_CHECKING:
+    from ..store import ResultStore
+
+CacheMode = Literal["use", "refresh", "off"]
+
+
+@dataclass(frozen=True)
+class ExecutionSpec:
+    """Everything execution needs from a run, and nothing it could write back into.
+
+    `store` is the result store and `cache` how to use it: "use" reads and writes, "refresh"
+    only writes (fresh answers replace stored ones), "off" neither; `endpoint_id` names the model
+    that answers (`keys.endpoint_id`); without one (an in-process model) nothing is stored.
+    A `budget` stops the run before the next subtasks would pass it; the `meter` counts what
+    finished subtasks cost.
+    """
+
+    run_id: str
+    plan: Plan
+    tables: Mapping[str, DataTable]
+    registry: CapabilityRegistry
+    worker_model: EndpointConfig | ChatModel
+    concurrency: int | None = None
+    max_tokens: int = 1024
+    keep_transcripts: bool = True
+    max_input_chars: int = MAX_INPUT_CHARS
+    store: ResultStore | None = None
+    cache: CacheMode = "use"
+    endpoint_id: str | None = None
+    budget: Budget | None = None
+    meter: CostMeter | None = None

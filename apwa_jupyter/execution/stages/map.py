@@ -1,0 +1,50 @@
+"""`map` (data-parallel): one subtask per row, or per batch of rows, of a table or earlier stage."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from typing_extensions import override
+
+from ...plans import MapStage
+from ...templates import chunk_count
+from ..work import RowWork
+from .base import PlanShape, StageKind
+
+if TYPE_CHECKING:
+    from ..outcomes import StageOutcome
+    from ..runner import StageRunner
+
+
+class Map(StageKind):
+    """Each row's answer comes from its own subtask, which sees only its rows."""
+
+    name = "map"
+
+    @override
+    async def run(self, runner: StageRunner, stage: MapStage) -> StageOutcome:
+        src = runner.source(stage.source)
+        answers = runner.kept_answers(stage, src.rows)
+        todo, upstream_failed, table = runner.rows_to_send(src, answers, src.read_by(stage))
+        work = RowWork(
+            runner,
+            stage,
+            runner.context(stage, self.temperature),
+            table,
+            todo,
+            src.labels,
+            answers,
+            runner.kept_sources(src.rows),
+            [],
+        )
+        return await runner.run_rows(work, src, upstream_failed)
+
+    @override
+    def count(self, stage: MapStage, shape: PlanShape) -> int:
+        rows = shape.rows_of(stage.source)
+        shape.passes_rows_through(stage, rows)
+        return chunk_count(rows, stage.batch_size)
+
+    @override
+    def rows_per_call(self, stage: MapStage) -> int:
+        return stage.batch_size
