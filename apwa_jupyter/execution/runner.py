@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
 from ..events import ProgressSink
 from ..executors.base import Executor, StopSignal
@@ -20,12 +19,9 @@ from ..plans import columns_read
 from ..tables import DataTable
 from ..templates import StageContext
 from ..worker import SubtaskResult
-from . import columns
-from .columns import Answers, Sources, row_labels
-from .drive import drive
-from .outcomes import Failure, StageOutcome, with_outputs
+from .columns import Answers, Sources
+from .outcomes import StageOutcome
 from .spec import ExecutionSpec
-from .work import RowWork, count_skipped
 
 
 class StageInput:
@@ -165,52 +161,3 @@ class StageRunner:
         for position in positions:
             if position in answers:
                 sources.setdefault(position, origin)
-
-    # -- row stages (map, replicate) -----------------------------------------------------------
-    def rows_to_send(self, src: StageInput, answers: Answers, table: DataTable | None) -> Any:
-        """(rows still missing, rows that failed upstream, the table cut to the missing rows)."""
-        upstream_failed = np.flatnonzero(~src.ok)
-        todo = np.flatnonzero(src.ok & ~answers.mask)
-        if table is not None and len(todo) != table.num_rows:  # send only the rows still missing
-            table = DataTable(table.name, table.arrow.take(pa.array(todo)), "rows")
-        return todo, upstream_failed, table
-
-    async def run_rows(
-        self, work: RowWork, src: StageInput, upstream_failed: np.ndarray
-    ) -> StageOutcome:
-        """Run a lazily expanded row stage and assemble its outcome (the source frame + outputs)."""
-        stage = work.stage
-        self.sink.restart(stage.id, work.count + len(upstream_failed), 0)
-        self._upstream(stage, src, upstream_failed, work.failures)
-        await drive(work)
-        frame = with_outputs(src.frame, stage.outputs, work.answers)
-        return StageOutcome(
-            stage.id,
-            frame,
-            work.answers,
-            src.rows,
-            work.failures,
-            work.results,
-            sources=work.sources,
-            usage=work.usage,
-        )
-
-    def _upstream(
-        self, stage: Any, src: StageInput, positions: np.ndarray, failures: list[Failure]
-    ) -> None:
-        """Rows whose input failed upstream: not sent, recorded as failures of kind upstream."""
-        if not len(positions):
-            return
-        source = getattr(stage, "source", "?")
-        ids = [f"{stage.id}/{position}" for position in positions[: columns.RESULTS_KEPT_UP_TO]]
-        count_skipped(self.sink, stage.id, len(positions), ids, "upstream", "upstream")
-        failures.append(
-            Failure(
-                stage.id,
-                f"{stage.id}/upstream",
-                "upstream",
-                f"input rows have no value in stage {source!r}; retry fills them first",
-                0,
-                row_labels(src.labels, positions),
-            )
-        )

@@ -10,6 +10,7 @@ from ...plans import MapStage
 from ...templates import chunk_count
 from ..work import RowWork
 from .base import PlanShape, StageKind
+from .rows import rows_to_send, run_rows
 
 if TYPE_CHECKING:
     from ..outcomes import StageOutcome
@@ -25,7 +26,7 @@ class Map(StageKind):
     async def run(self, runner: StageRunner, stage: MapStage) -> StageOutcome:
         src = runner.source(stage.source)
         answers = runner.kept_answers(stage, src.rows)
-        todo, upstream_failed, table = runner.rows_to_send(src, answers, src.read_by(stage))
+        todo, upstream_failed, table = rows_to_send(src, answers, src.read_by(stage))
         work = RowWork(
             runner,
             stage,
@@ -37,7 +38,7 @@ class Map(StageKind):
             runner.kept_sources(src.rows),
             [],
         )
-        return await runner.run_rows(work, src, upstream_failed)
+        return await run_rows(work, src, upstream_failed)
 
     @override
     def count(self, stage: MapStage, shape: PlanShape) -> int:

@@ -26,6 +26,7 @@ from ..outcomes import Failure, origin_of
 from ..runner import StageInput, StageRunner
 from ..work import RowWork
 from .base import PlanShape, StageKind
+from .rows import rows_to_send, run_rows
 
 if TYPE_CHECKING:
     from ..outcomes import StageOutcome
@@ -43,7 +44,7 @@ class Replicate(StageKind):
     async def run(self, runner: StageRunner, stage: ReplicateStage) -> StageOutcome:
         src, table = _input(runner, stage)
         answers = runner.kept_answers(stage, src.rows)
-        todo, upstream_failed, table = runner.rows_to_send(src, answers, table)
+        todo, upstream_failed, table = rows_to_send(src, answers, table)
         shares = np.full(src.rows, np.nan)  # agreement per row; NaN: no answer
         previous = runner.previous
         if previous is not None and AGREEMENT_COLUMN in previous.frame:
@@ -61,7 +62,7 @@ class Replicate(StageKind):
             [],
             shares,
         )
-        outcome = await runner.run_rows(work, src, upstream_failed)
+        outcome = await run_rows(work, src, upstream_failed)
         outcome.frame[AGREEMENT_COLUMN] = pd.array(shares, dtype="Float64")
         return outcome
 
