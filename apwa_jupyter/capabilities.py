@@ -168,7 +168,12 @@ def describe_function(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     num_cpus: float = 0.0,
 ) -> Capability:
-    """Build a Capability from a typed, documented function, or explain what to add."""
+    """Build a Capability from a typed, documented function, or explain what to add.
+
+    Every check runs here, at registration, so a tool that could not be described to a model (or
+    run as declared) fails in the user's cell with the fix, not later inside a worker. The checks
+    run in a fixed order, and the first problem found is the one reported.
+    """
     name = str(name or getattr(function, "__name__", ""))
     where = f"capability {name!r}"
     if not name.isidentifier() or keyword.iskeyword(name) or name.startswith("_"):
@@ -186,6 +191,36 @@ def describe_function(
         hints = get_type_hints(function)
     except Exception as exc:
         raise CapabilityError(f"{where}: its type hints cannot be resolved ({exc}).") from None
+    fields = _argument_fields(function, hints, doc, where)
+    if "return" not in hints:
+        raise CapabilityError(
+            f"{where}: add a return type hint (e.g. `-> str`) so results can be serialised."
+        )
+    arguments = _arguments_model(name, fields, where)
+    _check_resources(function, timeout_s, num_cpus, where)
+    return Capability(
+        name=name,
+        description=summary,
+        function=function,
+        arguments=arguments,
+        side_effects=side_effects,
+        timeout_s=float(timeout_s),
+        num_cpus=float(num_cpus),
+    )
+
+
+def _argument_fields(
+    function: Callable[..., Any],
+    hints: dict[str, Any],
+    doc: docstring_parser.Docstring,
+    where: str,
+) -> dict[str, Any]:
+    """Each parameter as a pydantic field: its type hint, its default, its Args: description.
+
+    The model sees only the schema, so a parameter must have all it needs to be called right: a
+    type (for the schema) and a description (for the model to know what to pass). `*args` and
+    `**kwargs` have no names to describe.
+    """
     documented = {p.arg_name: (p.description or "").strip() for p in doc.params}
     fields: dict[str, Any] = {}
     for param in inspect.signature(function).parameters.values():
@@ -206,10 +241,15 @@ def describe_function(
         default = ... if param.default is inspect.Parameter.empty else param.default
 
         fields[param.name] = (hints[param.name], Field(default, description=documented[param.name]))
-    if "return" not in hints:
-        raise CapabilityError(
-            f"{where}: add a return type hint (e.g. `-> str`) so results can be serialised."
-        )
+    return fields
+
+
+def _arguments_model(name: str, fields: dict[str, Any], where: str) -> type[BaseModel]:
+    """The pydantic model that validates a call's arguments; extra arguments are refused.
+
+    Its JSON schema is built once here: a type without one (a class pydantic cannot describe)
+    would otherwise fail only when a worker first offers the tool to a model.
+    """
     try:
         arguments = create_model(
             f"{name}_arguments", __config__=ConfigDict(extra="forbid"), **fields
@@ -220,6 +260,17 @@ def describe_function(
             f"{where}: a parameter type has no JSON schema ({_first_line(exc)}); use str, int, "
             "float, bool, lists, dicts or pydantic models."
         ) from None
+    return arguments
+
+
+def _check_resources(
+    function: Callable[..., Any], timeout_s: float, num_cpus: float, where: str
+) -> None:
+    """Refuse a timeout or CPU request that could not be honoured as declared.
+
+    `num_cpus` reserves CPUs for a computation (a Ray task on the actor's node); an async
+    function only waits, so reserving CPUs for it would hold them idle.
+    """
     if not timeout_s > 0:
         raise CapabilityError(f"{where}: timeout_s must be a positive number of seconds.")
     if not (isinstance(num_cpus, (int, float)) and 0 <= num_cpus <= 1024):
@@ -232,15 +283,6 @@ def describe_function(
             f"{where}: an async function waits, it does not compute; drop num_cpus, or make it "
             "a plain def if it really needs CPUs."
         )
-    return Capability(
-        name=name,
-        description=summary,
-        function=function,
-        arguments=arguments,
-        side_effects=side_effects,
-        timeout_s=float(timeout_s),
-        num_cpus=float(num_cpus),
-    )
 
 
 class CapabilityRegistry:

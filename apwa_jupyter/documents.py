@@ -35,7 +35,6 @@ import glob as globlib
 import itertools
 import os
 import re
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -135,23 +134,14 @@ def _executor_name(executor: Any) -> str:
 def _session_executor(required: bool = False) -> Any:
     """The executor of the session this process already has, or None (no session: no Ray).
 
-    The kernel's `%%apwa` session comes first, then `apwa_jupyter.run`'s default session. Both
-    are looked up in `sys.modules`, so the core imports neither the magics (IPython) nor ray.
-    `required` (files(executor="ray")): create the default session if there is none, and say so
-    in one line if its workers do not run on Ray.
+    The kernel's `%%apwa` session comes first, then `apwa_jupyter.run`'s default session
+    (`session.active_session`: the magic registers its session there, so this module imports
+    neither the magics (IPython) nor ray). `required` (files(executor="ray")): create the default
+    session if there is none, and say so in one line if its workers do not run on Ray.
     """
-    session = None
-    magics = sys.modules.get("apwa_jupyter.magics")
-    kernel = getattr(magics, "_magics", None) if magics is not None else None
-    if kernel is not None:
-        session = kernel.session
-    else:
-        module = sys.modules.get("apwa_jupyter.session")
-        session = getattr(module, "_default", None) if module is not None else None
-        if session is None and required:
-            from .session import default_session
+    from .session import active_session
 
-            session = default_session()
+    session = active_session(create=required)
     if session is None or session.executor_kind != "ray":
         if required:
             raise UserInputError(
@@ -610,6 +600,36 @@ def chunks(
     """
     import pandas as pd
 
+    frame = _documents_frame(docs, text_column)
+    counter = token_counter(encoding)
+    carried = [c for c in frame.columns if c not in (text_column, "error", *CHUNK_COLUMNS)]
+    rows: list[dict[str, Any]] = []
+    for label, row in frame.iterrows():
+        text = row[text_column]
+        if not isinstance(text, str) or not text.strip():
+            continue
+        carry = {c: row[c] for c in carried}
+        rows.extend(_chunk_rows(text, label, carry, tokens, overlap, counter))
+    out = pd.DataFrame(rows, columns=[*carried, *CHUNK_COLUMNS])
+    for column in ("chunk", "start", "end", "tokens"):
+        out[column] = out[column].astype("int64")
+    out.attrs["apwa_kind"] = "chunks"
+    out.attrs["apwa_tokenizer"] = counter.name
+    out.attrs["apwa_chunking"] = {
+        "tokens": tokens,
+        "overlap": default_overlap(tokens) if overlap is None else overlap,
+    }
+    return out
+
+
+def _documents_frame(docs: Any, text_column: str) -> Any:
+    """`docs` as a DataFrame with a `text_column`, or a one-line error saying what chunks takes.
+
+    A DataFrame is used as it is (not copied: its other columns are carried into every chunk);
+    a string or a list of strings becomes a frame of one text column.
+    """
+    import pandas as pd
+
     if isinstance(docs, str):
         frame = pd.DataFrame({text_column: [docs]})
     elif isinstance(docs, Sequence) and all(isinstance(d, str) for d in docs):
@@ -625,33 +645,34 @@ def chunks(
         raise UserInputError(
             f"chunks(): no column {text_column!r}; pass text_column= one of {list(frame.columns)}"
         )
-    counter = token_counter(encoding)
-    carried = [c for c in frame.columns if c not in (text_column, "error", *CHUNK_COLUMNS)]
-    rows: list[dict[str, Any]] = []
-    for label, row in frame.iterrows():
-        text = row[text_column]
-        if not isinstance(text, str) or not text.strip():
-            continue
-        for number, (start, end) in enumerate(split_text(text, tokens, overlap, counter)):
-            piece = text[start:end]
-            rows.append(
-                {c: row[c] for c in carried}
-                | {
-                    "doc": label,
-                    "chunk": number,
-                    "start": start,
-                    "end": end,
-                    "tokens": counter(piece),
-                    "text": piece,
-                }
-            )
-    out = pd.DataFrame(rows, columns=[*carried, *CHUNK_COLUMNS])
-    for column in ("chunk", "start", "end", "tokens"):
-        out[column] = out[column].astype("int64")
-    out.attrs["apwa_kind"] = "chunks"
-    out.attrs["apwa_tokenizer"] = counter.name
-    out.attrs["apwa_chunking"] = {
-        "tokens": tokens,
-        "overlap": default_overlap(tokens) if overlap is None else overlap,
-    }
-    return out
+    return frame
+
+
+def _chunk_rows(
+    text: str,
+    label: Any,
+    carry: dict[str, Any],
+    tokens: int,
+    overlap: int | None,
+    counter: TokenCounter,
+) -> list[dict[str, Any]]:
+    """One document's chunk rows: its carried columns, then where each chunk came from.
+
+    `doc`, `chunk`, `start` and `end` let every result be traced back to its place in the
+    document (`text == doc_text[start:end]`); `tokens` is counted on the chunk itself.
+    """
+    rows = []
+    for number, (start, end) in enumerate(split_text(text, tokens, overlap, counter)):
+        piece = text[start:end]
+        rows.append(
+            carry
+            | {
+                "doc": label,
+                "chunk": number,
+                "start": start,
+                "end": end,
+                "tokens": counter(piece),
+                "text": piece,
+            }
+        )
+    return rows

@@ -1,4 +1,10 @@
-"""Parsing `%%apwa` options and `%apwa` subcommands into typed values (no IPython here)."""
+"""Parsing `%%apwa` options and `%apwa` subcommands into typed values (no IPython here).
+
+It owns the `%%apwa` option line (`parse_cell_options` -> `CellOptions`) and the `%apwa COMMAND`
+line (`parse_line` -> one typed argument model per subcommand, e.g. `RetryArgs`), with every
+check that needs no session: bad input is one `UserInputError` line naming the option and the
+usage. magics.py dispatches on the model's class and never looks at the raw words again.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +14,14 @@ import keyword
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 from .config import ENDPOINT_LIMITS, check_max_input_chars, check_recording, parse_tool_list
 from .costs import Budget
 from .errors import UserInputError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,7 +46,9 @@ class _Parser(argparse.ArgumentParser):
         raise UserInputError(f"{message}{hint} (%%apwa --help lists the options)")
 
 
+# -- `%%apwa [options]` ---------------------------------------------------------------------------
 def _cell_parser() -> _Parser:
+    """The `%%apwa` option line; `--help` lists the options in the order they are added here."""
     parser = _Parser(
         prog="%%apwa",
         add_help=False,
@@ -45,6 +56,15 @@ def _cell_parser() -> _Parser:
         "DataFrames (and other tables) as {name}; other {name}s (strings, numbers) are "
         "filled in. Write {{ and }} for literal braces.",
     )
+    _add_target_options(parser)
+    _add_grant_options(parser)
+    _add_store_options(parser)
+    _add_control_options(parser)
+    return parser
+
+
+def _add_target_options(parser: _Parser) -> None:
+    """Where the result goes, which model answers, where the cluster is and how wide it runs."""
     parser.add_argument("--out", metavar="NAME", help="variable that receives the result DataFrame")
     parser.add_argument("--model", help="model name at the endpoint (default: APWA_MODEL)")
     parser.add_argument(
@@ -52,6 +72,10 @@ def _cell_parser() -> _Parser:
     )
     parser.add_argument("--address", help="Ray cluster address (default: a local cluster)")
     parser.add_argument("--concurrency", type=int, help="subtasks in flight at once (default 64)")
+
+
+def _add_grant_options(parser: _Parser) -> None:
+    """What the cell grants its workers, what it sends the models, where the workers run."""
     parser.add_argument(
         "--tools",
         help="comma-separated capabilities this cell grants (default: the session grant, "
@@ -75,6 +99,10 @@ def _cell_parser() -> _Parser:
         help="longest value sent to a worker (default 16000); a longer one fails its row",
     )
     parser.add_argument("--executor", choices=["ray", "local"], help="where workers run")
+
+
+def _add_store_options(parser: _Parser) -> None:
+    """The result store (stored answers and plans) and recording or replaying the exchanges."""
     parser.add_argument(
         "--no-cache",
         action="store_true",
@@ -94,6 +122,10 @@ def _cell_parser() -> _Parser:
         metavar="FILE",
         help="answer every request from FILE, offline and deterministic; no endpoint needed",
     )
+
+
+def _add_control_options(parser: _Parser) -> None:
+    """How much the run may spend, whether it starts without a click, whether the cell waits."""
     parser.add_argument(
         "--budget",
         metavar="LIMIT",
@@ -107,7 +139,6 @@ def _cell_parser() -> _Parser:
         "--wait", action="store_true", help="block until done (scripts, nbconvert); Ctrl-C cancels"
     )
     parser.add_argument("--help", "-h", action="store_true", help="show this help")
-    return parser
 
 
 CELL_HELP = _cell_parser().format_help()
@@ -177,87 +208,294 @@ def check_identifier(name: str) -> str:
     return name
 
 
-@dataclass
-class LineCommand:
-    """A `%apwa <command> [args]` line."""
-
-    command: str
-    args: list[str] = field(default_factory=list)
-    settings: dict[str, str] = field(default_factory=dict)
+# -- `%apwa COMMAND [args]`: one typed argument model per subcommand ---------------------------
+# To add a subcommand: a frozen dataclass below (its fields are the typed arguments; `usage`,
+# `summary` and a `parse` that takes its words off a `_Words`), an entry in `LineArgs` and
+# `LINE_MODELS`, and a `_line_<command>` handler in magics.py (mypy checks its dispatch is
+# complete).
 
 
-LINE_COMMANDS = {
-    "config": "show settings, or set them: %apwa config model=NAME base_url=URL address=HOST:PORT concurrency=N executor=ray|local max_concurrency=N rpm=N tpm=N tools=a,b (granted to every cell; side-effect tools still need --tools); `%apwa config api_key` asks for a key without echo",
-    "tools": "list registered capabilities",
-    "cluster": "show the Ray cluster (%apwa cluster start: start it now)",
-    "runs": "list runs: this kernel's, and earlier ones found in the result store",
-    "cache": "the result store: size and entries; %apwa cache clear [RUN_ID] forgets a run's answers, or all",
-    "load": "load a stored run's result without calling any model: %apwa load RUN_ID --out NAME",
-    "show": "show a run's widget again: %apwa show [RUN_ID]",
-    "approve": "run a plan awaiting approval: %apwa approve [RUN_ID]",
-    "cancel": "cancel a run: %apwa cancel [RUN_ID]",
-    "retry": "rerun only what has no value: %apwa retry [RUN_ID] [--budget LIMIT]",
-    "wait": "block until a run finishes: %apwa wait [RUN_ID]",
-    "help": "this list",
-}
+class _Words:
+    """The words after `%apwa COMMAND`, which the command's `parse` takes off one by one.
+
+    `key=value` words are `settings` (only `%apwa config` takes them); the others stay in
+    `rest` until taken. Every refusal is one line: `%apwa COMMAND <problem>; usage: USAGE`.
+    """
+
+    def __init__(self, command: str, usage: str, words: list[str]):
+        self.command = command
+        self.usage = usage
+        self.settings = dict(word.split("=", 1) for word in words if "=" in word)
+        self.rest = [word for word in words if "=" not in word]
+
+    def refuse(self, problem: str) -> NoReturn:
+        """Raise the one-line UserInputError for this command."""
+        raise UserInputError(f"%apwa {self.command} {problem}; usage: {self.usage}")
+
+    def flag(self, word: str) -> bool:
+        """Whether the literal `word` (e.g. `start`) was given; it is taken off."""
+        given = word in self.rest
+        self.rest = [other for other in self.rest if other != word]
+        return given
+
+    def option(self, name: str, metavar: str) -> str | None:
+        """The word after `name` (e.g. `--budget $2`), taken off with it; None if not given."""
+        if name not in self.rest:
+            return None
+        at = self.rest.index(name)
+        if at + 1 == len(self.rest):
+            self.refuse(f"needs a {metavar} after {name}")
+        value = self.rest[at + 1]
+        del self.rest[at : at + 2]
+        return value
+
+    def run_id(self) -> str | None:
+        """An optional RUN_ID: the word left, if exactly one is (more is refused by `done`)."""
+        return self.rest.pop() if len(self.rest) == 1 else None
+
+    def done(self) -> None:
+        """Refuse whatever was not taken."""
+        if self.rest:
+            self.refuse(f"does not take {' '.join(self.rest)!r}")
 
 
 @dataclass(frozen=True)
-class LineSpec:
-    """What one `%apwa` subcommand accepts: literal words, a run id, `key=value` settings."""
+class _LineArgs:
+    """The base of the models: a subcommand that takes nothing."""
 
-    words: tuple[str, ...] = ()
-    run_id: bool = False
-    settings: bool = False
-    usage: str = ""
-    free_words: int = 0  # other words it takes (e.g. a variable name)
+    usage: ClassVar[str]
+    summary: ClassVar[str]  # its line in `%apwa help`
+    takes_settings: ClassVar[bool] = False  # `key=value` words
+
+    @classmethod
+    def parse(cls, words: _Words) -> Self:
+        """The typed arguments from the words after the command; refuse anything else."""
+        words.done()
+        return cls()
 
 
-LINE_SPECS = {
-    "config": LineSpec(words=("api_key",), settings=True, usage="%apwa config [key=value ...]"),
-    "cluster": LineSpec(words=("start",), usage="%apwa cluster [start]"),
-    "show": LineSpec(run_id=True, usage="%apwa show [RUN_ID]"),
-    "approve": LineSpec(run_id=True, usage="%apwa approve [RUN_ID]"),
-    "cancel": LineSpec(run_id=True, usage="%apwa cancel [RUN_ID]"),
-    "retry": LineSpec(
-        words=("--budget",), free_words=2, usage="%apwa retry [RUN_ID] [--budget LIMIT]"
-    ),
-    "wait": LineSpec(run_id=True, usage="%apwa wait [RUN_ID]"),
-    "cache": LineSpec(words=("clear",), run_id=True, usage="%apwa cache [clear [RUN_ID]]"),
-    "load": LineSpec(words=("--out",), free_words=2, usage="%apwa load RUN_ID --out NAME"),
+@dataclass(frozen=True)
+class ConfigArgs(_LineArgs):
+    """`%apwa config [api_key] [key=value ...]`: typed settings, and whether to ask for the key."""
+
+    usage = "%apwa config [key=value ...]"
+    summary = "show settings, or set them: %apwa config model=NAME base_url=URL address=HOST:PORT concurrency=N executor=ray|local max_concurrency=N rpm=N tpm=N tools=a,b (granted to every cell; side-effect tools still need --tools); `%apwa config api_key` asks for a key without echo"
+    takes_settings = True
+
+    settings: dict[str, Any] = field(default_factory=dict)
+    ask_key: bool = False  # `%apwa config api_key`: asked without echo, never in the notebook
+
+    @classmethod
+    def parse(cls, words: _Words) -> Self:
+        """`api_key` alone asks for the key; `key=value` words are checked and typed."""
+        ask_key = words.flag("api_key")
+        words.done()
+        return cls(parse_config_settings(words.settings), ask_key)
+
+
+@dataclass(frozen=True)
+class ToolsArgs(_LineArgs):
+    """`%apwa tools`."""
+
+    usage = "%apwa tools"
+    summary = "list registered capabilities"
+
+
+@dataclass(frozen=True)
+class ClusterArgs(_LineArgs):
+    """`%apwa cluster [start]`."""
+
+    usage = "%apwa cluster [start]"
+    summary = "show the Ray cluster (%apwa cluster start: start it now)"
+
+    start: bool = False
+
+    @classmethod
+    def parse(cls, words: _Words) -> Self:
+        """`start` starts the cluster now."""
+        start = words.flag("start")
+        words.done()
+        return cls(start)
+
+
+@dataclass(frozen=True)
+class RunsArgs(_LineArgs):
+    """`%apwa runs`."""
+
+    usage = "%apwa runs"
+    summary = "list runs: this kernel's, and earlier ones found in the result store"
+
+
+@dataclass(frozen=True)
+class CacheArgs(_LineArgs):
+    """`%apwa cache [clear [RUN_ID]]`: statistics, or forget one run's answers (or all)."""
+
+    usage = "%apwa cache [clear [RUN_ID]]"
+    summary = "the result store: size and entries; %apwa cache clear [RUN_ID] forgets a run's answers, or all"
+
+    clear: bool = False
+    run_id: str | None = None  # with `clear`: only this run's answers
+
+    @classmethod
+    def parse(cls, words: _Words) -> Self:
+        """A RUN_ID only after `clear`."""
+        clear = words.flag("clear")
+        run_id = words.run_id() if clear else None
+        words.done()
+        return cls(clear, run_id)
+
+
+@dataclass(frozen=True)
+class LoadArgs(_LineArgs):
+    """`%apwa load RUN_ID --out NAME`: a stored run's result into a variable, no model called."""
+
+    usage = "%apwa load RUN_ID --out NAME"
+    summary = "load a stored run's result without calling any model: %apwa load RUN_ID --out NAME"
+
+    run_id: str
+    out: str
+
+    @classmethod
+    def parse(cls, words: _Words) -> Self:
+        """Both are required; NAME must be a Python variable name."""
+        out = words.option("--out", "NAME")
+        run_id = words.run_id()
+        words.done()
+        if out is None:
+            words.refuse("needs --out NAME, the variable that receives the result")
+        if run_id is None:
+            words.refuse("needs the RUN_ID of a stored run (%apwa runs lists them)")
+        return cls(run_id, check_identifier(out))
+
+
+@dataclass(frozen=True)
+class RunArgs(_LineArgs):
+    """`%apwa show|approve|cancel|wait [RUN_ID]`: the run (default: the newest)."""
+
+    run_id: str | None = None
+
+    @classmethod
+    def parse(cls, words: _Words) -> Self:
+        """At most one word: the RUN_ID."""
+        run_id = words.run_id()
+        words.done()
+        return cls(run_id)
+
+
+@dataclass(frozen=True)
+class ShowArgs(RunArgs):
+    """`%apwa show [RUN_ID]`."""
+
+    usage = "%apwa show [RUN_ID]"
+    summary = "show a run's widget again: %apwa show [RUN_ID]"
+
+
+@dataclass(frozen=True)
+class ApproveArgs(RunArgs):
+    """`%apwa approve [RUN_ID]`."""
+
+    usage = "%apwa approve [RUN_ID]"
+    summary = "run a plan awaiting approval: %apwa approve [RUN_ID]"
+
+
+@dataclass(frozen=True)
+class CancelArgs(RunArgs):
+    """`%apwa cancel [RUN_ID]`."""
+
+    usage = "%apwa cancel [RUN_ID]"
+    summary = "cancel a run: %apwa cancel [RUN_ID]"
+
+
+@dataclass(frozen=True)
+class WaitArgs(RunArgs):
+    """`%apwa wait [RUN_ID]`."""
+
+    usage = "%apwa wait [RUN_ID]"
+    summary = "block until a run finishes: %apwa wait [RUN_ID]"
+
+
+@dataclass(frozen=True)
+class RetryArgs(_LineArgs):
+    """`%apwa retry [RUN_ID] [--budget LIMIT]`: rerun what has no value, maybe with a new budget."""
+
+    usage = "%apwa retry [RUN_ID] [--budget LIMIT]"
+    summary = "rerun only what has no value: %apwa retry [RUN_ID] [--budget LIMIT]"
+
+    run_id: str | None = None
+    budget: Budget | None = None  # replaces the run's budget
+
+    @classmethod
+    def parse(cls, words: _Words) -> Self:
+        """`--budget LIMIT` anywhere (read by Budget.parse); at most one other word, the RUN_ID."""
+        limit = words.option("--budget", "LIMIT")
+        run_id = words.run_id()
+        words.done()
+        return cls(run_id, Budget.parse(limit) if limit is not None else None)
+
+
+@dataclass(frozen=True)
+class HelpArgs(_LineArgs):
+    """`%apwa help`, or `%apwa` alone."""
+
+    usage = "%apwa help"
+    summary = "this list"
+
+
+LineArgs = (
+    ConfigArgs
+    | ToolsArgs
+    | ClusterArgs
+    | RunsArgs
+    | CacheArgs
+    | LoadArgs
+    | ShowArgs
+    | ApproveArgs
+    | CancelArgs
+    | RetryArgs
+    | WaitArgs
+    | HelpArgs
+)
+
+# The subcommands by name, in the order `%apwa help` lists them.
+LINE_MODELS: dict[str, type[LineArgs]] = {
+    "config": ConfigArgs,
+    "tools": ToolsArgs,
+    "cluster": ClusterArgs,
+    "runs": RunsArgs,
+    "cache": CacheArgs,
+    "load": LoadArgs,
+    "show": ShowArgs,
+    "approve": ApproveArgs,
+    "cancel": CancelArgs,
+    "retry": RetryArgs,
+    "wait": WaitArgs,
+    "help": HelpArgs,
 }
 
+LINE_COMMANDS = {name: model.summary for name, model in LINE_MODELS.items()}
 
-def parse_line(line: str) -> LineCommand:
-    """Parse `%apwa ...` against its subcommand's spec; anything it does not take is one line."""
+
+def parse_line(line: str) -> LineArgs:
+    """Parse `%apwa COMMAND ...` into its typed model; anything it does not take is one line."""
     try:
         words = shlex.split(line)
     except ValueError as exc:
         raise UserInputError(f"cannot parse ({exc}); check the quotes") from None
     if not words:
-        return LineCommand("help")
+        return HelpArgs()
     command, rest = words[0], words[1:]
-    if command not in LINE_COMMANDS:
+    model = LINE_MODELS.get(command)
+    if model is None:
         raise UserInputError(
-            f"unknown command {command!r}; one of: {', '.join(LINE_COMMANDS)} (%apwa help)"
+            f"unknown command {command!r}; one of: {', '.join(LINE_MODELS)} (%apwa help)"
         )
-    spec = LINE_SPECS.get(command, LineSpec(usage=f"%apwa {command}"))
-    settings = dict(word.split("=", 1) for word in rest if "=" in word)
-    args = [word for word in rest if "=" not in word]
-    if settings and not spec.settings:
-        raise UserInputError(f"%apwa {command} takes no key=value settings; usage: {spec.usage}")
-    extra = [word for word in args if word not in spec.words]
-    if spec.run_id and len(extra) == 1:
-        extra = []
-    if spec.free_words and len(extra) <= spec.free_words:
-        extra = []
-    if extra:
-        raise UserInputError(
-            f"%apwa {command} does not take {' '.join(extra)!r}; usage: {spec.usage}"
-        )
-    return LineCommand(command, args, settings)
+    taken = _Words(command, model.usage, rest)
+    if taken.settings and not model.takes_settings:
+        taken.refuse("takes no key=value settings")
+    return model.parse(taken)
 
 
+# -- `%apwa config key=value`: the known settings and their types ------------------------------
 def _positive_int(key: str, value: str) -> int:
     try:
         number = int(value)
@@ -288,9 +526,14 @@ CONFIG_TYPES: dict[str, Callable[[str, str], Any]] = {
     **dict.fromkeys(ENDPOINT_LIMITS, _positive_int),
 }
 
+CONFIG_KEYS = frozenset({"model", "base_url", "api_key", "address", "tools", *CONFIG_TYPES})
+
 
 def parse_config_settings(settings: dict[str, str]) -> dict[str, Any]:
-    """Convert `%apwa config` values to their types; a bad one is one line naming the setting."""
+    """Check `%apwa config` keys and convert values to their types; a bad one is one line."""
+    unknown = set(settings) - CONFIG_KEYS
+    if unknown:
+        raise UserInputError(f"unknown setting(s) {sorted(unknown)}; known: {sorted(CONFIG_KEYS)}")
     return {
         key: CONFIG_TYPES[key](key, value) if key in CONFIG_TYPES else value
         for key, value in settings.items()

@@ -194,29 +194,74 @@ class DataTable:
 
         With `samples=False` (sensitive data) no value from any row is included: no sample rows,
         no frequent values, no min/max; names, types and counts only.
+
+        Detail is shed until the description fits `budget_chars`: columns too many to list are
+        summarised by name pattern (`summarise_columns`), then each of `DETAIL_LEVELS` is tried,
+        most detailed first; the last resort lists the columns that fit and counts the rest by
+        type (`_shed_columns`). Every table's metadata goes into the manager prompt, so none may
+        outgrow its budget.
         """
-        types = [
-            "json" if f.metadata and JSON_FIELD in f.metadata else str(f.type)
-            for f in self.arrow.schema
-        ]
+        types = self._column_types()
+        kinds = dict(zip(self.column_names, types, strict=True))
         listed = self.column_names
         patterns: list[str] = []
-        kinds = dict(zip(self.column_names, types, strict=True))
         if _names_only_chars(self.column_names, types) > budget_chars:
             listed, patterns = summarise_columns(self.column_names, types)
             if _names_only_chars(listed, [kinds[n] for n in listed]) > budget_chars:
                 # not even the names of the columns without a pattern fit: no stats or samples
-                named = TableMetadata(
-                    name=self.name,
-                    kind=self.kind,
-                    rows=self.num_rows,
-                    columns=[ColumnInfo(name=n, type=kinds[n]) for n in listed],
-                    sample=[],
-                    column_count=self.arrow.num_columns,
-                    column_patterns=patterns,
-                )
+                named = self._names_only(listed, kinds, patterns)
                 return _shed_columns(named, budget_chars)
         shown = self.arrow.select(listed)
+        columns = self._column_stats(shown, listed, kinds, samples)
+        sample_rows = shown.take(self.sample_positions()).to_pylist() if samples else []
+        wide = self._wide_fields(listed, patterns)
+        free_text = {
+            c.name
+            for c in columns
+            if c.avg_chars is not None and c.avg_chars >= FREE_TEXT_AVG_CHARS
+        }
+        meta = TableMetadata(
+            name=self.name, kind=self.kind, rows=self.num_rows, columns=[], sample=[]
+        )
+        for level in DETAIL_LEVELS:
+            meta = self._at_detail_level(level, columns, sample_rows, free_text, wide, samples)
+            if len(meta.to_prompt()) <= budget_chars:
+                return meta
+        return _shed_columns(meta, budget_chars)
+
+    def _column_types(self) -> list[str]:
+        """Each column's type as the manager reads it; columns of dicts say "json".
+
+        Arrow holds such a column as JSON text (`_dicts_as_json`) and would call it a string; the
+        manager must know that its cells are objects.
+        """
+        return [
+            "json" if f.metadata and JSON_FIELD in f.metadata else str(f.type)
+            for f in self.arrow.schema
+        ]
+
+    def _names_only(
+        self, listed: list[str], kinds: dict[str, str], patterns: list[str]
+    ) -> TableMetadata:
+        """Names, types and patterns only: for a table so wide that even those barely fit."""
+        return TableMetadata(
+            name=self.name,
+            kind=self.kind,
+            rows=self.num_rows,
+            columns=[ColumnInfo(name=n, type=kinds[n]) for n in listed],
+            sample=[],
+            column_count=self.arrow.num_columns,
+            column_patterns=patterns,
+        )
+
+    def _column_stats(
+        self, shown: pa.Table, listed: list[str], kinds: dict[str, str], samples: bool
+    ) -> list[ColumnInfo]:
+        """Statistics of the listed columns, from a bounded sample so their cost is flat in rows.
+
+        Null counts are exact (Arrow keeps them); distinct counts are scaled from the sample.
+        Without `samples`, min and max go too: they are values from rows.
+        """
         stats_sample = shown.take(evenly_spaced(self.num_rows, STATS_SAMPLE_ROWS))
         scale = self.num_rows / max(stats_sample.num_rows, 1)
         columns = [
@@ -226,50 +271,59 @@ class DataTable:
         columns = [c.model_copy(update={"type": kinds[c.name]}) for c in columns]
         if not samples:
             columns = [c.model_copy(update={"min": None, "max": None}) for c in columns]
-        sample_rows = shown.take(self.sample_positions()).to_pylist() if samples else []
-        wide: dict[str, Any] = {}
-        if patterns:
-            wide = {
-                "column_count": self.arrow.num_columns,
-                "column_patterns": patterns,
-                "columns_note": WIDE_NOTE.format(count=self.arrow.num_columns, listed=len(listed)),
-            }
-        free_text = {
-            c.name
-            for c in columns
-            if c.avg_chars is not None and c.avg_chars >= FREE_TEXT_AVG_CHARS
+        return columns
+
+    def _wide_fields(self, listed: list[str], patterns: list[str]) -> dict[str, Any]:
+        """For a table summarised by patterns: its column count, the patterns, and a note.
+
+        The note tells the manager that unlisted columns exist and how to name them, so that it
+        does not take the listed ones for the whole table. Empty when every column is listed.
+        """
+        if not patterns:
+            return {}
+        return {
+            "column_count": self.arrow.num_columns,
+            "column_patterns": patterns,
+            "columns_note": WIDE_NOTE.format(count=self.arrow.num_columns, listed=len(listed)),
         }
-        meta = TableMetadata(
-            name=self.name, kind=self.kind, rows=self.num_rows, columns=[], sample=[]
+
+    def _at_detail_level(
+        self,
+        level: tuple[int, int, int, bool],
+        columns: list[ColumnInfo],
+        sample_rows: list[dict[str, Any]],
+        free_text: set[str],
+        wide: dict[str, Any],
+        samples: bool,
+    ) -> TableMetadata:
+        """The metadata at one of `DETAIL_LEVELS`: so many sample rows, value chars, top values.
+
+        Free-text columns' samples are cut shorter than the level allows: row text is where
+        instructions hide, and the manager needs its shape, not its content.
+        """
+        rows, value_chars, top, stats = level
+        return TableMetadata(
+            name=self.name,
+            kind=self.kind,
+            rows=self.num_rows,
+            **wide,
+            columns=[
+                c.model_copy(update={"top_values": c.top_values[:top] if samples else []})
+                if stats
+                else ColumnInfo(name=c.name, type=c.type)
+                for c in columns
+            ],
+            sample=[
+                {
+                    k: _truncate(
+                        v,
+                        min(value_chars, FREE_TEXT_SAMPLE_CHARS) if k in free_text else value_chars,
+                    )
+                    for k, v in row.items()
+                }
+                for row in sample_rows[:rows]
+            ],
         )
-        for rows, value_chars, top, stats in DETAIL_LEVELS:
-            meta = TableMetadata(
-                name=self.name,
-                kind=self.kind,
-                rows=self.num_rows,
-                **wide,
-                columns=[
-                    c.model_copy(update={"top_values": c.top_values[:top] if samples else []})
-                    if stats
-                    else ColumnInfo(name=c.name, type=c.type)
-                    for c in columns
-                ],
-                sample=[
-                    {
-                        k: _truncate(
-                            v,
-                            min(value_chars, FREE_TEXT_SAMPLE_CHARS)
-                            if k in free_text
-                            else value_chars,
-                        )
-                        for k, v in row.items()
-                    }
-                    for row in sample_rows[:rows]
-                ],
-            )
-            if len(meta.to_prompt()) <= budget_chars:
-                return meta
-        return _shed_columns(meta, budget_chars)
 
 
 WIDE_NOTE = (

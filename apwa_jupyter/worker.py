@@ -350,8 +350,6 @@ async def _answer_by_scores(
     Fields are scored in order, each after the values already picked (`{"a":"x","b":"`), so a
     later choice reads like the continuation of an answer the model would have written.
     """
-    from .models.embedded import batch_calibrated, best, calibrated
-
     one = len(rows) == 1
     openings = [task.to_messages()] if one else [_row_messages(ctx, subtask, row) for row in rows]
     calibration = CHOICE_CALIBRATION
@@ -360,52 +358,112 @@ async def _answer_by_scores(
     priors: list[dict[str, float]] | None = None
     prior_usage = Usage()
     if calibration == "content_free":
-        columns = list(rows[0]) if rows else []
-        blanks = [
-            _row_messages(ctx, subtask, dict.fromkeys(columns, value))
-            for value in CONTENT_FREE_VALUES
-        ]
-        key = json.dumps(
-            [_endpoint_of(model), blanks, [[f.name, f.choices] for f in fields]], default=str
-        )
-        priors, prior_usage = await _shared_prior(
-            key, lambda: _content_free_scores(model, blanks, fields)
-        )
+        priors, prior_usage = await _content_free_prior(ctx, subtask, model, rows, fields)
     answers: list[dict[str, str]] = [{} for _ in openings]
     for k, out in enumerate(fields):
-        results = await asyncio.gather(
-            *(
-                _choice_scores(model, messages, _prefill(answers[i], out.name), out.choices)
-                for i, messages in enumerate(openings)
-            )
+        await _score_field(
+            model,
+            out,
+            openings,
+            answers,
+            calibration,
+            priors[k] if priors is not None else None,
+            prior_usage if k == 0 else None,  # the content-free requests, paid once per stage
+            steps,
         )
-        raw = [scores for scores, _ in results]
-        prior = priors[k] if priors is not None else None
-        if calibration == "batch":
-            adjusted = batch_calibrated(raw)
-        else:
-            adjusted = [calibrated(scores, prior) for scores in raw]
-        for i, ((scores, usage), fixed) in enumerate(zip(results, adjusted, strict=True)):
-            answers[i][out.name] = best(fixed)
-            if k == 0 and i == 0:
-                usage = usage + prior_usage  # the content-free requests, paid once per stage
-            subtracted = {c: round(scores[c] - fixed[c], 4) for c in scores}
-            steps.append(
-                ScoreStep(
-                    field=out.name,
-                    scores={c: round(v, 4) for c, v in scores.items()},
-                    choice=answers[i][out.name],
-                    calibration=calibration,
-                    adjustment=subtracted if calibration != "none" else None,
-                    usage=usage,
-                    row=None if one else i + 1,
-                )
-            )
     if len(fields) == len(ctx.outputs):
         return [_validate(ctx, answer) for answer in answers]
-    # Free-text fields too (one row): generate them with the scored values fixed by the schema.
+    return await _generate_with_choices_fixed(ctx, subtask, model, steps, answers[0])
+
+
+async def _content_free_prior(
+    ctx: StageContext,
+    subtask: Subtask,
+    model: ChatModel,
+    rows: list[dict[str, Any]],
+    fields: tuple[OutputField, ...],
+) -> tuple[list[dict[str, float]], Usage]:
+    """The stage's content-free scores: what the model prefers whatever the input.
+
+    The prompt is the stage's own with every input value blanked (`CONTENT_FREE_VALUES`), so
+    the prior is the same for every row of the stage and is computed once per process
+    (`_shared_prior`, keyed by endpoint, blank prompts and choices); an answer then depends on
+    its own row only, even in a streaming run. The usage is non-zero only for the subtask that
+    paid for the requests.
+    """
+    columns = list(rows[0]) if rows else []
+    blanks = [
+        _row_messages(ctx, subtask, dict.fromkeys(columns, value)) for value in CONTENT_FREE_VALUES
+    ]
+    key = json.dumps(
+        [_endpoint_of(model), blanks, [[f.name, f.choices] for f in fields]], default=str
+    )
+    return await _shared_prior(key, lambda: _content_free_scores(model, blanks, fields))
+
+
+async def _score_field(
+    model: ChatModel,
+    out: OutputField,
+    openings: list[list[dict[str, Any]]],
+    answers: list[dict[str, str]],
+    calibration: str,
+    prior: dict[str, float] | None,
+    extra_usage: Usage | None,
+    steps: list[Step],
+) -> None:
+    """Pick `out` for every row: score its choices, calibrate, record each pick in `answers`.
+
+    The rows are scored concurrently (one request per choice and row). Each pick is kept as a
+    `ScoreStep` with the raw scores and what calibration subtracted, so a user can see that the
+    value was scored, not written, and why. `extra_usage` (the prior's requests) is billed to
+    the first row.
+    """
+    from .models.embedded import batch_calibrated, best, calibrated
+
+    results = await asyncio.gather(
+        *(
+            _choice_scores(model, messages, _prefill(answers[i], out.name), out.choices)
+            for i, messages in enumerate(openings)
+        )
+    )
+    raw = [scores for scores, _ in results]
+    if calibration == "batch":
+        adjusted = batch_calibrated(raw)
+    else:
+        adjusted = [calibrated(scores, prior) for scores in raw]
+    one = len(openings) == 1
+    for i, ((scores, usage), fixed) in enumerate(zip(results, adjusted, strict=True)):
+        answers[i][out.name] = best(fixed)
+        if i == 0 and extra_usage is not None:
+            usage = usage + extra_usage
+        subtracted = {c: round(scores[c] - fixed[c], 4) for c in scores}
+        steps.append(
+            ScoreStep(
+                field=out.name,
+                scores={c: round(v, 4) for c, v in scores.items()},
+                choice=answers[i][out.name],
+                calibration=calibration,
+                adjustment=subtracted if calibration != "none" else None,
+                usage=usage,
+                row=None if one else i + 1,
+            )
+        )
+
+
+async def _generate_with_choices_fixed(
+    ctx: StageContext,
+    subtask: Subtask,
+    model: ChatModel,
+    steps: list[Step],
+    picked: dict[str, str],
+) -> list[dict[str, Any]]:
+    """The free-text fields of a one-row answer, generated with the scored choices fixed.
+
+    Each scored field's schema becomes a one-value enum, so the generated answer cannot
+    contradict what the scores picked, and the free text is written knowing the picks.
+    """
     schema = json.loads(json.dumps(ctx.answer_schema(1)))
-    for name, value in answers[0].items():
+    for name, value in picked.items():
         schema["properties"][name] = {"type": "string", "enum": [value]}
     return await _loop(ctx, subtask, model, steps, schema)
 

@@ -277,6 +277,29 @@ def test_line_commands_refuse_what_they_do_not_take_in_one_line(ip, capsys, line
     assert one_line(capsys) == expected
 
 
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (
+            "retry --budget zz",
+            "apwa: budget 'zz' is not understood: give money ($2, 2 USD) or tokens (500k, 1.5M, "
+            "20000), more than 0",
+        ),
+        (
+            "load abc",
+            "apwa: %apwa load needs --out NAME, the variable that receives the result; usage: "
+            "%apwa load RUN_ID --out NAME",
+        ),
+        ("load abc --out 1x", "apwa: --out '1x' is not a valid Python variable name"),
+        ("cache abc", "apwa: %apwa cache does not take 'abc'; usage: %apwa cache [clear [RUN_ID]]"),
+    ],
+)
+def test_bad_line_command_values_are_one_line_before_any_session_work(ip, capsys, line, expected):
+    ip.run_line_magic("apwa", line)
+    assert one_line(capsys) == expected
+    assert ip.user_ns["server"].count == 0
+
+
 # -- %apwa approve | cancel | retry | wait | show | cluster -------------------------------------
 def current_run():
     from apwa_jupyter import magics

@@ -25,7 +25,7 @@ import contextlib
 import random
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -222,106 +222,20 @@ class Executor(ABC):
         stop: StopSignal,
         concurrency: int | None = None,
     ) -> AsyncIterator[SubtaskResult]:
-        """Yield exactly one final result per subtask, each as soon as it is final."""
+        """Yield exactly one final result per subtask, each as soon as it is final.
+
+        `concurrency` lanes (`_Window.lane`) take subtasks from one shared iterator and put their
+        final results on one queue; this generator hands them on as they come, so at most
+        `concurrency` subtasks are ever in flight and a result is never held back by a slower
+        one. A stop ends the wait at once (`_Window.drain_stopped`), so a cancel does not wait
+        for calls in flight; the `finally` makes sure no lane outlives the generator, however
+        the caller leaves it.
+        """
         stage_handle = await self.put_stage(ctx)
         limit = max(1, concurrency or self.concurrency)
-        endpoint_limit = getattr(ctx.model, "max_concurrency", limit)
-        gate = endpoint_gate(ctx.endpoint_key, endpoint_limit, ctx.model)
-        limiter = gate.limiter
-        pending = iter(subtasks)
-        results: asyncio.Queue[Any] = asyncio.Queue()
-        rejected_streak = [0]
-        policy = self.retry
-
-        async def attempt_with_retries(subtask: Subtask) -> SubtaskResult:
-            attempt = 0
-            first = time.monotonic()
-            tokens = 0
-            while True:
-                await gate.ready(stop)
-                async with gate.limit:
-                    if stop.is_set():
-                        return stop.unrun(subtask, attempt)
-                    permit = await _acquire(limiter, stop)
-                    if permit is None:
-                        return stop.unrun(subtask, attempt)
-                    attempt += 1
-                    sink.started(ctx.stage_id, subtask.id)
-                    started = time.perf_counter()
-                    result = None
-                    try:
-                        result = await self._attempt(subtask, stage_handle, tables)
-                    except WorkerLost as exc:
-                        result = SubtaskResult(
-                            subtask, error=f"worker lost: {exc}", error_kind="worker_lost"
-                        )
-                    finally:
-                        sink.attempt_ended(ctx.stage_id)
-                        _settle(limiter, permit, result)
-                    result.attempts = attempt
-                    result.elapsed_s = time.perf_counter() - started
-                tokens += result.usage.total_tokens
-                if result.error_kind not in ("transient", "unreachable", "worker_lost"):
-                    if result.error_kind != "endpoint":
-                        gate.succeeded()  # the server answered (even if the answer was bad)
-                    return result
-                if result.error_kind == "unreachable":
-                    down_for = gate.unreachable()
-                    if down_for >= policy.down_after_s:
-                        stop.abort(
-                            f"{result.error} (no answer for {down_for:.0f} s); the endpoint "
-                            "looks down: start it or fix --base-url, then retry"
-                        )
-                        return result
-                delay = policy.delay(attempt, result.retry_after)
-                if result.retry_after:
-                    gate.pause(result.retry_after)
-                if policy.gives_up(attempt, first, delay):
-                    budget = f"{policy.budget_s:g} s retry budget"
-                    result.error = f"{result.error} (gave up after {attempt} attempts, {budget})"
-                    return result
-                sink.retrying(
-                    ctx.stage_id,
-                    subtask.id,
-                    f"{result.error}; attempt {attempt + 1} in {delay:.1f}s",
-                    result.usage.total_tokens,
-                )
-                try:
-                    await asyncio.wait_for(stop.event.wait(), timeout=delay)
-                    return stop.unrun(subtask, attempt)
-                except asyncio.TimeoutError:
-                    pass
-
-        async def lane() -> None:
-            for subtask in pending:  # lanes share one iterator: each subtask is taken once
-                in_flight[subtask.id] = subtask
-                if stop.is_set():
-                    await results.put(stop.unrun(subtask))
-                    continue
-                try:
-                    result = await attempt_with_retries(subtask)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # a bug: the subtask fails, the run goes on
-                    result = SubtaskResult(
-                        subtask, error=f"{type(exc).__name__}: {exc}", error_kind="internal"
-                    )
-                if result.error_kind == "endpoint":
-                    stop.abort(result.error or "the endpoint refused the request")
-                elif result.error_kind == "rejected":
-                    rejected_streak[0] += 1
-                    if rejected_streak[0] >= REJECTIONS_IN_A_ROW_TO_STOP:
-                        stop.abort(
-                            f"{result.error} (for {rejected_streak[0]} subtasks in a row); fix "
-                            "the request (model, --max-tokens, tools), then retry"
-                        )
-                elif result.ok:
-                    rejected_streak[0] = 0
-                await results.put(result)
-            await results.put(None)
-
-        in_flight: dict[str, Subtask] = {}
-        lanes = [asyncio.create_task(lane()) for _ in range(limit)]
+        window = _Window(self, ctx, stage_handle, tables, sink, stop, iter(subtasks), limit)
+        results, in_flight = window.results, window.in_flight
+        lanes = [asyncio.create_task(window.lane()) for _ in range(limit)]
         stop_watch = asyncio.create_task(stop.event.wait())
         open_lanes = len(lanes)
         try:
@@ -332,18 +246,9 @@ class Executor(ABC):
                 )
                 if getter not in done:
                     getter.cancel()
-                    # Stopped: in-flight attempts are cancelled, queued subtasks drain as unrun.
-                    await self.cancel_inflight()
-                    for task in lanes:
-                        task.cancel()
-                    await asyncio.gather(*lanes, return_exceptions=True)
-                    while not results.empty():
-                        item = results.get_nowait()
-                        if item is not None:
-                            in_flight.pop(item.subtask.id, None)
-                            yield self._final(item, sink, ctx)
-                    for subtask in [*in_flight.values(), *pending]:
-                        yield self._final(stop.unrun(subtask), sink, ctx)
+                    async with contextlib.aclosing(window.drain_stopped(lanes)) as drained:
+                        async for result in drained:
+                            yield result
                     return
                 item = getter.result()
                 if item is None:
@@ -367,6 +272,200 @@ class Executor(ABC):
             result.error_kind,
         )
         return result
+
+
+class _Window:
+    """The state one `Executor.execute` call shares between its lanes: the in-flight window.
+
+    One is made per stage, not per subtask, so holding the lanes' shared state here (rather than
+    in closures inside `execute`) costs nothing per subtask. Its fields are slots: the hot path
+    reads them on every attempt.
+    """
+
+    __slots__ = (
+        "ctx",
+        "executor",
+        "gate",
+        "in_flight",
+        "limiter",
+        "pending",
+        "policy",
+        "rejected_streak",
+        "results",
+        "sink",
+        "stage_handle",
+        "stop",
+        "tables",
+    )
+
+    def __init__(
+        self,
+        executor: Executor,
+        ctx: StageContext,
+        stage_handle: Any,
+        tables: dict[str, Any],
+        sink: ProgressSink,
+        stop: StopSignal,
+        pending: Iterator[Subtask],
+        limit: int,
+    ) -> None:
+        endpoint_limit = getattr(ctx.model, "max_concurrency", limit)
+        self.executor = executor
+        self.ctx = ctx
+        self.stage_handle = stage_handle
+        self.tables = tables
+        self.sink = sink
+        self.stop = stop
+        self.policy = executor.retry
+        self.gate = endpoint_gate(ctx.endpoint_key, endpoint_limit, ctx.model)
+        self.limiter = self.gate.limiter
+        self.pending = pending  # one iterator shared by every lane: each subtask is taken once
+        self.results: asyncio.Queue[Any] = asyncio.Queue()  # final results; None: a lane ended
+        self.in_flight: dict[str, Subtask] = {}  # taken by a lane, no final result yielded yet
+        self.rejected_streak = 0  # subtasks in a row whose request the server rejected (400)
+
+    async def lane(self) -> None:
+        """Run subtasks one after another until none is left; put each final result on the queue.
+
+        A lane also decides whether a result stops the whole run: the endpoint refused the key or
+        model, or rejected the request for `REJECTIONS_IN_A_ROW_TO_STOP` subtasks in a row. A bug
+        in one subtask fails that subtask, not the run. `None` on the queue says the lane ended.
+        """
+        stop, results, in_flight = self.stop, self.results, self.in_flight
+        for subtask in self.pending:
+            in_flight[subtask.id] = subtask
+            if stop.is_set():
+                await results.put(stop.unrun(subtask))
+                continue
+            try:
+                result = await self.attempt_with_retries(subtask)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug: the subtask fails, the run goes on
+                result = SubtaskResult(
+                    subtask, error=f"{type(exc).__name__}: {exc}", error_kind="internal"
+                )
+            if result.error_kind == "endpoint":
+                stop.abort(result.error or "the endpoint refused the request")
+            elif result.error_kind == "rejected":
+                self.rejected_streak += 1
+                if self.rejected_streak >= REJECTIONS_IN_A_ROW_TO_STOP:
+                    stop.abort(
+                        f"{result.error} (for {self.rejected_streak} subtasks in a row); fix "
+                        "the request (model, --max-tokens, tools), then retry"
+                    )
+            elif result.ok:
+                self.rejected_streak = 0
+            await results.put(result)
+        await results.put(None)
+
+    async def attempt_with_retries(self, subtask: Subtask) -> SubtaskResult:
+        """Attempt a subtask until an attempt is final, within the endpoint's limits.
+
+        Each attempt first waits out a shared pause, then holds a place in the endpoint's
+        in-flight limit and its rate limits for the call only (not for the backoff), so a
+        subtask waiting to retry never keeps another from running. A stop at any wait returns
+        the subtask as not run. Success takes the shortest path; failures go through
+        `_retry_delay`.
+        """
+        # Locals, not attribute reads, on the hot path (one pair per line: no tuple is built).
+        gate, stop = self.gate, self.stop
+        sink, limiter = self.sink, self.limiter
+        stage_id = self.ctx.stage_id
+        attempt = 0
+        first = time.monotonic()
+        while True:
+            await gate.ready(stop)
+            async with gate.limit:
+                if stop.is_set():
+                    return stop.unrun(subtask, attempt)
+                permit = await _acquire(limiter, stop)
+                if permit is None:
+                    return stop.unrun(subtask, attempt)
+                attempt += 1
+                sink.started(stage_id, subtask.id)
+                started = time.perf_counter()
+                result = None
+                try:
+                    result = await self.executor._attempt(subtask, self.stage_handle, self.tables)
+                except WorkerLost as exc:
+                    result = SubtaskResult(
+                        subtask, error=f"worker lost: {exc}", error_kind="worker_lost"
+                    )
+                finally:
+                    sink.attempt_ended(stage_id)
+                    _settle(limiter, permit, result)
+                result.attempts = attempt
+                result.elapsed_s = time.perf_counter() - started
+            if result.error_kind not in ("transient", "unreachable", "worker_lost"):
+                if result.error_kind != "endpoint":
+                    gate.succeeded()  # the server answered (even if the answer was bad)
+                return result
+            delay = self._retry_delay(subtask, result, attempt, first)
+            if delay is None:
+                return result
+            try:
+                await asyncio.wait_for(stop.event.wait(), timeout=delay)
+                return stop.unrun(subtask, attempt)
+            except asyncio.TimeoutError:
+                pass
+
+    def _retry_delay(
+        self, subtask: Subtask, result: SubtaskResult, attempt: int, first: float
+    ) -> float | None:
+        """Seconds to wait before retrying a transient failure, or None: `result` is final.
+
+        Final when the endpoint has been unreachable for `down_after_s` with no success in
+        between (then the whole run stops: every other subtask would only wait for it too), or
+        when the next attempt would exceed the subtask's retry budget (its error then says so).
+        A Retry-After pauses every subtask on the endpoint, not only this one.
+        """
+        policy = self.policy
+        if result.error_kind == "unreachable":
+            down_for = self.gate.unreachable()
+            if down_for >= policy.down_after_s:
+                self.stop.abort(
+                    f"{result.error} (no answer for {down_for:.0f} s); the endpoint "
+                    "looks down: start it or fix --base-url, then retry"
+                )
+                return None
+        delay = policy.delay(attempt, result.retry_after)
+        if result.retry_after:
+            self.gate.pause(result.retry_after)
+        if policy.gives_up(attempt, first, delay):
+            budget = f"{policy.budget_s:g} s retry budget"
+            result.error = f"{result.error} (gave up after {attempt} attempts, {budget})"
+            return None
+        self.sink.retrying(
+            self.ctx.stage_id,
+            subtask.id,
+            f"{result.error}; attempt {attempt + 1} in {delay:.1f}s",
+            result.usage.total_tokens,
+        )
+        return delay
+
+    async def drain_stopped(
+        self, lanes: list[asyncio.Task[None]]
+    ) -> AsyncGenerator[SubtaskResult, None]:
+        """After a stop: every subtask's final result, without waiting for calls in flight.
+
+        In-flight attempts are cancelled and the lanes with them; results already queued are
+        kept (finished work is never lost), and every subtask taken but unanswered, or never
+        taken, comes back as not run, so each still gets exactly one final result.
+        """
+        executor, ctx = self.executor, self.ctx
+        sink, results = self.sink, self.results
+        await executor.cancel_inflight()
+        for task in lanes:
+            task.cancel()
+        await asyncio.gather(*lanes, return_exceptions=True)
+        while not results.empty():
+            item = results.get_nowait()
+            if item is not None:
+                self.in_flight.pop(item.subtask.id, None)
+                yield executor._final(item, sink, ctx)
+        for subtask in [*self.in_flight.values(), *self.pending]:
+            yield executor._final(self.stop.unrun(subtask), sink, ctx)
 
 
 async def _acquire(limiter: RateLimiter, stop: StopSignal) -> Permit | None:
