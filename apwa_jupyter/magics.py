@@ -1,4 +1,8 @@
-"""`%%apwa` and `%apwa`: parse, then dispatch to the core. Nothing heavy is imported here.
+"""`%%apwa` and `%apwa`: parse (parsers.py), then dispatch to the core. Nothing heavy here.
+
+It owns the IPython side: the traitlets, the session on first use, binding `--out`, the widget
+or text view, and one `_line_*` handler per `%apwa` subcommand, chosen by the class of the typed
+model `parse_line` returns.
 
 `%load_ext apwa_jupyter` imports IPython, this module and the parsers: no ray, no openai, no
 ipywidgets, no pandas. The session (and with it the engine) is created by the first command.
@@ -10,7 +14,7 @@ import contextlib
 import os
 import re
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from IPython.core.magic import Magics, line_cell_magic, magics_class, no_var_expand
 from IPython.display import display
@@ -19,11 +23,21 @@ from traitlets import Enum, Int, List, Unicode
 from .errors import ApwaError, UserInputError
 from .parsers import (
     CELL_HELP,
-    ENDPOINT_LIMITS,
     LINE_COMMANDS,
+    ApproveArgs,
+    CacheArgs,
+    CancelArgs,
     CellOptions,
+    ClusterArgs,
+    ConfigArgs,
+    HelpArgs,
+    LoadArgs,
+    RetryArgs,
+    RunsArgs,
+    ShowArgs,
+    ToolsArgs,
+    WaitArgs,
     parse_cell_options,
-    parse_config_settings,
     parse_line,
 )
 
@@ -88,7 +102,7 @@ class ApwaMagics(Magics):
         """The kernel's session, created on first use with the traitlets settings."""
         if self._session is None:
             from .config import merge_endpoint
-            from .session import Session
+            from .session import Session, set_active_session
 
             # Traitlets follow the one rule too: the env key never goes to a traitlet base_url.
             endpoint = (
@@ -103,6 +117,7 @@ class ApwaMagics(Magics):
                 concurrency=self.concurrency,
                 cache_dir=self.cache_dir,
             )
+            set_active_session(self._session)  # documents.files() finds it without the magics
             from . import runs_comm
 
             runs_comm.register(self.shell, self._session)
@@ -304,33 +319,45 @@ class ApwaMagics(Magics):
             self._told_embedded = True
             print(EMBEDDED_NOTICE)
 
-    # -- %apwa COMMAND ---------------------------------------------------------------------------
-    def _line(self, line: str) -> Any:
-        command = parse_line(line)
-        handler = getattr(self, f"_cmd_{command.command}")
-        return handler(command.args, command.settings)
+    # -- %apwa COMMAND: one typed model per subcommand (parsers.py), one handler each ----------
+    def _line(self, line: str) -> None:
+        args = parse_line(line)
+        match args:
+            case ConfigArgs():
+                self._line_config(args)
+            case ToolsArgs():
+                self._line_tools()
+            case ClusterArgs():
+                self._line_cluster(args)
+            case RunsArgs():
+                self._line_runs()
+            case CacheArgs():
+                self._line_cache(args)
+            case LoadArgs():
+                self._line_load(args)
+            case ShowArgs():
+                self._line_show(args)
+            case ApproveArgs():
+                self._line_approve(args)
+            case CancelArgs():
+                self._line_cancel(args)
+            case RetryArgs():
+                self._line_retry(args)
+            case WaitArgs():
+                self._line_wait(args)
+            case HelpArgs():
+                self._line_help()
+            case _:
+                _unhandled(args)
 
-    def _cmd_help(self, args: list[str], settings: dict[str, str]) -> None:
+    def _line_help(self) -> None:
         print("%%apwa [options]  +  a prompt in the cell body   (%%apwa --help)\n")
         for name, text in LINE_COMMANDS.items():
             print(f"%apwa {name:<8} {text}")
 
-    def _cmd_config(self, args: list[str], settings: dict[str, str]) -> None:
-        known = {
-            "model",
-            "base_url",
-            "api_key",
-            "address",
-            "concurrency",
-            "executor",
-            "tools",
-            *ENDPOINT_LIMITS,
-        }
-        unknown = set(settings) - known
-        if unknown:
-            raise UserInputError(f"unknown setting(s) {sorted(unknown)}; known: {sorted(known)}")
-        values = parse_config_settings(settings)  # typed: concurrency=abc is one line, here
-        if "api_key" in args:  # `%apwa config api_key`: ask, so the key is never in the notebook
+    def _line_config(self, args: ConfigArgs) -> None:
+        values = dict(args.settings)  # already checked and typed: concurrency=abc never gets here
+        if args.ask_key:  # `%apwa config api_key`: ask, so the key is never in the notebook
             import getpass
 
             values["api_key"] = getpass.getpass("API key (not echoed, not saved): ")
@@ -344,7 +371,7 @@ class ApwaMagics(Magics):
         for key, value in self.session.describe().items():
             print(f"{key:<12} {value}")
 
-    def _cmd_tools(self, args: list[str], settings: dict[str, str]) -> None:
+    def _line_tools(self) -> None:
         from .capabilities import default_registry
 
         registry = self._session.registry if self._session else default_registry
@@ -369,9 +396,9 @@ class ApwaMagics(Magics):
             if getattr(tool, "read_only", False):
                 print(f"{tool.name} (read-only, granted to run {run.id}): {tool.description}")
 
-    def _cmd_cluster(self, args: list[str], settings: dict[str, str]) -> None:
+    def _line_cluster(self, args: ClusterArgs) -> None:
         session = self.session
-        if args[:1] == ["start"]:
+        if args.start:
             from .engine import get_engine
 
             get_engine().submit(session.executor.start()).result()
@@ -382,7 +409,7 @@ class ApwaMagics(Magics):
             return
         print("\n".join(cluster_table(session.executor.describe())))
 
-    def _cmd_runs(self, args: list[str], settings: dict[str, str]) -> None:
+    def _line_runs(self) -> None:
         here = list(reversed(self._session.runs)) if self._session is not None else []
         for run in here:
             s = run.summary()
@@ -409,15 +436,14 @@ class ApwaMagics(Magics):
         store = self.session.store
         return store.runs() if store is not None else []
 
-    def _cmd_cache(self, args: list[str], settings: dict[str, str]) -> None:
+    def _line_cache(self, args: CacheArgs) -> None:
         store = self.session.store
         if store is None:
             print("No result store in this session.")
             return
-        if args[:1] == ["clear"]:
-            run_id = args[1] if len(args) > 1 else None
-            removed = store.clear(run_id)
-            what = f"run {run_id}'s answers" if run_id else "everything"
+        if args.clear:
+            removed = store.clear(args.run_id)
+            what = f"run {args.run_id}'s answers" if args.run_id else "everything"
             print(f"Cleared {what}: {removed:,} stored answers removed.")
             return
         stats = store.stats()
@@ -427,61 +453,54 @@ class ApwaMagics(Magics):
             f"{stats.get('plans', 0):,} plans"
         )
 
-    def _cmd_load(self, args: list[str], settings: dict[str, str]) -> None:
-        words = [w for w in args if w != "--out"]
-        if len(words) != 2 or "--out" not in args:
-            raise UserInputError("usage: %apwa load RUN_ID --out NAME")
-        run_id, name = words
-        from .parsers import check_identifier
-
-        check_identifier(name)
+    def _line_load(self, args: LoadArgs) -> None:
         store = self.session.store
-        frame = store.load_result(run_id) if store is not None else None
+        frame = store.load_result(args.run_id) if store is not None else None
         if frame is None:
             raise UserInputError(
-                f"no stored result for run {run_id!r}; %apwa runs lists the stored runs"
+                f"no stored result for run {args.run_id!r}; %apwa runs lists the stored runs"
             )
-        frame.attrs["apwa_run"] = run_id
-        self.user_ns[name] = frame
-        print(f"apwa: {name} = run {run_id}'s result ({len(frame):,} rows), no model called")
+        frame.attrs["apwa_run"] = args.run_id
+        self.user_ns[args.out] = frame
+        print(
+            f"apwa: {args.out} = run {args.run_id}'s result ({len(frame):,} rows), no model called"
+        )
 
-    def _run_arg(self, args: list[str]) -> Run:
+    def _run(self, run_id: str | None) -> Run:
+        """The run with this id, or the newest one."""
         if self._session is None:
             raise UserInputError("No runs yet in this kernel: start one with %%apwa.")
-        return self._session.get_run(args[0] if args else None)
+        return self._session.get_run(run_id)
 
-    def _cmd_show(self, args: list[str], settings: dict[str, str]) -> None:
-        run = self._run_arg(args)
+    def _line_show(self, args: ShowArgs) -> None:
+        run = self._run(args.run_id)
         widget = self._widgets.get(run.id)
         if widget is None:
             self._show(run)
         else:
             display(widget)
 
-    def _cmd_approve(self, args: list[str], settings: dict[str, str]) -> None:
-        self._run_arg(args).start()
+    def _line_approve(self, args: ApproveArgs) -> None:
+        self._run(args.run_id).start()
 
-    def _cmd_cancel(self, args: list[str], settings: dict[str, str]) -> None:
-        self._run_arg(args).cancel()
+    def _line_cancel(self, args: CancelArgs) -> None:
+        self._run(args.run_id).cancel()
 
-    def _cmd_retry(self, args: list[str], settings: dict[str, str]) -> None:
-        budget = None
-        if "--budget" in args:
-            at = args.index("--budget")
-            if at + 1 >= len(args):
-                raise UserInputError("usage: %apwa retry [RUN_ID] [--budget LIMIT]")
-            budget = args[at + 1]
-            args = args[:at] + args[at + 2 :]
-        run = self._run_arg(args)
-        run.retry_failed(budget=budget)
+    def _line_retry(self, args: RetryArgs) -> None:
+        self._run(args.run_id).retry_failed(budget=args.budget)
 
-    def _cmd_wait(self, args: list[str], settings: dict[str, str]) -> None:
+    def _line_wait(self, args: WaitArgs) -> None:
         from .display import state_line
 
-        run = self._run_arg(args)
+        run = self._run(args.run_id)
         self._wait(run, None)
         if run.id in self._widgets:  # the widget lives in its own cell: say how it ended here
             print(state_line(run))
+
+
+def _unhandled(args: NoReturn) -> NoReturn:
+    """Never called: mypy flags `_line`'s match if a model in `LineArgs` has no case."""
+    raise AssertionError(f"no handler for {args!r}")
 
 
 PENDING_STATES = ("planning", "running", "awaiting_approval")
@@ -613,6 +632,9 @@ def unload(ipython: Any) -> None:
         with contextlib.suppress(ValueError):
             ipython.events.unregister("pre_run_cell", _magics.wait_for_pending_reads)
     if _magics is not None and _magics._session is not None:
+        from .session import set_active_session
+
+        set_active_session(None)
         _magics._session.shutdown()
     _magics = None
     import sys

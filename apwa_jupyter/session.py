@@ -276,8 +276,21 @@ class Session:
         self.runs.append(run)
         show_samples = self.samples if samples is None else samples
         run.begin_planning(self._plan(run, endpoint, show_samples, replan, plan, (record, replay)))
+        if not dry_run:
+            engine.submit(self._warm_executor())
         self._notify(run, None)
         return run
+
+    async def _warm_executor(self) -> None:
+        """Start the executor while the manager plans (or the plan waits for approval).
+
+        Starting Ray took 6.6-8 s of a cold kernel's first run; started only on approval, the
+        first request left that much later. `start()` is idempotent, so the run's own start
+        then returns at once or waits for this one. A failure here is not reported: the run's
+        own start raises it, with its message, when the plan is approved.
+        """
+        with contextlib.suppress(Exception):
+            await self.executor.start()
 
     async def _plan(
         self,
@@ -470,6 +483,32 @@ def default_session() -> Session:
     if _default is None:
         _default = Session()
     return _default
+
+
+# The session the notebook magic created (`set_active_session`): it comes before the default.
+_active: Session | None = None
+
+
+def active_session(create: bool = False) -> Session | None:
+    """The session this process works in: the notebook magic's, else the default session.
+
+    For code that needs the session a user already has (e.g. `documents.files` picking its
+    executor) without importing the magics (and with them IPython). None when neither exists,
+    so asking starts nothing (no Ray); `create` makes the default session then, as
+    `default_session()` would.
+    """
+    if _active is not None:
+        return _active
+    return default_session() if create else _default
+
+
+def set_active_session(session: Session | None) -> None:
+    """Register the session the notebook magic created; None when it is unloaded.
+
+    The magic calls this, so that this module never imports the magics (IPython) to find it.
+    """
+    global _active
+    _active = session
 
 
 def run(prompt: str, tables: dict[str, Any], **options: Any) -> Run:
