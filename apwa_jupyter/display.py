@@ -6,11 +6,14 @@ notebook still reads well where widgets cannot render.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from .plans import dependencies
 
 if TYPE_CHECKING:
+    from .executors.ray import ClusterView, LostNode
     from .runs import Run
 
 
@@ -36,11 +39,32 @@ def plan_text(run: Run) -> str:
         lines.append(f"  {stage_line(stage, counts.get(stage_id, 0))}{after}")
         lines.append(f"      {stage.instruction.strip().splitlines()[0][:100]}")
     lines.append(f"  estimate: {estimate_line(run)}")
+    origin = plan_origin_line(run)
+    if origin:
+        lines.append(f"  {origin}")
     for fix in run.plan_fixes:
         lines.append(f"  auto-fixed: {fix}")
     for notice in run.notices:
         lines.append(f"  note: {notice}")
     return "\n".join(lines)
+
+
+def plan_origin_line(run: Run) -> str:
+    """Where the plan came from, when not from the manager just now (empty otherwise)."""
+    if run.plan_origin == "reused":
+        return (
+            "plan reused: this request was approved before, no manager call (--replan asks again)"
+        )
+    if run.plan_origin == "given":
+        return "plan given by the caller (no manager call)"
+    return ""
+
+
+def approval_line(run: Run) -> str:
+    """What happens next to a plan awaiting approval: it starts by itself (--yes), or how to."""
+    if run.auto_start and not run.dry_run and not run.needs_explicit_approval():
+        return "plan reused, starting" if run.plan_origin == "reused" else "plan ready, starting"
+    return "approve with %apwa approve (or rerun the cell with --yes)"
 
 
 def progress_text(run: Run) -> str:
@@ -76,7 +100,7 @@ def run_text(run: Run) -> str:
         parts.append(f"  {len(run.errors)} failed subtasks, e.g. {run.errors[0].message[:160]}")
         parts.append("  see _apwa.errors_frame(); %apwa retry reruns them")
     if run.state == "awaiting_approval":
-        parts.append("  approve with %apwa approve (or rerun the cell with --yes)")
+        parts.append(f"  {approval_line(run)}")
     if run.state == "done" and run.options.out:
         parts.append(
             f"  result: {run.options.out} ({len(run.result) if run.result is not None else 0} rows)"
@@ -111,3 +135,136 @@ def spent_line(run: Run) -> str:
     if run.budget is not None:
         text += f" of {run.budget}"
     return text
+
+
+# -- nodes lost under a run, and `%apwa cluster` ----------------------------------------------
+def node_loss_lines(
+    source: Any, since: float | None = None, until: float | None = None
+) -> list[str]:
+    """One line per lost node, in apwa's words, e.g. for the run that saw it go.
+
+    "node 225b7e69 (127.0.0.2) was lost at 14:36:19; its 16 calls went to live actors".
+    `source` is an executor with `lost_nodes` (RayExecutor; other executors have none) or the
+    records themselves; `since`/`until` (time.time() values, e.g. a run's started_at and
+    finished_at) keep the nodes lost in that window.
+    """
+    if hasattr(source, "lost_nodes"):
+        records: Iterable[LostNode] = source.lost_nodes
+    else:
+        records = source if isinstance(source, Iterable) else []
+    lines = []
+    for record in records:
+        if since is not None and record.at < since:
+            continue
+        if until is not None and record.at > until:
+            continue
+        where = f" ({record.address})" if record.address else ""
+        clock = time.strftime("%H:%M:%S", time.localtime(record.at))
+        calls = record.calls
+        if calls:
+            sent = f"its {calls} call{'s' if calls != 1 else ''} went to live actors"
+        else:
+            sent = "no call was running there"
+        lines.append(f"node {record.node_id[:8]}{where} was lost at {clock}; {sent}")
+    return lines
+
+
+_ADDRESS_SOURCES = {
+    "argument": "from the address setting: {requested}",
+    "RAY_ADDRESS": "from RAY_ADDRESS={requested}",
+    "auto": "found by address=auto",
+    "found": "no address set: the cluster the last `ray start` on this machine left",
+    "started": "a local cluster started by this kernel",
+    "preinitialized": "Ray was initialized in this process before apwa started",
+}
+
+
+def cluster_text(
+    view: ClusterView, concurrency: int | None = None, run_id: str | None = None
+) -> str:
+    """`%apwa cluster` as aligned text: the address in use and its origin, nodes, actors.
+
+    `concurrency` is the last run's (the session knows it, the executor does not); without it
+    the executor's default is shown as such. A node the pool lost shows dead even while Ray's
+    own table still lists it alive (it lags 15-30 s behind a killed raylet).
+    """
+    if view.address:
+        origin = _ADDRESS_SOURCES.get(view.address_source, view.address_source)
+        address = f"{view.address} ({origin.format(requested=view.requested)})"
+    else:
+        address = "none yet: Ray starts on the first run (or now: %apwa cluster start)"
+    if concurrency is not None:
+        used = f"{concurrency} (the last run{f', {run_id}' if run_id else ''})"
+    else:
+        used = f"{view.concurrency} (the default; no run yet)"
+    live = sum(1 for a in view.actors if a.alive)
+    actors = f"{len(view.actors)} ({live} answering)" if view.actors else "none yet"
+    if view.replaced:
+        actors += f", {view.replaced} replaced on live nodes"
+    if view.added:
+        actors += f", {view.added} added on nodes that joined"
+    settings = [("executor", "ray"), ("address", address), ("concurrency", used)]
+    settings.append(("actors", actors))
+    settings += [("lost", line) for line in node_loss_lines(view.lost_nodes)]
+    if view.log_dir:
+        settings.append(("ray logs", view.log_dir))
+    if view.messages_log:
+        settings.append(("ray messages", f"{view.messages_log} (what Ray would print in the cell)"))
+    if view.error:
+        settings.append(("error", view.error))
+    lines = [f"{key:<14} {value}" for key, value in settings]
+    if view.nodes:
+        rows = []
+        for n in view.nodes:
+            note = "head" if n.head else ""
+            if n.lost_at is not None:
+                clock = time.strftime("%H:%M:%S", time.localtime(n.lost_at))
+                note = f"lost at {clock}" + ("; Ray still lists it alive" if n.ray_alive else "")
+            elif not n.alive:
+                note = "Ray declared it dead"
+            rows.append(
+                [
+                    n.node_id[:8],
+                    str(n.address),
+                    "yes" if n.alive else "dead",
+                    str(n.actors),
+                    _resources(n.resources) if n.alive else "-",
+                    note,
+                ]
+            )
+        header = ["node", "address", "alive", "actors", "resources", ""]
+        lines += ["", *_aligned(header, rows)]
+    if view.actors:
+        alive = {True: "yes", False: "lost (not chosen until it answers)"}
+        rows = [
+            [str(a.slot), (a.node_id or "-")[:8], str(a.pid or "-"), alive[a.alive]]
+            for a in view.actors
+        ]
+        lines += ["", *_aligned(["actor", "node", "pid", "alive"], rows)]
+    return "\n".join(lines)
+
+
+_BYTES = ("memory", "object_store_memory")
+
+
+def _resources(resources: dict[str, float]) -> str:
+    """`CPU 2, GPU 1, node2 1, memory 15.6 GiB, object_store_memory 6.7 GiB` (no `node:` keys)."""
+    parts = []
+    for key, value in sorted(
+        resources.items(), key=lambda kv: (kv[0] in _BYTES, kv[0] != "CPU", kv[0])
+    ):
+        if key.startswith("node:"):
+            continue
+        if key in _BYTES:
+            parts.append(f"{key} {value / 2**30:.1f} GiB")
+        else:
+            parts.append(f"{key} {value:g}")
+    return ", ".join(parts)
+
+
+def _aligned(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]

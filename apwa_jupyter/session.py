@@ -311,6 +311,7 @@ class Session:
 
         try:
             manager, workers = self._models(endpoint, *recording)
+            workers = _explicit_concurrency_wins(workers, run.options.concurrency)
             run.endpoint_chosen(workers, *self._describe_workers(run, workers))
             if given is not None:
                 problems = run.plan_problems(given)
@@ -319,13 +320,11 @@ class Session:
                         "the given plan is invalid: " + "; ".join(problems), seconds=seconds()
                     )
                     return
-                fixes = ["plan given by the caller (no manager call)"]
-                run.plan_ready(given, Usage(), 0, fixes, seconds=seconds())
+                run.plan_ready(given, Usage(), 0, [], origin="given", seconds=seconds())
                 return
             reused = None if replan else run.stored_plan(samples)
             if reused is not None:
-                fixes = ["plan reused: this request was approved before (--replan asks again)"]
-                run.plan_ready(reused, Usage(), 0, fixes, reused_from="store", seconds=seconds())
+                run.plan_ready(reused, Usage(), 0, [], origin="reused", seconds=seconds())
                 return
             outcome = await make_plan(
                 run.prompt, run.tables, run.registry, manager, samples=samples
@@ -356,15 +355,23 @@ class Session:
         description = describe() if callable(describe) else "in-process model"
         if not isinstance(workers, EndpointConfig):
             return description, None, []
-        notices = []
+        return description, endpoint_id(workers), self._concurrency_notices(run, workers)
+
+    def _concurrency_notices(self, run: Run, workers: EndpointConfig) -> list[str]:
+        """What caps the run's concurrency, said once; no advice that would make things worse."""
         wanted = run.options.concurrency or self.concurrency or DEFAULT_CONCURRENCY
-        if wanted > workers.max_concurrency:
-            notices.append(
-                f"concurrency {wanted} is capped at this endpoint's limit of "
-                f"{workers.max_concurrency} requests in flight; raise it with "
-                f"%apwa config max_concurrency={wanted}"
-            )
-        return description, endpoint_id(workers), notices
+        if wanted <= workers.max_concurrency:
+            return []
+        if workers.embedded:
+            return [
+                f"{workers.max_concurrency} requests in flight at most: the embedded model "
+                "answers that many at once on this machine's cores (more would only queue)"
+            ]
+        return [
+            f"concurrency {wanted} is capped at this endpoint's limit of "
+            f"{workers.max_concurrency} requests in flight; raise it with "
+            f"%apwa config max_concurrency={wanted}"
+        ]
 
     def run(self, prompt: str, tables: dict[str, Any], **options: Any) -> Run:
         """Plan, approve and execute; block until done (Ctrl-C cancels, keeping finished work)."""
@@ -475,6 +482,22 @@ def _close_clients_at_exit() -> None:
 
     with contextlib.suppress(Exception):
         get_engine().submit(close_all()).result(timeout=10)
+
+
+def _explicit_concurrency_wins(
+    workers: EndpointConfig | ChatModel, concurrency: int | None
+) -> EndpointConfig | ChatModel:
+    """A concurrency the user asked for beats the endpoint's default limit, never a set one.
+
+    `--concurrency 512` (or `%apwa config concurrency=512`) was capped at the default of 256
+    requests in flight that nobody had set; a limit the user configured or the server needs
+    (the embedded model's) still wins.
+    """
+    if not isinstance(workers, EndpointConfig) or concurrency is None:
+        return workers
+    if "max_concurrency" in workers.model_fields_set or concurrency <= workers.max_concurrency:
+        return workers
+    return workers.model_copy(update={"max_concurrency": concurrency})
 
 
 def default_session() -> Session:

@@ -207,9 +207,31 @@ def check_input_sizes(rows: list[dict[str, Any]] | tuple[dict[str, Any], ...], l
                 where = f"row {position + 1} of this subtask" if len(rows) > 1 else "its row"
                 raise InputTooLong(
                     f"{column!r} in {where} has {size:,} characters, over the input limit of "
-                    f"{limit:,}; raise it (--max-input-chars {size}) or split long text into "
-                    "chunks first"
+                    f"{limit:,}; {_long_input_advice(column, size)}"
                 )
+
+
+# Characters one request may reasonably carry: about 4 characters a token, and 128k tokens is a
+# large model context. Above it, raising --max-input-chars would only move the failure to the
+# server (a 5 MB value is about 1.25M tokens); splitting is the way.
+LARGEST_SENSIBLE_INPUT = 400_000
+
+
+def _long_input_advice(column: str, size: int) -> str:
+    """What to do about a value over the input budget: split it, or raise the budget a little."""
+    split = (
+        f"split it first: apwa_jupyter.chunks(frame, tokens=800, text_column={column!r}) gives "
+        "one row per chunk, and a reduce stage can combine their answers"
+    )
+    if size > LARGEST_SENSIBLE_INPUT:
+        return (
+            f"{split} (about {size // 4:,} tokens: more than a model's context holds, so "
+            "raising --max-input-chars would not help)"
+        )
+    return (
+        f"{split}; or, if the model's context holds about {size // 4:,} tokens, raise it "
+        f"(--max-input-chars {size})"
+    )
 
 
 def describe_outputs(outputs: tuple[OutputField, ...]) -> str:

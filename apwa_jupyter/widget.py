@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import ipywidgets as W
 
-from .display import estimate_line, run_text, spent_line, stage_line
+from .display import estimate_line, plan_origin_line, run_text, spent_line, stage_line
 from .errors import STOPPED_KINDS, ApwaError
 from .plans import dependencies
 
@@ -283,7 +283,9 @@ class PlanWidget:
         self.stages.children = panels
         for i, title in enumerate(titles):
             self.stages.set_title(i, title)
-        fixes = "".join(f"<br>auto-fixed: {html.escape(fix)}" for fix in run.plan_fixes)
+        origin = plan_origin_line(run)
+        fixes = f"<br>{html.escape(origin)}" if origin else ""
+        fixes += "".join(f"<br>auto-fixed: {html.escape(fix)}" for fix in run.plan_fixes)
         fixes += "".join(f"<br>note: {html.escape(notice)}" for notice in run.notices)
         if run.needs_explicit_approval():
             fixes += (

@@ -74,7 +74,7 @@ def test_an_unchanged_rerun_bills_nothing_and_one_changed_row_bills_one(fake_ser
     # A new session (as after a kernel restart): same request, same data.
     again = session_for(server, registry).run("count {reviews}", {"reviews": frame})
     assert responder.workers == 300 and responder.manager == 1  # no call at all
-    assert again.plan_fixes[0].startswith("plan reused")
+    assert again.plan_origin == "reused" and again.plan_fixes == []  # a reuse is not a fix
     pd.testing.assert_frame_equal(again.result, first.result)
     assert again.from_store == 300
     assert set(again.result.attrs["apwa_sources"]) == {first.id}
@@ -391,18 +391,32 @@ def test_a_429_storm_slows_the_run_instead_of_failing_rows(fake_server, registry
     assert run.progress()["label"].retries > 10  # the storm really happened
 
 
-def test_a_concurrency_over_the_endpoint_limit_is_said_and_can_be_raised(fake_server, registry):
+def test_a_concurrency_over_a_limit_the_user_set_is_said_and_can_be_raised(fake_server, registry):
     server = fake_server(Counting())
     session = session_for(server, registry)
+    session.configure(max_concurrency=128)  # a limit the user set caps what a cell asks for
     run = session.plan("count {reviews}", {"reviews": frame_of(3)}, concurrency=512).wait()
     assert run.notices == [
-        "concurrency 512 is capped at this endpoint's limit of 256 requests in flight; raise "
+        "concurrency 512 is capped at this endpoint's limit of 128 requests in flight; raise "
         "it with %apwa config max_concurrency=512"
     ]
+    assert run.concurrency() == 128
     session.configure(max_concurrency=512, tpm=90000)
     assert session.endpoint.max_concurrency == 512 and session.endpoint.tpm == 90000
     again = session.plan("count {reviews}", {"reviews": frame_of(3)}, concurrency=512).wait()
-    assert again.notices == []
+    assert again.notices == [] and again.concurrency() == 512
+
+
+def test_a_cell_concurrency_beats_the_endpoint_default_nobody_set(fake_server, registry):
+    """`--concurrency 512` was capped at the endpoint's default of 256 while the estimate said 512."""
+    server = fake_server(Counting())
+    run = (
+        session_for(server, registry)
+        .plan("count {reviews}", {"reviews": frame_of(3)}, concurrency=512)
+        .wait()
+    )
+    assert run.notices == []
+    assert run.worker_model.max_concurrency == 512 and run.concurrency() == 512
 
 
 def test_the_runs_panel_lists_earlier_kernels_runs_from_the_store(fake_server, registry):

@@ -131,10 +131,81 @@ class Sources:
             self[position] = run_id
         return self.get(position)
 
+    def frozen(self) -> SourceList:
+        """A read-only per-row view (no copy): what a result's `attrs["apwa_sources"]` holds."""
+        codes = self.codes.view()
+        codes.flags.writeable = False
+        return SourceList(codes, tuple(self.runs))
+
     def tolist(self) -> list[str | None]:
         """Per row, its run id or None (one shared string per run, not one per row)."""
         lookup = np.array([*self.runs, None], dtype=object)  # code -1 picks the trailing None
         return list(lookup[self.codes].tolist())
+
+
+class SourceList(Sequence["str | None"]):
+    """Per row, the run that computed it (None: no value), as a read-only sequence of run ids.
+
+    Reads like the list it stands for (len, indexing, iteration, `==` a list), but holds 4 bytes
+    a row: a 10M-element list cost 80 MB and 0.2 s to build when a run settled, and pandas copies
+    a frame's attrs on every operation (`result.head()` would have copied the list each time).
+    """
+
+    def __init__(self, codes: np.ndarray, runs: tuple[str, ...]):
+        self.codes = codes
+        self.runs = runs
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    @overload
+    def __getitem__(self, i: int) -> str | None: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> SourceList: ...
+
+    def __getitem__(self, i: int | slice) -> Any:
+        if isinstance(i, slice):
+            return SourceList(self.codes[i], self.runs)
+        code = int(self.codes[i])
+        return self.runs[code] if code >= 0 else None
+
+    def __iter__(self) -> Iterator[str | None]:
+        return iter(self.tolist())
+
+    def tolist(self) -> list[str | None]:
+        """The plain list (one shared string per run)."""
+        lookup = np.array([*self.runs, None], dtype=object)  # code -1 picks the trailing None
+        return list(lookup[self.codes].tolist())
+
+    def runs_of(self) -> list[list[Any]]:
+        """Run-length encoded: [[run id or None, count], ...] (how the store keeps it)."""
+        codes = self.codes
+        if not len(codes):
+            return []
+        starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+        lengths = np.diff(np.r_[starts, len(codes)])
+        return [[self[int(s)], int(n)] for s, n in zip(starts, lengths, strict=True)]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, SourceList):
+            return self.tolist() == other.tolist()
+        if isinstance(other, list | tuple):
+            return self.tolist() == list(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.runs_of_tuples()))
+
+    def runs_of_tuples(self) -> list[tuple[Any, int]]:
+        """`runs_of` as tuples (hashable)."""
+        return [(value, count) for value, count in self.runs_of()]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SourceList:
+        return self  # read-only: sharing it is copying it
+
+    def __repr__(self) -> str:
+        return f"SourceList({len(self)} rows: {self.runs_of()[:3]}{' ...' if len(self.runs_of()) > 3 else ''})"
 
 
 class RowLabels(Sequence[Any]):
@@ -177,6 +248,19 @@ class RowLabels(Sequence[Any]):
 
 
 def row_labels(labels: pd.Index, positions: Any) -> tuple[Any, ...] | RowLabels:
-    """Labels of these rows: a tuple for a few, a compact sequence for many."""
-    picked = labels[positions]
-    return tuple(picked) if len(picked) <= RESULTS_KEPT_UP_TO else RowLabels(picked)
+    """Labels of these rows (ascending positions): a tuple for a few, a compact sequence for many.
+
+    Many contiguous rows (what a cancel leaves unsent) are a slice of the index, which shares its
+    memory: taking 10M labels one by one cost 0.3 s and 80 MB while a cancel settled.
+    """
+    if len(positions) <= RESULTS_KEPT_UP_TO:
+        return tuple(labels[positions])
+    first, last = int(positions[0]), int(positions[-1])
+    if last - first + 1 == len(positions):
+        return RowLabels(labels[first : last + 1])
+    return RowLabels(labels[positions])
+
+
+def contiguous(ascending: np.ndarray) -> bool:
+    """Whether ascending, distinct integers form one run (first, first + 1, ..., last)."""
+    return bool(len(ascending)) and int(ascending[-1]) - int(ascending[0]) + 1 == len(ascending)

@@ -8,6 +8,7 @@ The rules of data flow between stages:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -122,6 +123,10 @@ def output_columns(
     outputs: Iterable[OutputField], answers: Answers, rows: int, index: Any
 ) -> pd.DataFrame:
     """Typed output columns with explicit missing values where a row has no answer."""
+    return pd.DataFrame(_output_arrays(outputs, answers, rows), index=index, copy=False)
+
+
+def _output_arrays(outputs: Iterable[OutputField], answers: Answers, rows: int) -> dict[str, Any]:
     data = {}
     for out in outputs:
         values = (
@@ -130,24 +135,45 @@ def output_columns(
             else [answers[p][out.name] if p in answers else None for p in range(rows)]
         )
         data[out.name] = typed_array(values, out.type)
-    return pd.DataFrame(data, index=index)
+    return data
 
 
-# Output types whose column is built through Arrow: 10x faster and half the memory of pandas
-# converting a 10M-element list itself (0.5 s against 3.8 s).
+# Output types whose column is built through Arrow, a slice at a time, straight into the masked
+# array's buffers: 10x faster and half the memory of pandas converting a 10M-element list itself
+# (0.5 s against 3.8 s), and no second full copy (Arrow's) alongside the result's.
 _ARROW_TYPES = {"integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_()}
+_NUMPY_TYPES = {"integer": np.int64, "number": np.float64, "boolean": np.bool_}
+_MASKED = {
+    "integer": pd.arrays.IntegerArray,
+    "number": pd.arrays.FloatingArray,
+    "boolean": pd.arrays.BooleanArray,
+}
+_SLICE = 1 << 20
 
 
 def typed_array(values: list[Any], kind: str) -> Any:
     """A typed pandas array of one output field (None: missing)."""
-    dtype: Any = pd.api.types.pandas_dtype(_DTYPES[kind])
     arrow_type = _ARROW_TYPES.get(kind)
     if arrow_type is not None:
         try:
-            return dtype.__from_arrow__(pa.array(values, type=arrow_type))
+            return _masked(values, kind, arrow_type)
         except (pa.ArrowException, TypeError, ValueError, OverflowError):
             pass  # let pandas convert (and say what is wrong)
+    dtype: Any = pd.api.types.pandas_dtype(_DTYPES[kind])
     return pd.array(values, dtype=dtype)
+
+
+def _masked(values: list[Any], kind: str, arrow_type: pa.DataType) -> Any:
+    data: np.ndarray = np.zeros(len(values), dtype=_NUMPY_TYPES[kind])
+    mask = np.ones(len(values), dtype=np.bool_)
+    for start in range(0, len(values), _SLICE):
+        part = pa.array(values[start : start + _SLICE], type=arrow_type)
+        end = start + len(part)
+        mask[start:end] = part.is_null().to_numpy(zero_copy_only=False)
+        data[start:end] = part.fill_null(False if kind == "boolean" else 0).to_numpy(
+            zero_copy_only=False
+        )
+    return _MASKED[kind](data, mask)
 
 
 def with_outputs(
@@ -155,17 +181,26 @@ def with_outputs(
 ) -> pd.DataFrame:
     """The source frame with the stage's output columns added (same index, same rows).
 
-    The source's own columns are the very same objects (a shallow copy: labels, dtypes and cells
-    as they were; the source frame itself is never changed); only the output columns are new.
+    The source's own columns are the very same objects (labels, dtypes and cells as they were;
+    the source frame itself is never changed); only the output columns are new. Joined side by
+    side without a copy: assigning a 10M-row column copied it (85 MB while a cancel settled).
     """
     outputs = list(outputs)
-    columns = output_columns(outputs, answers, len(frame), frame.index)
-    result = frame.copy(deep=False)
+    arrays = _output_arrays(outputs, answers, len(frame))
     pad = ("",) * (frame.columns.nlevels - 1)  # under MultiIndex columns an output is (name, "")
-    for out in outputs:
-        column = columns[out.name]
-        # positional (`.array`): no index alignment, which duplicate row labels would refuse
-        result[(out.name, *pad) if pad else out.name] = column.array
+    labels: list[Any] = [(out.name, *pad) if pad else out.name for out in outputs]
+    if any(label in frame.columns for label in labels):  # replaced, not added: assign them
+        result = frame.copy(deep=False)
+        for label, out in zip(labels, outputs, strict=True):
+            result[label] = arrays[out.name]
+        return result
+    added = pd.DataFrame(
+        dict(zip(labels, arrays.values(), strict=True)), index=frame.index, copy=False
+    )
+    if pad:
+        added.columns = pd.MultiIndex.from_tuples(labels)
+    result = pd.concat([frame, added], axis=1)
+    result.attrs = copy.deepcopy(frame.attrs)
     return result
 
 

@@ -1,0 +1,69 @@
+"""Messages a user reads when something limits or stops a run: each says what is true and what helps."""
+
+from __future__ import annotations
+
+import pickle
+
+import pandas as pd
+import pytest
+
+from apwa_jupyter.display import run_text
+from apwa_jupyter.executors.local import LocalExecutor
+from apwa_jupyter.session import Session
+from apwa_jupyter.templates import InputTooLong, check_input_sizes
+
+from .conftest import FAST_RETRY, endpoint_for, local_session, map_plan, plan_responder
+
+PLAN = map_plan("t", "Label {text}", [{"name": "label", "type": "string"}])
+
+
+def test_the_embedded_model_limit_comes_with_no_advice_to_raise_it(fake_server, registry):
+    server = fake_server(plan_responder(PLAN, lambda body: {"label": "x"}))
+    embedded = endpoint_for(server, embedded=True, max_concurrency=2)
+    session = Session(endpoint=embedded, executor=LocalExecutor(retry=FAST_RETRY), store=False)
+    run = session.plan("Label {t}", {"t": pd.DataFrame({"text": ["a"]})}).wait(30)
+    assert run.notices == [
+        "2 requests in flight at most: the embedded model answers that many at once on this "
+        "machine's cores (more would only queue)"
+    ]
+    assert "max_concurrency" not in " ".join(run.notices)
+
+
+def test_a_plan_that_starts_by_itself_says_so_instead_of_asking_for_approval(fake_server, registry):
+    server = fake_server(plan_responder(PLAN, lambda body: {"label": "x"}))
+    session = local_session(server, registry)
+    frame = pd.DataFrame({"text": ["a", "b"]})
+    first = session.plan("Label {t}", {"t": frame}).wait(30)
+    assert "approve with %apwa approve" in run_text(first)
+    first.start().wait(30)
+    again = session.plan("Label {t}", {"t": frame}).wait(30)  # reused from the store
+    again.auto_start = True  # what --yes sets, read while the plan is being started
+    text = run_text(again)
+    assert "plan reused, starting" in text and "approve with" not in text
+    assert "plan reused: this request was approved before" in text
+    assert "auto-fixed: plan reused" not in text
+
+
+def test_a_huge_value_is_advised_to_be_split_not_to_raise_the_limit():
+    with pytest.raises(InputTooLong) as huge:
+        check_input_sizes([{"text": "x" * 5_000_000}], 16_000)
+    message = str(huge.value)
+    assert "apwa_jupyter.chunks(frame, tokens=800, text_column='text')" in message
+    assert "--max-input-chars 5000000" not in message and "would not help" in message
+    with pytest.raises(InputTooLong) as long:
+        check_input_sizes([{"text": "x" * 20_000}], 16_000)
+    assert "--max-input-chars 20000" in str(long.value) and "chunks(" in str(long.value)
+
+
+def test_a_run_cannot_be_pickled_so_its_key_never_leaves_the_kernel(fake_server, registry):
+    server = fake_server(plan_responder(PLAN, lambda body: {"label": "x"}))
+    keyed = endpoint_for(server, api_key="sk-SECRET-123")
+    session = Session(endpoint=keyed, executor=LocalExecutor(retry=FAST_RETRY), registry=registry)
+    run = session.run("Label {t}", {"t": pd.DataFrame({"text": ["a"]})})
+    assert run.worker_model.api_key.get_secret_value() == "sk-SECRET-123"
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(run)
+    from ray import cloudpickle  # what Ray ships a task's arguments with
+
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        cloudpickle.dumps(run)
