@@ -94,6 +94,7 @@ def run_text(run: Run) -> str:
     progress = progress_text(run)
     if progress:
         parts.append(progress)
+    parts += [f"  {line}" for line in node_loss_lines(run.lost_nodes())]
     if run.error:
         parts.append(f"  error: {run.error}")
     if run.errors:

@@ -407,7 +407,16 @@ class ApwaMagics(Magics):
                 "Ray is not started yet: it starts on the first run (or now: %apwa cluster start)."
             )
             return
-        print("\n".join(cluster_table(session.executor.describe())))
+        executor = session.executor
+        if hasattr(executor, "cluster_view"):  # Ray: the address in use, nodes as they are
+            from .display import cluster_text
+
+            last = session.runs[-1] if session.runs else None
+            concurrency = (last.concurrency() or executor.concurrency) if last else None
+            view = executor.cluster_view()
+            print(cluster_text(view, concurrency=concurrency, run_id=last.id if last else None))
+            return
+        print("\n".join(cluster_table(executor.describe())))
 
     def _line_runs(self) -> None:
         here = list(reversed(self._session.runs)) if self._session is not None else []

@@ -669,6 +669,14 @@ class Run:
         columns = {name: table.column_names for name, table in self.tables.items()}
         return validate_plan(plan, columns, self.registry.names())
 
+    def lost_nodes(self) -> list[Any]:
+        """Cluster nodes lost while this run executed (their calls went to live actors)."""
+        if self.started_at is None:
+            return []
+        records = getattr(self._executor_factory(), "lost_nodes", [])
+        ended = self.finished_at
+        return [r for r in records if r.at >= self.started_at and (ended is None or r.at <= ended)]
+
     def pending(self) -> list[Future[Any]]:
         """The background work (planning, execution) still going on for this run."""
         return [f for f in (self._plan_future, self._future) if f is not None and not f.done()]

@@ -15,17 +15,23 @@ and the actor whatever it carries, which at 256 calls/s was most of two cores. A
 within BATCH_WAIT_S for the same actor and stage share one call (a streaming generator), and
 the actor yields results as they finish, several at a time, so a lane still gets its own result
 as soon as it exists.
+
+Nothing of Ray's own log reaches the notebook: Ray's messages to the driver (a dead raylet's log
+tail, "node marked dead") go to a file in Ray's session logs (`RayExecutor.messages_log`, under
+`log_dir`), and a lost node is recorded as apwa's own fact (`RayExecutor.lost_nodes`).
 This is the only module that imports ray.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
 import logging
 import os
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -61,6 +67,12 @@ BATCH_WAIT_S = 0.003
 BATCH_MAX = 64
 # How long the actor waits after a result for others to finish, so they travel in one message.
 YIELD_WAIT_S = 0.002
+# How long a lost actor's node gets to accept a TCP connection on its raylet's port before apwa
+# takes the node for lost (a killed raylet refuses at once; a vanished machine times out).
+RAYLET_CONNECT_TIMEOUT_S = 2.0
+# Ray's messages to this driver (what its error listener would print into the running cell) go
+# to this file in Ray's session logs folder, one per driver process.
+MESSAGES_FILE = "apwa-ray-messages-{pid}.log"
 
 
 def _on_parked_thread(function: Any) -> concurrent.futures.Future[Any]:
@@ -278,6 +290,7 @@ class _Batch:
     futures: list[asyncio.Future[SubtaskResult]] = field(default_factory=list)
     tables: dict[str, Any] = field(default_factory=dict)
     sent: bool = False
+    node: str | None = None  # the node the actor was placed on, when the batch opened
 
 
 class _DropThreadWarning(logging.Filter):
@@ -304,6 +317,146 @@ def _quiet_ray_init() -> Iterator[None]:
         logger.removeFilter(drop)
         for handler in logger.handlers:
             handler.removeFilter(drop)
+
+
+class _MessagesToFile:
+    """Ray's messages to the driver, written to a file instead of the driver's stdout.
+
+    Ray's driver runs a thread (`ray._private.worker.listen_error_messages`) whatever
+    `log_to_driver` says: it prints every error the cluster publishes to drivers (a raylet that
+    died, with the last 20 lines of its log; "node marked dead"; worker crashes) to `sys.stdout`,
+    prefixed "(raylet)" in ANSI yellow. In a kernel, `sys.stdout` is the running cell. That thread
+    looks `print_to_stdstream` up in its module on every message, so this object takes its
+    place: the messages go to `path` (in Ray's session logs folder), with a time stamp. A worker's
+    own output (`log_to_driver=True`, pid not "raylet") still goes where Ray sends it.
+    """
+
+    def __init__(self, original: Any, path: str):
+        self.original = original
+        self.path = path
+        self.lock = threading.Lock()
+
+    def __call__(self, data: dict[str, Any], ignore_prefix: bool) -> None:
+        if data.get("pid") != "raylet":
+            self.original(data, ignore_prefix)
+            return
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        with contextlib.suppress(OSError), self.lock, open(self.path, "a", encoding="utf-8") as f:
+            for line in data.get("lines", []):
+                f.write(f"[{stamp}] {line}\n")
+
+
+def _keep_ray_messages_in(path: str) -> None:
+    """Send Ray's messages to this driver to `path` from now on (once per process; `path` moves)."""
+    import ray._private.worker as ray_worker
+
+    current = ray_worker.print_to_stdstream
+    if isinstance(current, _MessagesToFile):
+        current.path = path
+    else:
+        ray_worker.print_to_stdstream = _MessagesToFile(current, path)
+
+
+def _print_ray_messages_again() -> None:
+    """Give Ray back its own printing of messages (after `ray.shutdown`)."""
+    import ray._private.worker as ray_worker
+
+    current = ray_worker.print_to_stdstream
+    if isinstance(current, _MessagesToFile):
+        ray_worker.print_to_stdstream = current.original
+
+
+def _raylet_answers(host: str | None, port: int | None) -> bool:
+    """Whether a node's raylet accepts a TCP connection (twice, to ride out a blip)."""
+    if not host or not port:
+        return False
+    for _ in range(2):
+        try:
+            with socket.create_connection((host, port), timeout=RAYLET_CONNECT_TIMEOUT_S):
+                return True
+        except OSError:
+            time.sleep(0.2)
+    return False
+
+
+@dataclass
+class LostNode:
+    """A node lost under the pool: calls to its actors failed and its raylet stopped answering.
+
+    `at` is the wall-clock time (time.time()) of the first call that failed there; `calls` counts
+    the subtask attempts that were running on it when it went, each sent again to a live actor.
+    """
+
+    node_id: str
+    address: str | None
+    at: float
+    calls: int = 0
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """One node as it really is: `alive` is False once Ray declared it dead or apwa lost it."""
+
+    node_id: str
+    address: str | None
+    alive: bool
+    ray_alive: bool  # what Ray's node table says (it lags: 15-30 s after a raylet dies)
+    head: bool
+    resources: dict[str, float]
+    actors: int  # the pool's live actors on it
+    lost_at: float | None = None  # when apwa lost it (a LostNode), if it did
+
+
+@dataclass(frozen=True)
+class ActorView:
+    """One actor of the pool: its slot, the node it runs on (or ran on), its pid, whether it answers."""
+
+    slot: int
+    node_id: str | None
+    pid: int | None
+    alive: bool
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    """What `%apwa cluster` shows: the cluster as it is, not as it was asked for.
+
+    `address` is the GCS address in use; `address_source` says where it came from: "argument"
+    (the executor's `address`, i.e. `%apwa config address=`), "RAY_ADDRESS", "auto" (Ray found a
+    running cluster for address=auto), "found" (no address set; Ray attached to the cluster the
+    last `ray start` on this machine left), "started" (a local cluster started by this process),
+    "preinitialized" (Ray was initialized in this process before apwa), or "not started".
+    `requested` is the address as given (argument or RAY_ADDRESS), if any. `concurrency` is the
+    executor's default; a run's own `--concurrency` belongs to the session (see display.cluster_text).
+    """
+
+    started: bool
+    address: str | None
+    address_source: str
+    requested: str | None
+    concurrency: int
+    nodes: list[NodeView] = field(default_factory=list)
+    actors: list[ActorView] = field(default_factory=list)
+    lost_nodes: list[LostNode] = field(default_factory=list)
+    replaced: int = 0
+    added: int = 0
+    log_dir: str | None = None
+    messages_log: str | None = None
+    error: str | None = None
+
+
+def _address_origin(argument: str | None, started_here: bool) -> tuple[str, str | None]:
+    """(source, requested) of the address ray.init attached to; see ClusterView.address_source."""
+    env = os.environ.get("RAY_ADDRESS") or None
+    if started_here:
+        return "started", None
+    if argument and argument != "auto":
+        return "argument", argument
+    if env:  # Ray lets RAY_ADDRESS override address=auto, as ray_start_options does for None
+        return "RAY_ADDRESS", env
+    if argument == "auto":
+        return "auto", "auto"
+    return "found", None
 
 
 class RayExecutor(Executor):
@@ -345,6 +498,21 @@ class RayExecutor(Executor):
         self._watcher: asyncio.Task[None] | None = None
         # Actors added because their node joined after the pool started.
         self.added = 0
+        # Nodes lost under the pool, in the order they went (see `_check_node`).
+        self.lost_nodes: list[LostNode] = []
+        self._lost_by_id: dict[str, LostNode] = {}
+        self._checking: set[str] = set()  # nodes whose raylet is being asked
+        self._checks: set[asyncio.Task[None]] = set()
+        self._first_failure: dict[str, float] = {}  # node -> time.time() of its first lost call
+        self._resent: dict[str, set[tuple[int, str]]] = {}  # node -> (stage, subtask) sent again
+        self._raylets: dict[str, tuple[str | None, int | None]] = {}  # node -> (address, port)
+        # Where the cluster came from (ClusterView.address_source), the GCS address in use, and
+        # Ray's session logs folder (Ray's messages to this driver are kept there, not printed).
+        self.address_source = "not started"
+        self.requested_address: str | None = None
+        self.address_in_use: str | None = None
+        self.log_dir: str | None = None
+        self.messages_log: str | None = None
 
     async def start(self) -> None:
         """Start or attach to Ray and create the actor pool, once.
@@ -376,7 +544,18 @@ class RayExecutor(Executor):
                     f" {exc}. Check `ray status` there, or drop --address to use a local cluster."
                 ) from None
             self._owns_ray = True
-        nodes = _nodes_for_actors(ray.nodes())
+            node = ray._private.worker._global_node
+            started_here = bool(getattr(node, "head", False))
+            self.address_source, self.requested_address = _address_origin(
+                self.address, started_here
+            )
+        else:
+            self.address_source, self.requested_address = "preinitialized", None
+        self._keep_messages(ray)
+        self.address_in_use = ray.get_runtime_context().gcs_address
+        table = ray.nodes()
+        self._remember_raylets(table)
+        nodes = _nodes_for_actors(table)
         count = self.num_actors or self.actors_per_node * max(1, len(nodes))
         # Round-robin over the nodes, each actor pinned to its node: "SPREAD" is best effort and
         # put all 4 actors on the head when the second node had joined a moment before, and a
@@ -390,6 +569,25 @@ class RayExecutor(Executor):
         self._alive = [True] * count
         self._actors = actors
         self.num_actors = count
+
+    def _keep_messages(self, ray: Any) -> None:
+        """Ray's messages to this driver go to a file in Ray's session logs, never to stdout."""
+        node = ray._private.worker._global_node
+        with contextlib.suppress(Exception):
+            self.log_dir = node.get_logs_dir_path()
+        folder = self.log_dir if self.log_dir and os.access(self.log_dir, os.W_OK) else None
+        if folder is None:
+            import tempfile
+
+            folder = tempfile.gettempdir()
+        self.messages_log = os.path.join(folder, MESSAGES_FILE.format(pid=os.getpid()))
+        _keep_ray_messages_in(self.messages_log)
+
+    def _remember_raylets(self, table: list[dict[str, Any]]) -> None:
+        """Each node's raylet address and port (a lost node is reported with its address)."""
+        for n in table:
+            if n.get("Alive"):
+                self._raylets[n["NodeID"]] = (n.get("NodeManagerAddress"), n.get("NodeManagerPort"))
 
     def _new_actor(self, node_id: str | None, soft: bool = False) -> Any:
         """An actor, pinned to `node_id` if given (`soft`: elsewhere if that node cannot host it)."""
@@ -444,6 +642,7 @@ class RayExecutor(Executor):
         loop = asyncio.get_running_loop()
         if batch is None:
             batch = self._open[key] = _Batch(slot, self._actors[slot], stage)
+            batch.node = self._homes[slot] if slot < len(self._homes) else None
             loop.call_later(BATCH_WAIT_S, self._flush, key, batch)
         future: asyncio.Future[SubtaskResult] = loop.create_future()
         batch.subtasks.append(subtask)
@@ -498,6 +697,10 @@ class RayExecutor(Executor):
                         future.set_result(result)
         except _actor_lost_errors() as exc:
             self._lost(batch.slot, batch.actor)
+            waiting = [
+                s for s, f in zip(batch.subtasks, batch.futures, strict=True) if not f.done()
+            ]
+            self._calls_lost_on(batch.node, [(id(batch.stage), s.id) for s in waiting])
             lost = WorkerLost(type(exc).__name__)
             self._settle(batch, lambda _: lost)
         except ray.exceptions.TaskCancelledError:
@@ -535,6 +738,74 @@ class RayExecutor(Executor):
         self._probes.add(probe)
         probe.add_done_callback(self._probes.discard)
 
+    def _calls_lost_on(self, node: str | None, attempts: list[tuple[int, str]]) -> None:
+        """Attempts that were running on `node` when its actor went: they will be sent again.
+
+        The first such failure on a node asks whether the node itself is gone (`_check_node`);
+        a process that crashed on a live node is Ray's to restart, and is no lost node.
+        """
+        if node is None:
+            return
+        self._first_failure.setdefault(node, time.time())
+        resent = self._resent.setdefault(node, set())
+        resent.update(attempts)
+        record = self._lost_by_id.get(node)
+        if record is not None:
+            record.calls = len(resent)
+        else:
+            self._suspect(node)
+
+    def _suspect(self, node: str | None) -> None:
+        """Check once at a time whether `node` is gone (not for a node already known lost)."""
+        if node is None or node in self._lost_by_id or node in self._checking:
+            return
+        self._first_failure.setdefault(node, time.time())
+        self._checking.add(node)
+        check = asyncio.ensure_future(self._check_node(node))
+        self._checks.add(check)
+        check.add_done_callback(self._checks.discard)
+
+    async def _check_node(self, node: str) -> None:
+        """Record `node` as lost if Ray says it is dead or its raylet no longer accepts connections.
+
+        Ray's own verdict lags (its health checks declare a killed raylet's node dead after
+        15-30 s); a refused connection to the raylet's port is immediate. Once lost, the node's
+        actors are all taken out of the choice and replaced on live nodes at once, rather than
+        each being found dead by a failed call and left for Ray to declare.
+        """
+        try:
+            gone = await asyncio.to_thread(self._node_gone, node)
+        except Exception:  # the GCS is busy: the next failed call asks again
+            gone = False
+        finally:
+            self._checking.discard(node)
+        if not gone:  # a crashed process on a live node: Ray restarts it, nothing to report
+            self._first_failure.pop(node, None)
+            self._resent.pop(node, None)
+            return
+        if node in self._lost_by_id or not self._actors:
+            return
+        address = self._raylets.get(node, (None, None))[0]
+        record = LostNode(node, address, self._first_failure.get(node, time.time()))
+        record.calls = len(self._resent.get(node, ()))
+        self._lost_by_id[node] = record
+        self.lost_nodes.append(record)
+        for slot, home in enumerate(self._homes):
+            if home == node and slot < len(self._actors):
+                self._lost(slot, self._actors[slot])
+                self._replace(slot)
+
+    def _node_gone(self, node: str) -> bool:
+        """Blocking: Ray's node table says `node` is dead (or forgot it), or its raylet is silent."""
+        import ray
+
+        entry = next((n for n in ray.nodes() if n["NodeID"] == node), None)
+        if entry is None or not entry.get("Alive"):
+            return True
+        host, port = entry.get("NodeManagerAddress"), entry.get("NodeManagerPort")
+        self._raylets[node] = (host, port)
+        return not _raylet_answers(host, port)
+
     async def _probe(self, slot: int) -> None:
         """Mark the slot alive once its actor answers; replace the actor if it cannot come back.
 
@@ -546,16 +817,23 @@ class RayExecutor(Executor):
 
         since = time.monotonic()
         while slot < len(self._actors) and not self._alive[slot]:  # stops at shutdown
+            # The actor asked; it may be replaced meanwhile (`_check_node`), and a late answer or
+            # failure of the old one says nothing about the new one.
+            actor = self._actors[slot]
             try:
-                await asyncio.wait_for(self._actors[slot].pid.remote(), timeout=PROBE_TIMEOUT_S)
-                self._alive[slot] = True
-                return
+                await asyncio.wait_for(actor.pid.remote(), timeout=PROBE_TIMEOUT_S)
+                if slot < len(self._actors) and self._actors[slot] is actor:
+                    self._alive[slot] = True
+                    return
             except (ray.exceptions.ActorUnschedulableError, ray.exceptions.ActorDiedError):
-                if slot < len(self._actors):
+                if slot < len(self._actors) and self._actors[slot] is actor:
+                    self._suspect(self._homes[slot])
                     self._replace(slot)
             except Exception:  # restarting, or its node is not yet declared dead
-                if time.monotonic() - since > REPLACE_AFTER_S:
-                    self._replace(slot)
+                if time.monotonic() - since > REPLACE_AFTER_S and slot < len(self._actors):
+                    if self._actors[slot] is actor:
+                        self._suspect(self._homes[slot])
+                        self._replace(slot)
                     since = time.monotonic()
             await asyncio.sleep(PROBE_INTERVAL_S)
 
@@ -573,9 +851,12 @@ class RayExecutor(Executor):
         while self._actors:
             await asyncio.sleep(NODE_WATCH_S)
             try:
-                nodes = _nodes_for_actors(await asyncio.to_thread(ray.nodes))
+                table = await asyncio.to_thread(ray.nodes)
             except Exception:  # the GCS is busy or restarting: look again next time
                 continue
+            self._remember_raylets(table)
+            # A lost node may still be listed alive for a while: it gets no new actors.
+            nodes = [n for n in _nodes_for_actors(table) if n not in self._lost_by_id]
             served = {home for home, alive in zip(self._homes, self._alive, strict=True) if alive}
             joined = [node for node in nodes if node not in served and node not in self._homes]
             for node in joined:
@@ -606,7 +887,7 @@ class RayExecutor(Executor):
         old = self._actors[slot]
         with contextlib.suppress(Exception):
             ray.kill(old, no_restart=True)
-        nodes = _nodes_for_actors(ray.nodes())
+        nodes = [n for n in _nodes_for_actors(ray.nodes()) if n not in self._lost_by_id]
         hosting = {n: 0 for n in nodes}
         for i, node in enumerate(self._homes):
             if self._alive[i] and node in hosting:
@@ -631,53 +912,114 @@ class RayExecutor(Executor):
         """Process ids of the pool's actors (tests use them to kill one)."""
         return [await actor.pid.remote() for actor in self._actors]
 
-    def describe(self) -> dict[str, Any]:
-        """Cluster facts for `%apwa cluster`: nodes with resources, and which actors run where."""
-        info = super().describe() | {"actors": self.num_actors, "address": self.address}
+    def cluster_view(self) -> ClusterView:
+        """The cluster as it is now, for `%apwa cluster` (display.cluster_text renders it).
+
+        Blocking (call it off the engine loop): one query of Ray's node table and one question
+        to every actor (at most 2 s in all). A node is shown dead when Ray's table says so or
+        when the pool lost it (its raylet stopped answering), whichever comes first.
+        """
+        view = ClusterView(
+            started=bool(self._actors),
+            address=self.address_in_use,
+            address_source=self.address_source,
+            requested=self.requested_address,
+            concurrency=self.concurrency,
+            lost_nodes=list(self.lost_nodes),
+            replaced=self.replaced,
+            added=self.added,
+            log_dir=self.log_dir,
+            messages_log=self.messages_log,
+        )
         try:
             import ray
 
-            if ray.is_initialized():
-                context = ray.get_runtime_context()
-                info["gcs_address"] = context.gcs_address
-                info["nodes"] = [
-                    {
-                        "node": n["NodeID"][:8],
-                        "address": n.get("NodeManagerAddress"),
-                        "alive": n.get("Alive", False),
-                        "resources": {
-                            k: v for k, v in n.get("Resources", {}).items() if "_group_" not in k
-                        },
-                    }
-                    for n in ray.nodes()
-                ]
-                if self.replaced:
-                    info["replaced"] = f"{self.replaced} actor(s) whose node was lost"
-                if self.added:
-                    info["added"] = f"{self.added} actor(s) on nodes that joined"
-                if self._actors:
-                    info["placement"] = self._placement(ray)
+            if not ray.is_initialized():
+                return view
+            actors = self._actor_views(ray) if self._actors else []
+            live_actors = collections.Counter(a.node_id for a in actors if a.alive)
+            nodes = []
+            for n in ray.nodes():
+                lost = self._lost_by_id.get(n["NodeID"])
+                ray_alive = bool(n.get("Alive", False))
+                resources = n.get("Resources", {})
+                nodes.append(
+                    NodeView(
+                        node_id=n["NodeID"],
+                        address=n.get("NodeManagerAddress"),
+                        alive=ray_alive and lost is None,
+                        ray_alive=ray_alive,
+                        head="node:__internal_head__" in resources,
+                        resources={k: v for k, v in resources.items() if "_group_" not in k},
+                        actors=live_actors.get(n["NodeID"], 0),
+                        lost_at=lost.at if lost is not None else None,
+                    )
+                )
+            return dataclasses.replace(view, nodes=nodes, actors=actors)
         except Exception as exc:  # describing must never fail the caller
-            info["error"] = f"{type(exc).__name__}: {exc}"
+            return dataclasses.replace(view, error=f"{type(exc).__name__}: {exc}")
+
+    def describe(self) -> dict[str, Any]:
+        """Cluster facts as a dict (the `%apwa cluster` table of magics.cluster_table).
+
+        The same facts as `cluster_view`: the address in use, each node's real state.
+        """
+        view = self.cluster_view()
+        info = super().describe() | {"actors": self.num_actors, "address": view.address}
+        if view.started:
+            info["address_from"] = view.address_source + (
+                f" ({view.requested})" if view.requested else ""
+            )
+        if view.nodes:
+            info["nodes"] = [
+                {
+                    "node": n.node_id[:8],
+                    "address": n.address,
+                    "alive": n.alive,
+                    "resources": n.resources,
+                }
+                for n in view.nodes
+            ]
+        if view.replaced:
+            info["replaced"] = f"{view.replaced} actor(s) whose node was lost"
+        if view.added:
+            info["added"] = f"{view.added} actor(s) on nodes that joined"
+        if view.lost_nodes:
+            info["lost"] = ", ".join(r.node_id[:8] for r in view.lost_nodes)
+        if view.log_dir:
+            info["ray_logs"] = view.log_dir
+        if view.actors:
+            info["placement"] = [
+                {
+                    "actor": a.slot,
+                    "node": (a.node_id or "-")[:8],
+                    "pid": a.pid,
+                    "alive": a.alive,
+                }
+                for a in view.actors
+            ]
+        if view.error:
+            info["error"] = view.error
         return info
 
-    def _placement(self, ray: Any) -> list[dict[str, Any]]:
+    def _actor_views(self, ray: Any) -> list[ActorView]:
         """Where each actor runs, asking them all at once; a lost one shows where it was placed.
 
         One silent actor (its node is gone) must not hide the others, so each answer is read
         on its own and the whole question waits at most 2 s.
         """
-        refs = [actor.placement.remote() for actor in self._actors]
+        actors = list(self._actors)
+        refs = [actor.placement.remote() for actor in actors]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=2)
         answered = {ref.hex() for ref in ready}
         rows = []
         for i, ref in enumerate(refs):
-            node, pid = (self._homes[i] if i < len(self._homes) else None) or "-", None
+            node, pid = (self._homes[i] if i < len(self._homes) else None), None
             if ref.hex() in answered:
                 with contextlib.suppress(Exception):
                     node, pid = ray.get(ref)
-            alive = self._alive[i] and pid is not None
-            rows.append({"actor": i, "node": node[:8], "pid": pid, "alive": alive})
+            alive = i < len(self._alive) and self._alive[i] and pid is not None
+            rows.append(ActorView(slot=i, node_id=node, pid=pid, alive=alive))
         return rows
 
     def shutdown(self) -> None:
@@ -698,6 +1040,7 @@ class RayExecutor(Executor):
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
             self._owns_ray = False
+            _print_ray_messages_again()
 
 
 # -- Plain functions on the cluster (documents.files) -------------------------------------------
