@@ -21,6 +21,7 @@ down): finished rows are kept and `retry_failed()` runs only what is missing.
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import time
 import uuid
@@ -741,9 +742,18 @@ class Run:
 
     @property
     def errors(self) -> list[Failure]:
-        """Every row without a value, with why (stage order)."""
+        """Every row without a value, with why: in stage order, then in row order.
+
+        Failures are recorded as subtasks finish (label/3, label/77, then label/0); ids name
+        source rows, so a natural sort of them is row order.
+        """
         order = self.plan.order() if self.plan else list(self.outcomes)
-        return [f for s in order if s in self.outcomes for f in self.outcomes[s].failures]
+        return [
+            f
+            for s in order
+            if s in self.outcomes
+            for f in sorted(self.outcomes[s].failures, key=lambda f: _natural(f.subtask))
+        ]
 
     def errors_frame(self) -> pd.DataFrame:
         """Rows without a value: stage, subtask, kind, message, attempts, rows."""
@@ -787,3 +797,8 @@ class Run:
             "a Run cannot be pickled (it holds the endpoint and its key); pickle what you need "
             "from it instead, e.g. run.result, run.errors_frame() or run.plan.model_dump()"
         )
+
+
+def _natural(text: str) -> tuple[Any, ...]:
+    """A sort key that orders the numbers inside ids by value ("label/9" before "label/10")."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))

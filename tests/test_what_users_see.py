@@ -67,3 +67,23 @@ def test_a_run_cannot_be_pickled_so_its_key_never_leaves_the_kernel(fake_server,
 
     with pytest.raises(TypeError, match="cannot be pickled"):
         cloudpickle.dumps(run)
+
+
+def test_errors_are_listed_in_row_order_not_in_the_order_subtasks_finished(fake_server, registry):
+    import time as _time
+
+    from apwa_jupyter.testing import worker_input
+
+    def worker(body):
+        text = worker_input(body)["text"]
+        number = int(text)
+        _time.sleep(0.002 * (120 - number))  # later rows finish first
+        return {"wrong": 1} if number % 3 == 0 else {"label": "x"}
+
+    server = fake_server(plan_responder(PLAN, worker))
+    session = local_session(server, registry, concurrency=16)
+    frame = pd.DataFrame({"text": [str(i) for i in range(120)]})
+    run = session.run("Label {t}", {"t": frame})
+    ids = run.errors_frame()["subtask"].tolist()
+    assert len(ids) == 40
+    assert ids == [f"label/{i}" for i in range(0, 120, 3)]
