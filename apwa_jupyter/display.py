@@ -55,6 +55,11 @@ def plan_origin_line(run: Run) -> str:
         return (
             "plan reused: this request was approved before, no manager call (--replan asks again)"
         )
+    if run.plan_origin == "given" and run.setup.parent is not None:
+        return (
+            f"plan of sample run {run.setup.parent} (no manager call); the rows it answered "
+            "come from the result store"
+        )
     if run.plan_origin == "given":
         return "plan given by the caller (no manager call)"
     return ""
@@ -94,6 +99,8 @@ def run_text(run: Run) -> str:
     progress = progress_text(run)
     if progress:
         parts.append(progress)
+    if run.preview is not None:
+        parts.append(f"  preview: {run.preview}; %apwa run-all {run.id} runs the whole table")
     parts += [f"  {line}" for line in node_loss_lines(run.lost_nodes())]
     if run.error:
         parts.append(f"  error: {run.error}")

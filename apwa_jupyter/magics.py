@@ -30,9 +30,11 @@ from .parsers import (
     CellOptions,
     ClusterArgs,
     ConfigArgs,
+    DiffArgs,
     HelpArgs,
     LoadArgs,
     RetryArgs,
+    RunAllArgs,
     RunsArgs,
     ShowArgs,
     ToolsArgs,
@@ -171,6 +173,7 @@ class ApwaMagics(Magics):
             replay=options.replay,
             cell_id=self._cell_id(),
             dry_run=options.dry_run,
+            sample=options.sample,
         )
         # The run is `_apwa` from now on, so the next cell can read, edit and start its plan.
         self.user_ns["_apwa"] = run
@@ -339,6 +342,10 @@ class ApwaMagics(Magics):
                 self._line_show(args)
             case ApproveArgs():
                 self._line_approve(args)
+            case RunAllArgs():
+                self._line_run_all(args)
+            case DiffArgs():
+                self._line_diff(args)
             case CancelArgs():
                 self._line_cancel(args)
             case RetryArgs():
@@ -491,6 +498,23 @@ class ApwaMagics(Magics):
 
     def _line_approve(self, args: ApproveArgs) -> None:
         self._run(args.run_id).start()
+
+    def _line_run_all(self, args: RunAllArgs) -> None:
+        from .namespace import MISSING
+
+        whole = self.session.run_all(self._run(args.run_id))
+        name = whole.options.out
+        self.user_ns["_apwa"] = whole
+        self._bind_when_finished(whole, self.user_ns.get(name, MISSING) if name else None)
+        self._show(whole)
+
+    def _line_diff(self, args: DiffArgs) -> None:
+        from .evaluation import comparison_text
+
+        a = self._run(args.run_a)
+        b = self._run(args.run_b) if args.run_b else self.session.get_run()
+        frame = a.compare(b)
+        print(comparison_text(frame, frame.attrs["instruction_diff"], (a.id, b.id)))
 
     def _line_cancel(self, args: CancelArgs) -> None:
         self._run(args.run_id).cancel()

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 from .config import ENDPOINT_LIMITS, check_max_input_chars, check_recording, parse_tool_list
 from .costs import Budget
 from .errors import UserInputError
+from .sampling import Sample
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -134,6 +135,12 @@ def _add_control_options(parser: _Parser) -> None:
     )
     parser.add_argument("--max-tokens", type=int, default=1024, help="per worker answer")
     parser.add_argument("--dry-run", action="store_true", help="plan only; execute nothing")
+    parser.add_argument(
+        "--sample",
+        metavar="N",
+        help="try the plan on N rows spread over each table first (head:N for the first N); "
+        "%%apwa run-all then bills only the rest",
+    )
     parser.add_argument("--yes", action="store_true", help="run without waiting for approval")
     parser.add_argument(
         "--wait", action="store_true", help="block until done (scripts, nbconvert); Ctrl-C cancels"
@@ -162,6 +169,7 @@ class CellOptions:
     refresh: bool = False
     replan: bool = False
     budget: str | None = None
+    sample: str | None = None
     record: str | None = None
     replay: str | None = None
     max_tokens: int = 1024
@@ -194,6 +202,8 @@ def parse_cell_options(line: str) -> CellOptions:
     if options.budget is not None:
         Budget.parse(options.budget)  # a bad budget is one line now, not after planning
     check_recording(options.record, options.replay)
+    if options.sample is not None:
+        Sample.parse(options.sample)  # a bad sample is one line now, not after planning
     if options.no_cache and options.refresh:
         raise UserInputError("--no-cache and --refresh contradict each other; pick one")
     if options.dry_run and options.yes:
@@ -369,6 +379,29 @@ class LoadArgs(_LineArgs):
 
 
 @dataclass(frozen=True)
+class DiffArgs(_LineArgs):
+    """`%apwa diff RUN_A [RUN_B]`: where two runs' answers differ (B: the newest run)."""
+
+    usage = "%apwa diff RUN_A [RUN_B]"
+    summary = (
+        "rows whose answers differ between two runs, the instruction diff, confusion tables: "
+        "%apwa diff RUN_A [RUN_B]"
+    )
+
+    run_a: str
+    run_b: str | None = None
+
+    @classmethod
+    def parse(cls, words: _Words) -> Self:
+        """One or two run ids."""
+        if not 1 <= len(words.rest) <= 2:
+            words.refuse("needs one or two RUN_IDs (%apwa runs lists them)")
+        run_a, *rest = words.rest
+        words.rest = []
+        return cls(run_a, rest[0] if rest else None)
+
+
+@dataclass(frozen=True)
 class RunArgs(_LineArgs):
     """`%apwa show|approve|cancel|wait [RUN_ID]`: the run (default: the newest)."""
 
@@ -396,6 +429,17 @@ class ApproveArgs(RunArgs):
 
     usage = "%apwa approve [RUN_ID]"
     summary = "run a plan awaiting approval: %apwa approve [RUN_ID]"
+
+
+@dataclass(frozen=True)
+class RunAllArgs(RunArgs):
+    """`%apwa run-all [RUN_ID]`."""
+
+    usage = "%apwa run-all [RUN_ID]"
+    summary = (
+        "run a --sample run's plan on the whole tables; the sampled rows come from the store: "
+        "%apwa run-all [RUN_ID]"
+    )
 
 
 @dataclass(frozen=True)
@@ -450,6 +494,8 @@ LineArgs = (
     | LoadArgs
     | ShowArgs
     | ApproveArgs
+    | RunAllArgs
+    | DiffArgs
     | CancelArgs
     | RetryArgs
     | WaitArgs
@@ -466,6 +512,8 @@ LINE_MODELS: dict[str, type[LineArgs]] = {
     "load": LoadArgs,
     "show": ShowArgs,
     "approve": ApproveArgs,
+    "run-all": RunAllArgs,
+    "diff": DiffArgs,
     "cancel": CancelArgs,
     "retry": RetryArgs,
     "wait": WaitArgs,

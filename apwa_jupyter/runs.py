@@ -21,22 +21,17 @@ down): finished rows are kept and `retry_failed()` runs only what is missing.
 from __future__ import annotations
 
 import contextlib
-import re
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
-
-import pandas as pd
 
 from .costs import Budget, CostMeter, Estimate
 from .errors import STOPPED_KINDS, ApwaError, RunCancelled, UserInputError
 from .events import Event, Listener, ProgressSink, StageProgress
 from .execution import (
-    CacheMode,
     EstimateInput,
     ExecutionSpec,
     Failure,
@@ -50,20 +45,19 @@ from .execution import (
     typical_latency,
 )
 from .execution.keys import plan_key
+from .execution.live import LiveRows
 from .executors.base import StopSignal
 from .lookups import scope_lookups
 from .models.base import Usage
 from .plan_fixes import DeniedTools
 from .plans import Plan, validate_plan
-from .steps import transcript_text
+from .results import RunResults
+from .run_setup import RunSetup
 from .templates import MAX_INPUT_CHARS
 
 if TYPE_CHECKING:
-    from .capabilities import CapabilityRegistry
     from .config import EndpointConfig
-    from .executors.base import Executor
     from .models.base import ChatModel
-    from .store import ResultStore
     from .tables import DataTable
     from .worker import SubtaskResult
 
@@ -78,42 +72,7 @@ FINAL_STATES = ("done", "failed", "cancelled")
 SubtaskError = Failure
 
 
-@dataclass
-class RunOptions:
-    """Knobs of one run; `concurrency=None` leaves the executor's own setting in force."""
-
-    concurrency: int | None = None
-    max_tokens: int = 1024
-    keep_transcripts: bool = True
-    out: str | None = None
-    max_input_chars: int | None = None  # None: the worker's default input budget
-    # The result store: "use" (read and write), "refresh" (fresh answers, written), "off".
-    cache: CacheMode = "use"
-
-
-@dataclass(frozen=True)
-class RunSetup:
-    """What a Run is made with: the request, what it may use, and how it reaches the engine.
-
-    `store` is the result store (None: nothing is read or written), `budget` what the run may
-    spend; `submit` and `call_soon` hand work to the engine loop; `executor_factory` gives the
-    session's executor when the run starts (Ray starts only then).
-    """
-
-    prompt: str
-    tables: dict[str, DataTable]
-    registry: CapabilityRegistry
-    options: RunOptions
-    executor_factory: Callable[[], Executor]
-    submit: Callable[[Any], Future[Any]]
-    call_soon: Callable[[Callable[[], Any]], None]
-    budget: Budget | None = None
-    store: ResultStore | None = None
-    cell_id: str | None = None
-    dry_run: bool = False
-
-
-class Run:
+class Run(RunResults):
     """One %%apwa request: plan, approval, execution, results."""
 
     def __init__(self, setup: RunSetup):
@@ -126,6 +85,9 @@ class Run:
         self.budget = setup.budget  # money or tokens this run may spend (costs.Budget)
         self.cell_id = setup.cell_id
         self.dry_run = setup.dry_run
+        self.setup = setup  # what the run was made with (a run of the whole table reuses it)
+        self.sample = setup.sample
+        self._sampled: tuple[Plan, dict[str, DataTable]] | None = None
         self.state: RunState = "planning"
         self.error: str | None = None
         self.error_detail: str | None = None
@@ -149,6 +111,7 @@ class Run:
         self.planning_seconds: float | None = None
         self.startup_seconds: float | None = None
         self.outcomes: dict[str, StageOutcome] = {}
+        self._live: dict[str, LiveRows] = {}  # row stages running now, read by `partial`
         self._results: dict[str, SubtaskResult] = {}
         self.plan_origin: PlanOrigin = "manager"
         self.plan_reused_from: str | None = None  # "store" when the plan was reused
@@ -276,7 +239,7 @@ class Run:
         if self.plan is None:
             return {}
         return estimate_subtasks(
-            self.plan, {n: t.num_rows for n, t in self.tables.items()}, self.tables
+            self.plan, {n: t.num_rows for n, t in self.run_tables().items()}, self.run_tables()
         )
 
     def estimate_subtasks(self) -> int:
@@ -295,7 +258,7 @@ class Run:
         if self._estimate is None or self._estimate[0] is not self.plan:
             samples = {
                 name: table.arrow.take(table.sample_positions(5)).to_pylist()
-                for name, table in self.tables.items()
+                for name, table in self.run_tables().items()
             }
             loads = stage_loads(self.plan, self.stage_subtasks(), samples)
             found = estimate(
@@ -481,7 +444,7 @@ class Run:
         spec = ExecutionSpec(
             run_id=self.id,
             plan=self.plan,
-            tables=self.tables,
+            tables=self.run_tables(),
             registry=self.registry,
             worker_model=self.worker_model,
             concurrency=self.options.concurrency,
@@ -506,6 +469,7 @@ class Run:
                 stop,
                 self._apply,
                 previous=dict(self.outcomes) if retry else None,
+                watch=self._watch,
             )
         except ApwaError as exc:
             crash = str(exc)
@@ -584,14 +548,22 @@ class Run:
             f"{rows.missing} are listed in errors_frame(); %apwa retry runs only those."
         )
 
+    def _watch(self, stage_id: str, live: LiveRows) -> None:
+        """A row stage started: read its answers as they come (`partial`, `latest`)."""
+        with self._lock:
+            self._live[stage_id] = live
+
     def _apply(self, outcome: StageOutcome) -> None:
         """Record one stage's outcome (called on the engine thread by execution)."""
         with self._lock:
             self.outcomes[outcome.stage_id] = outcome
+            self._live.pop(outcome.stage_id, None)  # the outcome is what there is now
             if self.plan is not None and outcome.stage_id == self.plan.output:
                 # Tagged once per outcome, not on every read of `result` (10M rows: seconds).
                 outcome.frame.attrs["apwa_run"] = self.id
                 outcome.frame.attrs["apwa_sources"] = outcome.sources.frozen()
+                if self.preview is not None:
+                    outcome.frame.attrs["apwa_preview"] = self.preview
             # A big stage keeps only its failed results; its usage covers all of them.
             self.worker_usage = self.worker_usage + outcome.spent
             for result in outcome.results:
@@ -678,6 +650,41 @@ class Run:
         ended = self.finished_at
         return [r for r in records if r.at >= self.started_at and (ended is None or r.at <= ended)]
 
+    def run_tables(self) -> dict[str, DataTable]:
+        """The tables execution reads: with a sample, the tables stages read are cut to it.
+
+        The manager still plans from the whole tables' metadata (so the plan, and its stored
+        approval, are the whole run's), and lookups of other tables stay whole.
+        """
+        if self.sample is None or self.plan is None:
+            return self.tables
+        if self._sampled is None or self._sampled[0] is not self.plan:
+            sources = {getattr(stage, "source", None) for stage in self.plan.stages}
+            cut = {
+                name: self.sample.of(table) if name in sources else table
+                for name, table in self.tables.items()
+            }
+            self._sampled = (self.plan, cut)
+        return self._sampled[1]
+
+    @property
+    def preview(self) -> str | None:
+        """Why the result is a preview (a sample of rows, and a reduce over only those), or None."""
+        if self.sample is None or self.plan is None:
+            return None
+        tables = self.run_tables()
+        cut = [
+            f"{tables[name].num_rows:,} of {table.num_rows:,} rows of {name}"
+            for name, table in self.tables.items()
+            if tables[name] is not table
+        ]
+        if not cut:
+            return None
+        text = f"a sample (--sample {self.sample}): {', '.join(cut)}"
+        if any(stage.kind == "reduce" for stage in self.plan.stages):
+            text += "; its reduce combined only the sampled rows"
+        return text
+
     def pending(self) -> list[Future[Any]]:
         """The background work (planning, execution) still going on for this run."""
         return [f for f in (self._plan_future, self._future) if f is not None and not f.done()]
@@ -686,7 +693,7 @@ class Run:
         """Rows, subtasks and (once calls were timed) the expected time of the planned run."""
         plan = self.plan
         sources = {getattr(s, "source", None) for s in plan.stages} if plan is not None else set()
-        rows = sum(t.num_rows for name, t in self.tables.items() if name in sources)
+        rows = sum(t.num_rows for name, t in self.run_tables().items() if name in sources)
         latency = typical_latency(self.worker_model)
         return size_line(rows, self.estimate_subtasks(), self.concurrency(latency), latency)
 
@@ -702,91 +709,6 @@ class Run:
         limit = getattr(self.worker_model, "max_concurrency", None)
         return min(wanted, limit) if wanted is not None and limit is not None else wanted
 
-    # -- results -------------------------------------------------------------------------------
-    @property
-    def stage_frames(self) -> dict[str, pd.DataFrame]:
-        """Every finished stage's frame, by stage id."""
-        return {stage_id: outcome.frame for stage_id, outcome in self.outcomes.items()}
-
-    @property
-    def result(self) -> pd.DataFrame | None:
-        """The output stage's frame (None until it has run).
-
-        `attrs["apwa_sources"]` says, per row, which run computed it: this run's id, the id of an
-        earlier run whose answer came from the result store, or None (no value).
-        """
-        if self.plan is None or self.plan.output not in self.outcomes:
-            return None
-        return self.outcomes[self.plan.output].frame
-
-    def provenance(self, stage_id: str | None = None) -> list[str | None]:
-        """Per row of a stage (default: the result), the run that computed its value."""
-        stage_id = stage_id or (self.plan.output if self.plan else "")
-        outcome = self.outcomes.get(stage_id)
-        if outcome is None:
-            return []
-        return outcome.sources.tolist()
-
-    @property
-    def from_store(self) -> int:
-        """Result rows whose value came from the store (computed by an earlier run)."""
-        return sum(1 for source in self.provenance() if source not in (None, self.id))
-
-    @property
-    def subtask_results(self) -> dict[str, list[SubtaskResult]]:
-        """The latest result of every subtask, by stage."""
-        by_stage: dict[str, list[SubtaskResult]] = {}
-        for result in self._results.values():
-            by_stage.setdefault(result.subtask.stage, []).append(result)
-        return by_stage
-
-    @property
-    def errors(self) -> list[Failure]:
-        """Every row without a value, with why: in stage order, then in row order.
-
-        Failures are recorded as subtasks finish (label/3, label/77, then label/0); ids name
-        source rows, so a natural sort of them is row order.
-        """
-        order = self.plan.order() if self.plan else list(self.outcomes)
-        return [
-            f
-            for s in order
-            if s in self.outcomes
-            for f in sorted(self.outcomes[s].failures, key=lambda f: _natural(f.subtask))
-        ]
-
-    def errors_frame(self) -> pd.DataFrame:
-        """Rows without a value: stage, subtask, kind, message, attempts, rows."""
-        return pd.DataFrame(
-            [e.__dict__ for e in self.errors],
-            columns=["stage", "subtask", "kind", "message", "attempts", "rows"],
-        )
-
-    def transcript(self, subtask_id: str) -> str:
-        """What one worker saw and said (kept for all subtasks of small runs, failed ones always)."""
-        result = self._results.get(subtask_id)
-        stage = subtask_id.split("/", 1)[0]
-        if result is None and stage in self.outcomes and not self.options.keep_transcripts:
-            return "(transcript not kept: large run and this subtask succeeded)"
-        if result is None:
-            raise KeyError(f"no subtask {subtask_id!r} in run {self.id}")
-        if not result.steps:
-            return "(transcript not kept: large run and this subtask succeeded)"
-        return transcript_text(result.steps)
-
-    def timings(self) -> dict[str, float | None]:
-        """Planning time, execution time, and per-stage durations (seconds)."""
-        out: dict[str, float | None] = {
-            "planning_s": self.planning_seconds,
-            "executor_start_s": self.startup_seconds,
-        }
-        if self.started_at is not None:
-            out["execution_s"] = (self.finished_at or time.time()) - self.started_at
-        for stage_id, progress in self.sink.stages.items():
-            if progress.started_at is not None:
-                out[f"{stage_id}_s"] = (progress.finished_at or time.time()) - progress.started_at
-        return out
-
     def __repr__(self) -> str:
         return f"<Run {self.id} {self.status}: {self.summary()['prompt']!r}>"
 
@@ -797,8 +719,3 @@ class Run:
             "a Run cannot be pickled (it holds the endpoint and its key); pickle what you need "
             "from it instead, e.g. run.result, run.errors_frame() or run.plan.model_dump()"
         )
-
-
-def _natural(text: str) -> tuple[Any, ...]:
-    """A sort key that orders the numbers inside ids by value ("label/9" before "label/10")."""
-    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))

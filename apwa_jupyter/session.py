@@ -39,7 +39,9 @@ from .lookups import grant_lookups
 from .models.base import ChatModel, Usage
 from .models.pool import ModelPool
 from .plans import Plan
-from .runs import Run, RunOptions, RunSetup
+from .run_setup import RunOptions, RunSetup
+from .runs import Run
+from .sampling import Sample
 from .tables import DataTable, resolve_tables
 
 RunListener = Callable[[Run], None]
@@ -224,6 +226,8 @@ class Session:
         replay: str | None = None,
         cell_id: str | None = None,
         dry_run: bool = False,
+        sample: int | str | Sample | None = None,
+        parent: str | None = None,
     ) -> Run:
         """Start planning in the background; the Run moves to "awaiting_approval" when ready.
 
@@ -237,6 +241,9 @@ class Session:
         `record="FILE"` saves every model exchange (never the key); `replay="FILE"` answers every
         request from such a file, offline, and fails clearly on a request it does not hold.
         `cell_id` names the notebook cell it came from; `dry_run` plans without running.
+        `sample` (20, "head:20") runs the plan on that many rows of each table a stage reads
+        (sampling.py); `run_all` then runs the rest. `parent` names the sample run whose plan
+        a whole run carries out.
         """
         check_recording(record, replay)
         if record is not None:  # a complete recording: nothing may come from the store
@@ -270,6 +277,8 @@ class Session:
                 store=self.store if cache != "off" else None,
                 cell_id=cell_id,
                 dry_run=dry_run,
+                sample=Sample.parse(sample) if sample is not None else None,
+                parent=parent,
             )
         )
         run.subscribe(lambda event: self._notify(run, event))
@@ -372,6 +381,37 @@ class Session:
             f"{workers.max_concurrency} requests in flight; raise it with "
             f"%apwa config max_concurrency={wanted}"
         ]
+
+    def run_all(self, run: Run) -> Run:
+        """Run a sample run's plan on the whole tables; it starts once planned (no click).
+
+        The plan is the sample's (no manager call) and its stage templates are the same, so
+        the rows the sample answered come from the result store: only the rest is billed.
+        """
+        if run.plan is None or run.state in ("planning", "awaiting_approval"):
+            raise UserInputError(f"run {run.id} is {run.state}: run the sample first")
+        if run.sample is None:
+            raise UserInputError(
+                f"run {run.id} ran on the whole tables already; %apwa retry {run.id} runs "
+                "only what is missing"
+            )
+        setup, options = run.setup, run.setup.options
+        whole = self.plan(
+            setup.prompt,
+            dict(setup.tables),
+            concurrency=options.concurrency,
+            out=options.out,
+            max_tokens=options.max_tokens,
+            registry=run.registry,
+            endpoint=run.worker_model if isinstance(run.worker_model, EndpointConfig) else None,
+            max_input_chars=options.max_input_chars,
+            cache=options.cache,
+            budget=str(setup.budget) if setup.budget is not None else None,
+            plan=run.plan,
+            cell_id=setup.cell_id,
+            parent=run.id,
+        )
+        return whole.approve_when_planned()
 
     def run(self, prompt: str, tables: dict[str, Any], **options: Any) -> Run:
         """Plan, approve and execute; block until done (Ctrl-C cancels, keeping finished work)."""

@@ -121,7 +121,8 @@ class ScoreStep:
         for choice, score in sorted(self.scores.items(), key=lambda item: -item[1]):
             text = f"{choice} {score:.2f}"
             if self.adjustment is not None and choice in self.adjustment:
-                text += f" (-{self.adjustment[choice]:.2f})"
+                adjusted = self.adjustment[choice]  # subtracted: a negative one was added
+                text += f" (-{adjusted:.2f})" if adjusted >= 0 else f" (+{-adjusted:.2f})"
             parts.append(text)
         where = f" row {self.row}" if self.row is not None else ""
         return (

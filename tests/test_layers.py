@@ -44,7 +44,16 @@ LAYERS: list[tuple[str, set[str]]] = [
     ),
     (
         "tables, plans, costs",
-        {"tables", "plans", "plan_fixes", "costs", "capabilities", "aggregate"},
+        {
+            "tables",
+            "plans",
+            "plan_fixes",
+            "costs",
+            "capabilities",
+            "aggregate",
+            "sampling",
+            "evaluation",
+        },
     ),
     ("templates", {"templates", "lookups"}),
     ("worker", {"worker"}),
@@ -53,7 +62,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         {"executors", "executors.base", "executors.local", "executors.rows", "executors.ray"},
     ),
     ("execution and manager", {"manager"}),  # + every execution.* module, added below
-    ("runs", {"runs"}),
+    ("runs", {"runs", "results", "run_setup"}),
     ("session", {"session", "documents"}),
     (
         "notebook",

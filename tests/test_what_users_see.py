@@ -87,3 +87,18 @@ def test_errors_are_listed_in_row_order_not_in_the_order_subtasks_finished(fake_
     ids = run.errors_frame()["subtask"].tolist()
     assert len(ids) == 40
     assert ids == [f"label/{i}" for i in range(0, 120, 3)]
+
+
+def test_a_negative_calibration_reads_as_added_not_as_a_double_minus():
+    from apwa_jupyter.steps import ScoreStep
+
+    step = ScoreStep(
+        "sentiment",
+        {"positive": -0.15, "neutral": -1.2},
+        "positive",
+        calibration="content_free",
+        adjustment={"positive": -0.39, "neutral": 0.2},
+    )
+    line = step.describe()
+    assert "--" not in line
+    assert "positive -0.15 (+0.39)" in line and "neutral -1.20 (-0.20)" in line

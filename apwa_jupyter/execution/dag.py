@@ -17,7 +17,7 @@ from ..events import ProgressSink
 from ..executors.base import Executor, StopSignal
 from ..plans import dependencies
 from .outcomes import StageOutcome
-from .runner import StageRunner
+from .runner import StageRunner, Watch
 from .spec import ExecutionSpec
 from .stages import stage_kind
 
@@ -31,6 +31,7 @@ async def execute_plan(
     stop: StopSignal,
     apply: Apply,
     previous: Mapping[str, StageOutcome] | None = None,
+    watch: Watch | None = None,
 ) -> float:
     """Run every stage; `previous` (a retry) keeps rows that already have values.
 
@@ -60,7 +61,9 @@ async def execute_plan(
             ):
                 outcomes[stage_id] = old  # nothing to do: every row has a value
                 return
-            runner = StageRunner(spec, executor if started else None, sink, stop, outcomes, old)
+            runner = StageRunner(
+                spec, executor if started else None, sink, stop, outcomes, old, watch
+            )
             outcome = await _run_stage(runner, stage)
             outcomes[stage_id] = outcome
             apply(outcome)

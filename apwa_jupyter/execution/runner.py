@@ -7,7 +7,7 @@ stage's outcome from an earlier execution (a retry keeps its answered rows).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -93,6 +93,9 @@ class StageInput:
         return pd.RangeIndex(self.rows)
 
 
+Watch = Callable[[str, Any], None]
+
+
 class StageRunner:
     """Inputs, context and bookkeeping one stage kind needs to run a stage to its outcome."""
 
@@ -104,8 +107,10 @@ class StageRunner:
         stop: StopSignal,
         outcomes: Mapping[str, StageOutcome],
         previous: StageOutcome | None,
+        watch: Watch | None = None,
     ):
         self.spec = spec
+        self.watch = watch  # given a live view of a running row stage (live.py)
         self.executor = executor
         self.sink = sink
         self.stop = stop

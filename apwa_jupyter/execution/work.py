@@ -12,6 +12,7 @@ hands each final result back to `record`. Two shapes cover every stage kind:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -158,6 +159,7 @@ class RowWork(Work):
         self.answers, self.sources, self.failures = answers, sources, failures
         self.size = size  # rows per subtask
         self.per_row = per_row  # subtasks per row (replicas)
+        self.latest: deque[int] | None = None  # the live view's ring of rows just answered
 
     @override
     def subtask(self, i: int) -> Subtask:
@@ -177,6 +179,8 @@ class RowWork(Work):
         positions = self.todo[offset : offset + self.size].tolist()
         collect(self.stage.id, result, positions, self.labels, self.answers, self.failures)
         self.runner.mark(self.sources, result, positions, self.answers)
+        if self.latest is not None and result.outputs:
+            self.latest.extend(p for p in positions if self.answers.mask[p])
 
     @override
     def cache_inputs(self, start: int, end: int) -> list[Any]:

@@ -165,6 +165,8 @@ class ReplicaWork(RowWork):
         if combined is not None:
             self.answers[position] = combined
             self.shares[position] = share
+            if self.latest is not None:
+                self.latest.append(position)
             self.sources[position] = origin_of(group, self.runner.spec.run_id)
             return
         bad = [r for r in group if not r.ok]

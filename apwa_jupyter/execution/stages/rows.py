@@ -16,6 +16,7 @@ from ...tables import DataTable
 from .. import columns
 from ..columns import Answers, row_labels
 from ..drive import drive
+from ..live import LiveRows
 from ..outcomes import Failure, StageOutcome, with_outputs
 from ..runner import StageInput
 from ..work import RowWork, count_skipped
@@ -35,6 +36,10 @@ async def run_rows(work: RowWork, src: StageInput, upstream_failed: np.ndarray) 
     stage = work.stage
     work.runner.sink.restart(stage.id, work.count + len(upstream_failed), 0)
     _upstream(work, src, upstream_failed)
+    if work.runner.watch is not None:  # the Run reads answers as they come (partial, latest)
+        live = LiveRows(work, src)
+        work.latest = live.latest_positions
+        work.runner.watch(stage.id, live)
     await drive(work)
     frame = with_outputs(src.frame, stage.outputs, work.answers)
     return StageOutcome(

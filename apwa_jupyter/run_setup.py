@@ -1,0 +1,59 @@
+"""What a run is made with: its options and its setup, fixed when the run is created.
+
+The session builds one `RunSetup` per request; the Run keeps it (`run.setup`), so a run of the
+whole table after a sample (`Session.run_all`) is made from the very same request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .execution import CacheMode
+
+if TYPE_CHECKING:
+    from .capabilities import CapabilityRegistry
+    from .costs import Budget
+    from .executors.base import Executor
+    from .sampling import Sample
+    from .store import ResultStore
+    from .tables import DataTable
+
+
+@dataclass
+class RunOptions:
+    """Knobs of one run; `concurrency=None` leaves the executor's own setting in force."""
+
+    concurrency: int | None = None
+    max_tokens: int = 1024
+    keep_transcripts: bool = True
+    out: str | None = None
+    max_input_chars: int | None = None  # None: the worker's default input budget
+    # The result store: "use" (read and write), "refresh" (fresh answers, written), "off".
+    cache: CacheMode = "use"
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """What a Run is made with: the request, what it may use, and how it reaches the engine.
+
+    `store` is the result store (None: nothing is read or written), `budget` what the run may
+    spend; `submit` and `call_soon` hand work to the engine loop; `executor_factory` gives the
+    session's executor when the run starts (Ray starts only then).
+    """
+
+    prompt: str
+    tables: dict[str, DataTable]
+    registry: CapabilityRegistry
+    options: RunOptions
+    executor_factory: Callable[[], Executor]
+    submit: Callable[[Any], Future[Any]]
+    call_soon: Callable[[Callable[[], Any]], None]
+    budget: Budget | None = None
+    store: ResultStore | None = None
+    cell_id: str | None = None
+    dry_run: bool = False
+    sample: Sample | None = None  # run on a sample of the tables the stages read (sampling.py)
+    parent: str | None = None  # the sample run whose plan this whole run carries out
