@@ -87,7 +87,7 @@ class EndpointConfig(BaseModel):
     def without_key(self) -> EndpointConfig:
         """A copy with the placeholder key: safe to put where data may be stored.
 
-        Ray's object store can spill to disk; the key travels beside it (see executors/ray.py).
+        Ray's object store can spill to disk; the key travels beside it (see executors/ray/executor.py).
         """
         return self.model_copy(update={"api_key": SecretStr(PLACEHOLDER_API_KEY)})
 

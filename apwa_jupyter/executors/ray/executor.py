@@ -1,55 +1,47 @@
-"""The Ray executor: a long-lived pool of async actors, each holding its own HTTP client.
+"""The Ray executor and its actor pool: `RayExecutor`.
 
-Why actors and not one task per call: each concurrent Ray task is its own worker process
-(100-150 MB, seconds of CPU to start), so 128 concurrent LLM calls as tasks reached 1.4% of ideal
-here, while a few async actors with `max_concurrency` matched plain asyncio (see the shared Ray
-notes). The driver keeps a bounded window of calls in flight; actors are `num_cpus=0` (they wait
-on the network) and restart if their process dies, and a lost call is simply run again.
-
-Data goes into the object store once per table and once per stage context (without the API
-key); each call carries only subtasks (slice pointers), references and the key, and each actor
-caches what it has fetched.
-
-Subtasks go to actors in micro-batches: each actor call costs about 2 ms of CPU across the driver
-and the actor whatever it carries, which at 256 calls/s was most of two cores. Attempts arriving
-within BATCH_WAIT_S for the same actor and stage share one call (a streaming generator), and
-the actor yields results as they finish, several at a time, so a lane still gets its own result
-as soon as it exists.
-
-Nothing of Ray's own log reaches the notebook: Ray's messages to the driver (a dead raylet's log
-tail, "node marked dead") go to a file in Ray's session logs (`RayExecutor.messages_log`, under
-`log_dir`), and a lost node is recorded as apwa's own fact (`RayExecutor.lost_nodes`).
-This is the only module that imports ray.
+It starts (or attaches to) Ray and places the pool's actors, round-robin and pinned, on the
+nodes with CPUs; puts tables and stage contexts in the object store (the API key stays in
+driver memory, `StageHandle`); sends attempts to the least-loaded live actor in micro-batches
+(`_Batch`: one streaming actor call per actor and stage) and reads their results back; finds
+lost actors and lost nodes and replaces their actors on live nodes; gives nodes that join the
+cluster actors of their own; and describes the cluster for `%apwa cluster`. The actor class is
+in `actor`, the views and lost-node records in `view`, Ray's start-up helpers in `cluster`.
+Ray is imported inside the functions only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import contextlib
 import dataclasses
-import logging
 import os
-import socket
-import threading
 import time
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import pyarrow as pa
 
-from ..config import EndpointConfig
-from ..errors import UserInputError
-from ..models.pool import ModelPool
-from ..templates import StageContext, Subtask
-from ..worker import SubtaskResult
-from .base import Executor, RetryPolicy, WorkerLost
+from ...config import EndpointConfig
+from ...errors import UserInputError
+from ...templates import StageContext, Subtask
+from ...worker import SubtaskResult
+from ..base import Executor, RetryPolicy, WorkerLost
+from .actor import _WorkerActor
+from .cluster import _on_parked_thread, _quiet_ray_init, ray_start_options
+from .view import (
+    MESSAGES_FILE,
+    ActorView,
+    ClusterView,
+    LostNode,
+    NodeView,
+    _address_origin,
+    _keep_ray_messages_in,
+    _print_ray_messages_again,
+    _raylet_answers,
+)
 
-NAMESPACE = "apwa"
-CACHE_ENTRIES = 32
 # Actors per alive node at start; each serves thousands of concurrent calls (async).
 ACTORS_PER_NODE = 2
 PROBE_INTERVAL_S = 0.5
@@ -65,29 +57,6 @@ NODE_WATCH_S = 2.0
 # come back within a loop turn or two, so they share the next call.
 BATCH_WAIT_S = 0.003
 BATCH_MAX = 64
-# How long the actor waits after a result for others to finish, so they travel in one message.
-YIELD_WAIT_S = 0.002
-# How long a lost actor's node gets to accept a TCP connection on its raylet's port before apwa
-# takes the node for lost (a killed raylet refuses at once; a vanished machine times out).
-RAYLET_CONNECT_TIMEOUT_S = 2.0
-# Ray's messages to this driver (what its error listener would print into the running cell) go
-# to this file in Ray's session logs folder, one per driver process.
-MESSAGES_FILE = "apwa-ray-messages-{pid}.log"
-
-
-def _on_parked_thread(function: Any) -> concurrent.futures.Future[Any]:
-    """Run `function` on a new daemon thread that then parks forever, and return its future."""
-    future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-
-    def target() -> None:
-        try:
-            future.set_result(function())
-        except BaseException as exc:
-            future.set_exception(exc)
-        threading.Event().wait()
-
-    threading.Thread(target=target, name="apwa-ray-start", daemon=True).start()
-    return future
 
 
 class StageHandle(NamedTuple):
@@ -99,157 +68,6 @@ class StageHandle(NamedTuple):
 
     ref: Any
     api_key: str | None
-
-
-class _WorkerActor:
-    """Runs subtasks inside a Ray worker process; one instance serves many concurrent calls."""
-
-    def __init__(self) -> None:
-        from apwa_jupyter.capabilities import use_cpu_runner
-
-        use_cpu_runner(_run_on_this_node)
-        self._models = ModelPool()
-        self._cache: OrderedDict[str, Any] = OrderedDict()
-        # Calls received and subtasks they carried: `stats` shows how well batching works.
-        self._calls = 0
-        self._subtasks = 0
-
-    def pid(self) -> int:
-        return os.getpid()
-
-    def stats(self) -> dict[str, int]:
-        """Batched calls received and the subtasks they carried, since this process started."""
-        return {"calls": self._calls, "subtasks": self._subtasks}
-
-    def placement(self) -> tuple[str, int]:
-        """(node id, process id) of this actor: `%apwa cluster` shows where the pool runs."""
-        import ray
-
-        return ray.get_runtime_context().get_node_id(), os.getpid()
-
-    async def _fetch(self, ref: Any) -> Any:
-        key = ref.hex()
-        if key not in self._cache:
-            self._cache[key] = await ref
-            while len(self._cache) > CACHE_ENTRIES:
-                self._cache.popitem(last=False)
-        self._cache.move_to_end(key)
-        return self._cache[key]
-
-    async def run_batch(
-        self,
-        subtasks: list[Subtask],
-        stage_box: list[Any],
-        tables: dict[str, Any],
-        api_key: str | None = None,
-    ) -> AsyncIterator[list[tuple[int, SubtaskResult]]]:
-        """Several subtasks of one stage in one call; yields (position, result) pairs as they finish.
-
-        Called as a streaming generator: each yield reaches the driver at once, so one slow
-        subtask does not hold back the others; results finishing within YIELD_WAIT_S of each
-        other travel together. `api_key` arrives inline with the call, never from the object
-        store. `tables` maps table names to references (in a dict, so Ray passes them through
-        unresolved and `_fetch` caches them). The stage, tables and model are resolved once per
-        call, not per subtask. Cancelling the call (ray.cancel) cancels every subtask in it.
-        """
-        from apwa_jupyter.executors.rows import read_rows
-
-        self._calls += 1
-        self._subtasks += len(subtasks)
-        ctx: StageContext = await self._fetch(stage_box[0])
-        fetched = {name: await self._fetch(ref) for name, ref in tables.items()}
-        source = ctx.model.with_key(api_key) if isinstance(ctx.model, EndpointConfig) else ctx.model
-        model = self._models.get(source)
-        finished: list[asyncio.Task[SubtaskResult]] = []
-        wake = asyncio.Event()
-
-        def on_done(task: asyncio.Task[SubtaskResult]) -> None:
-            finished.append(task)
-            wake.set()
-
-        position: dict[asyncio.Task[SubtaskResult], int] = {}
-        for i, subtask in enumerate(subtasks):
-            task = asyncio.ensure_future(
-                _run_one(subtask, ctx, model, lambda st: read_rows(st, fetched))
-            )
-            task.add_done_callback(on_done)
-            position[task] = i
-        left = len(position)
-        try:
-            while left:
-                await wake.wait()
-                if YIELD_WAIT_S > 0 and len(finished) < left:
-                    await asyncio.sleep(YIELD_WAIT_S)
-                ready = finished[:]
-                del finished[:]
-                wake.clear()
-                left -= len(ready)
-                yield [(position[task], task.result()) for task in ready]
-        finally:
-            for task in position:
-                task.cancel()
-
-
-async def _run_one(subtask: Subtask, ctx: StageContext, model: Any, rows: Any) -> SubtaskResult:
-    """One subtask of a batch; a bug fails only its own subtask, as it would in the driver."""
-    from apwa_jupyter.worker import run_subtask
-
-    try:
-        return await run_subtask(subtask, ctx, model, rows)
-    except Exception as exc:
-        return SubtaskResult(subtask, error=f"{type(exc).__name__}: {exc}", error_kind="internal")
-
-
-def _call_tool(function: Any, arguments: dict[str, Any]) -> Any:
-    """Body of the Ray task that runs one call of a tool declaring `num_cpus`."""
-    return function(**arguments)
-
-
-async def _run_on_this_node(tool: Any, arguments: dict[str, Any]) -> Any:
-    """Run one call of a CPU tool as a Ray task pinned to this actor's node, CPUs reserved.
-
-    Pinned (not soft): the tool's inputs are usually local to the actor that asked (its rows,
-    files on that node), and the node's CPUs are what `num_cpus` reserves. When the call is
-    cancelled (the tool's timeout, a cancelled run) the task is cancelled too.
-    """
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    node = ray.get_runtime_context().get_node_id()
-    task = ray.remote(_call_tool).options(
-        num_cpus=tool.num_cpus,
-        max_retries=0,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-    )
-    ref = task.remote(tool.function, arguments)
-    try:
-        return await ref
-    except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            ray.cancel(ref, force=True)
-        raise
-
-
-def ray_start_options(address: str | None) -> dict[str, Any]:
-    """`ray.init` arguments: attach to `address`/RAY_ADDRESS, else start a lean local cluster."""
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    options: dict[str, Any] = {
-        "namespace": NAMESPACE,
-        "log_to_driver": False,  # keep worker log floods out of the notebook
-        "ignore_reinit_error": True,
-        "logging_level": logging.WARNING,  # no "Started a local Ray instance" in the cell
-    }
-    if address:
-        options["address"] = address
-    else:
-        # Embedded default: no dashboard (11 processes, ~1 GB) and no token auth for a cluster
-        # that only this kernel uses.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        # Ray runs workers at nice 15; our actors are the user's foreground work (and wait on
-        # the network). At nice 15, one busy process beside them halved efficiency (0.92 -> 0.52).
-        os.environ.setdefault("RAY_worker_niceness", "0")
-        options["include_dashboard"] = False
-    return options
 
 
 def _nodes_for_actors(nodes: list[dict[str, Any]]) -> list[str]:
@@ -291,172 +109,6 @@ class _Batch:
     tables: dict[str, Any] = field(default_factory=dict)
     sent: bool = False
     node: str | None = None  # the node the actor was placed on, when the batch opened
-
-
-class _DropThreadWarning(logging.Filter):
-    """Ray warns that it cannot set a SIGTERM handler off the main thread; that is intended."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "SIGTERM handler is not set" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _quiet_ray_init() -> Iterator[None]:
-    """Keep ray.init's start-up chatter out of the notebook cell (Ray's logs still have it)."""
-    logger = logging.getLogger("ray")
-    drop = _DropThreadWarning()
-    level = logger.level
-    logger.addFilter(drop)
-    for handler in logger.handlers:
-        handler.addFilter(drop)
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-        logger.removeFilter(drop)
-        for handler in logger.handlers:
-            handler.removeFilter(drop)
-
-
-class _MessagesToFile:
-    """Ray's messages to the driver, written to a file instead of the driver's stdout.
-
-    Ray's driver runs a thread (`ray._private.worker.listen_error_messages`) whatever
-    `log_to_driver` says: it prints every error the cluster publishes to drivers (a raylet that
-    died, with the last 20 lines of its log; "node marked dead"; worker crashes) to `sys.stdout`,
-    prefixed "(raylet)" in ANSI yellow. In a kernel, `sys.stdout` is the running cell. That thread
-    looks `print_to_stdstream` up in its module on every message, so this object takes its
-    place: the messages go to `path` (in Ray's session logs folder), with a time stamp. A worker's
-    own output (`log_to_driver=True`, pid not "raylet") still goes where Ray sends it.
-    """
-
-    def __init__(self, original: Any, path: str):
-        self.original = original
-        self.path = path
-        self.lock = threading.Lock()
-
-    def __call__(self, data: dict[str, Any], ignore_prefix: bool) -> None:
-        if data.get("pid") != "raylet":
-            self.original(data, ignore_prefix)
-            return
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        with contextlib.suppress(OSError), self.lock, open(self.path, "a", encoding="utf-8") as f:
-            for line in data.get("lines", []):
-                f.write(f"[{stamp}] {line}\n")
-
-
-def _keep_ray_messages_in(path: str) -> None:
-    """Send Ray's messages to this driver to `path` from now on (once per process; `path` moves)."""
-    import ray._private.worker as ray_worker
-
-    current = ray_worker.print_to_stdstream
-    if isinstance(current, _MessagesToFile):
-        current.path = path
-    else:
-        ray_worker.print_to_stdstream = _MessagesToFile(current, path)
-
-
-def _print_ray_messages_again() -> None:
-    """Give Ray back its own printing of messages (after `ray.shutdown`)."""
-    import ray._private.worker as ray_worker
-
-    current = ray_worker.print_to_stdstream
-    if isinstance(current, _MessagesToFile):
-        ray_worker.print_to_stdstream = current.original
-
-
-def _raylet_answers(host: str | None, port: int | None) -> bool:
-    """Whether a node's raylet accepts a TCP connection (twice, to ride out a blip)."""
-    if not host or not port:
-        return False
-    for _ in range(2):
-        try:
-            with socket.create_connection((host, port), timeout=RAYLET_CONNECT_TIMEOUT_S):
-                return True
-        except OSError:
-            time.sleep(0.2)
-    return False
-
-
-@dataclass
-class LostNode:
-    """A node lost under the pool: calls to its actors failed and its raylet stopped answering.
-
-    `at` is the wall-clock time (time.time()) of the first call that failed there; `calls` counts
-    the subtask attempts that were running on it when it went, each sent again to a live actor.
-    """
-
-    node_id: str
-    address: str | None
-    at: float
-    calls: int = 0
-
-
-@dataclass(frozen=True)
-class NodeView:
-    """One node as it really is: `alive` is False once Ray declared it dead or apwa lost it."""
-
-    node_id: str
-    address: str | None
-    alive: bool
-    ray_alive: bool  # what Ray's node table says (it lags: 15-30 s after a raylet dies)
-    head: bool
-    resources: dict[str, float]
-    actors: int  # the pool's live actors on it
-    lost_at: float | None = None  # when apwa lost it (a LostNode), if it did
-
-
-@dataclass(frozen=True)
-class ActorView:
-    """One actor of the pool: its slot, the node it runs on (or ran on), its pid, whether it answers."""
-
-    slot: int
-    node_id: str | None
-    pid: int | None
-    alive: bool
-
-
-@dataclass(frozen=True)
-class ClusterView:
-    """What `%apwa cluster` shows: the cluster as it is, not as it was asked for.
-
-    `address` is the GCS address in use; `address_source` says where it came from: "argument"
-    (the executor's `address`, i.e. `%apwa config address=`), "RAY_ADDRESS", "auto" (Ray found a
-    running cluster for address=auto), "found" (no address set; Ray attached to the cluster the
-    last `ray start` on this machine left), "started" (a local cluster started by this process),
-    "preinitialized" (Ray was initialized in this process before apwa), or "not started".
-    `requested` is the address as given (argument or RAY_ADDRESS), if any. `concurrency` is the
-    executor's default; a run's own `--concurrency` belongs to the session (see display.cluster_text).
-    """
-
-    started: bool
-    address: str | None
-    address_source: str
-    requested: str | None
-    concurrency: int
-    nodes: list[NodeView] = field(default_factory=list)
-    actors: list[ActorView] = field(default_factory=list)
-    lost_nodes: list[LostNode] = field(default_factory=list)
-    replaced: int = 0
-    added: int = 0
-    log_dir: str | None = None
-    messages_log: str | None = None
-    error: str | None = None
-
-
-def _address_origin(argument: str | None, started_here: bool) -> tuple[str, str | None]:
-    """(source, requested) of the address ray.init attached to; see ClusterView.address_source."""
-    env = os.environ.get("RAY_ADDRESS") or None
-    if started_here:
-        return "started", None
-    if argument and argument != "auto":
-        return "argument", argument
-    if env:  # Ray lets RAY_ADDRESS override address=auto, as ray_start_options does for None
-        return "RAY_ADDRESS", env
-    if argument == "auto":
-        return "auto", "auto"
-    return "found", None
 
 
 class RayExecutor(Executor):
@@ -1041,64 +693,3 @@ class RayExecutor(Executor):
             ray.shutdown()
             self._owns_ray = False
             _print_ray_messages_again()
-
-
-# -- Plain functions on the cluster (documents.files) -------------------------------------------
-# A separate section from the actor pool above: the actors wait on the network with num_cpus=0,
-# while this runs CPU-bound work (text extraction) as ordinary Ray tasks of one CPU each, so Ray
-# spreads it over the cluster's cores and no node runs more of it at once than it has CPUs.
-
-
-def run_on_cluster(fn: Any, batches: list[Any], window: int | None = None) -> Iterator[Any]:
-    """`fn(batch)` for every batch as one Ray task each; yields the results in `batches` order.
-
-    Results stream back: each is yielded as soon as it and every earlier one are done, and at
-    most `window` tasks (default: twice the cluster's CPUs) are submitted ahead of the next one
-    to yield, so memory stays bounded on any number of batches. A task that fails (its function
-    raised, or its worker died after Ray's retries) yields its exception in its place instead of
-    stopping the others: the caller decides what a failed batch means.
-
-    Ray must already be running (start the executor first). What the nodes need: `fn` and
-    whatever it imports must be importable there (apwa_jupyter installed, as for the actors),
-    and anything it reads by path, such as files, must be readable at that same path on every
-    node: a shared filesystem, or a cluster that is only this machine. Interrupting the caller
-    (Ctrl-C) cancels the tasks not yet finished.
-    """
-    import ray
-
-    if not ray.is_initialized():
-        raise RuntimeError("run_on_cluster needs a running Ray: start the executor first")
-    cpus = ray.cluster_resources().get("CPU", 0)
-    if window is None:
-        window = 2 * max(1, int(cpus))
-    # One CPU per task, unless the cluster has none to give (then a task would wait forever).
-    task = ray.remote(num_cpus=1 if cpus >= 1 else 0)(fn)
-    pending: dict[Any, int] = {}
-    done: dict[int, Any] = {}
-    submitted = yielded = 0
-    try:
-        while yielded < len(batches):
-            while submitted < len(batches) and submitted - yielded < window:
-                pending[task.remote(batches[submitted])] = submitted
-                submitted += 1
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                position = pending.pop(ref)
-                try:
-                    done[position] = ray.get(ref)
-                except ray.exceptions.RayError as exc:
-                    done[position] = exc
-            while yielded in done:
-                yield done.pop(yielded)
-                yielded += 1
-    finally:
-        for ref in pending:
-            with contextlib.suppress(Exception):
-                ray.cancel(ref)
-
-
-def cluster_cpus() -> int:
-    """CPUs of the running Ray cluster (at least 1): how many of `run_on_cluster`'s tasks run at once."""
-    import ray
-
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
