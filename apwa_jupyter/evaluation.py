@@ -9,7 +9,9 @@ a row without an answer in either run differs, and one without a label is not sc
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -148,3 +150,103 @@ def comparison_text(frame: pd.DataFrame, diff: str, names: tuple[str, str], show
     if len(frame):
         lines += ["  first rows that differ:", frame.head(shown).to_string()]
     return "\n".join(lines)
+
+
+# -- a judge model's scores ------------------------------------------------------------------------
+JUDGE_STAGE = "judge"
+JUDGE_SCALE = (1, 5)
+# Two-sided 95 % Student t quantiles by degrees of freedom (1..30); above 30 the normal's 1.96
+# is within 2 % of t, which is well inside what a 50-answer judge sample can claim.
+_T95 = [12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.20, 2.18, 2.16, 2.14,
+        2.13, 2.12, 2.11, 2.10, 2.09, 2.09, 2.08, 2.07, 2.07, 2.06, 2.06, 2.06, 2.05, 2.05, 2.05,
+        2.04]  # fmt: skip
+
+
+def judge_plan(criterion: str, inputs: list[str], outputs: list[str]) -> Plan:
+    """A one-stage plan in which a judge model scores each answer against `criterion`, 1 to 5."""
+    shown_in = "\n".join(f"{name}: {{{name}}}" for name in inputs)
+    shown_out = "\n".join(f"{name}: {{{name}}}" for name in outputs)
+    instruction = (
+        f"Criterion: {criterion}\nA worker was given this input:\n{shown_in}\nand answered:\n"
+        f"{shown_out}\nScore how well the answer meets the criterion, from {JUDGE_SCALE[0]} "
+        f"(not at all) to {JUDGE_SCALE[1]} (fully), and say why in one sentence."
+    )
+    return Plan.model_validate(
+        {
+            "summary": f"Judge answers: {criterion}"[:300],
+            "stages": [
+                {
+                    "id": JUDGE_STAGE,
+                    "kind": "map",
+                    "source": "answers",
+                    "instruction": instruction[:1000],
+                    "outputs": [
+                        {"name": "score", "type": "integer", "description": "1 to 5"},
+                        {"name": "reason", "type": "string", "description": "one sentence"},
+                    ],
+                }
+            ],
+            "output": JUDGE_STAGE,
+        }
+    )
+
+
+def judge_frame(result: pd.DataFrame, inputs: list[str], outputs: list[str]) -> pd.DataFrame:
+    """The answers a judge reads: the input columns the stage read and its outputs.
+
+    Renamed apart (`input_x`, `answer_y`), so that no output shadows an input.
+    """
+    frame = pd.DataFrame(index=result.index)
+    for name in inputs:
+        frame[f"input_{name}"] = result[name].astype(object).where(result[name].notna(), None)
+    for name in outputs:
+        frame[f"answer_{name}"] = result[name].astype(object).where(result[name].notna(), None)
+    return frame
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """A judge's verdict on a sample of answers: mean score, its 95 % interval, the worst rows."""
+
+    criterion: str
+    n: int
+    mean: float
+    low: float
+    high: float
+    scores: pd.DataFrame  # per judged row: score and reason, your index
+    run_id: str
+
+    @property
+    def worst(self) -> pd.DataFrame:
+        """The five lowest-scored rows (with the judge's reasons)."""
+        return self.scores.sort_values("score").head(5)
+
+    def __str__(self) -> str:
+        return (
+            f"judge run {self.run_id}: {self.criterion!r} on {self.n} answers: mean "
+            f"{self.mean:.2f} of {JUDGE_SCALE[1]} (95 % interval {self.low:.2f}-{self.high:.2f}; "
+            f"Student t); worst rows:\n{self.worst.to_string()}"
+        )
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        return {"text/plain": str(self)}
+
+
+def judgement(criterion: str, scores: pd.DataFrame, run_id: str) -> Judgement:
+    """The mean of the judged scores and a 95 % Student t interval around it.
+
+    The interval assumes the sampled answers are independent draws from the run's answers (the
+    sample is seeded and spread over the table); rows the judge could not score are left out
+    and counted in `n` no more.
+    """
+    valid = scores[scores["score"].notna()]
+    values = valid["score"].astype(float).clip(*JUDGE_SCALE)
+    n = len(values)
+    if n == 0:
+        raise UserInputError("the judge scored no answer: see the judge run's errors_frame()")
+    mean = float(values.mean())
+    if n == 1:
+        return Judgement(criterion, n, mean, float("nan"), float("nan"), valid, run_id)
+    t = _T95[n - 2] if n - 1 <= len(_T95) else 1.96
+    half = t * float(values.std(ddof=1)) / math.sqrt(n)
+    return Judgement(criterion, n, mean, mean - half, mean + half, valid, run_id)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from .errors import UserInputError
-from .evaluation import compare, evaluate, instruction_diff
+from .evaluation import Judgement, compare, evaluate, instruction_diff
 from .execution.live import LiveRows, label_positions
 from .steps import CorrectionStep, FinalStep, ScoreStep, transcript_text
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .events import ProgressSink
     from .execution import Failure, StageOutcome
     from .plans import Plan
-    from .run_setup import RunOptions
+    from .run_setup import RunOptions, RunSetup
     from .worker import SubtaskResult
 
 
@@ -81,6 +81,29 @@ class RunResults:
     def _running_row_stage(self) -> str | None:
         running = [s for s in self._live if s not in self.outcomes]
         return running[-1] if running else None
+
+    # -- what follows from a run (made by the session) ----------------------------------------
+    setup: RunSetup
+
+    def run_all(self) -> Any:
+        """Run the plan of this `--sample` run on the whole tables; sampled rows come from the store."""
+        return self._follow_ups().run_all(self)
+
+    def judge(
+        self, criterion: str, sample: int = 50, model: str | None = None, budget: str | None = None
+    ) -> Judgement:
+        """A judge model scores `sample` answers against `criterion` (1-5): mean, 95 % interval.
+
+        The judge's calls are a run of their own (`Judgement.run_id`): estimated, budgeted
+        (`budget`), stored and billed like any other; `model` names a judge model at the same
+        endpoint (default: the run's).
+        """
+        return self._follow_ups().judge(self, criterion, sample, model, budget)
+
+    def _follow_ups(self) -> Any:
+        if self.setup.follow_ups is None:
+            raise UserInputError(f"run {self.id} was not made by a session: plan it with one")
+        return self.setup.follow_ups
 
     # -- against another run, against labels ---------------------------------------------------
     def compare(self, other: RunResults) -> pd.DataFrame:

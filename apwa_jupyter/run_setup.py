@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .execution import CacheMode
 
@@ -20,6 +20,25 @@ if TYPE_CHECKING:
     from .sampling import Sample
     from .store import ResultStore
     from .tables import DataTable
+
+
+class FollowUps(Protocol):
+    """Runs that follow from a run (the session makes them: they need its endpoint and store)."""
+
+    def run_all(self, run: Any) -> Any:
+        """The run's plan on the whole tables (after a sample)."""
+        ...
+
+    def judge(
+        self,
+        run: Any,
+        criterion: str,
+        sample: int = 50,
+        model: str | None = None,
+        budget: str | None = None,
+    ) -> Any:
+        """A judge model's scores of a sample of the run's answers."""
+        ...
 
 
 @dataclass
@@ -57,3 +76,4 @@ class RunSetup:
     dry_run: bool = False
     sample: Sample | None = None  # run on a sample of the tables the stages read (sampling.py)
     parent: str | None = None  # the sample run whose plan this whole run carries out
+    follow_ups: FollowUps | None = None  # the session: runs that follow from this one

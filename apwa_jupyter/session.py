@@ -32,13 +32,14 @@ from .config import (
 from .costs import Budget
 from .engine import get_engine
 from .errors import ApwaError, PlanError, UserInputError
+from .evaluation import Judgement, judge_frame, judge_plan, judgement
 from .events import Event
 from .execution import CacheMode, endpoint_id
 from .executors.base import Executor
 from .lookups import grant_lookups
 from .models.base import ChatModel, Usage
 from .models.pool import ModelPool
-from .plans import Plan
+from .plans import Plan, columns_read
 from .run_setup import RunOptions, RunSetup
 from .runs import Run
 from .sampling import Sample
@@ -279,6 +280,7 @@ class Session:
                 dry_run=dry_run,
                 sample=Sample.parse(sample) if sample is not None else None,
                 parent=parent,
+                follow_ups=self,
             )
         )
         run.subscribe(lambda event: self._notify(run, event))
@@ -412,6 +414,51 @@ class Session:
             parent=run.id,
         )
         return whole.approve_when_planned()
+
+    def judge(
+        self,
+        run: Run,
+        criterion: str,
+        sample: int = 50,
+        model: str | None = None,
+        budget: str | None = None,
+    ) -> Judgement:
+        """A judge model scores a seeded sample of the run's answers against `criterion`.
+
+        The judge reads each sampled row's input columns (those the output stage read) and its
+        answer; its calls are a run of their own, planned without the manager, estimated,
+        budgeted and stored like any other.
+        """
+        result = run.result
+        if result is None or run.plan is None:
+            raise UserInputError(f"run {run.id} has no result yet: wait for it, then judge")
+        stage = run.plan.stage(run.plan.output)
+        outputs = [o.name for o in stage.outputs]
+        answered = result[result[outputs].notna().all(axis=1)]
+        if answered.empty:
+            raise UserInputError(f"run {run.id} has no answered row to judge")
+        picked = answered.iloc[Sample(sample).positions(len(answered))]
+        columns = [str(c) for c in result.columns if c not in outputs]
+        inputs = columns_read(stage.instruction, columns)
+        frame = judge_frame(picked, inputs, outputs)
+        plan = judge_plan(
+            criterion, [f"input_{c}" for c in inputs], [f"answer_{c}" for c in outputs]
+        )
+        endpoint = run.worker_model if isinstance(run.worker_model, EndpointConfig) else None
+        if model is not None:
+            endpoint = merge_endpoint(endpoint or self.resolved_endpoint(), model=model)
+        judged = self.plan(
+            f"judge run {run.id}: {criterion}",
+            {"answers": frame},
+            endpoint=endpoint,
+            plan=plan,
+            budget=budget,
+            registry=self.grant_tools(None, [], False),
+        )
+        judged.approve_when_planned().wait()
+        if judged.result is None:
+            raise UserInputError(f"the judge run {judged.id} {judged.status}")
+        return judgement(criterion, judged.result[["score", "reason"]], judged.id)
 
     def run(self, prompt: str, tables: dict[str, Any], **options: Any) -> Run:
         """Plan, approve and execute; block until done (Ctrl-C cancels, keeping finished work)."""

@@ -247,3 +247,32 @@ def test_the_magic_samples_runs_all_and_diffs(ip, capsys):  # noqa: F811 (the ip
     assert "ran on the whole tables already" in capsys.readouterr().out
     apwa(ip, "--sample ten", "Label {reviews}.")
     assert "sample 'ten' is not understood" in capsys.readouterr().out
+
+
+def test_a_judge_scores_a_sample_of_answers_with_an_interval(fake_server, registry, tmp_path):
+    judged_rows: list[str] = []
+
+    def worker(body: dict[str, Any]) -> Reply:
+        row = worker_input(body)
+        if "answer_mood" in row:  # the judge: a "bad" label on a great review is wrong
+            judged_rows.append(row["input_text"])
+            wrong = "great" in row["input_text"] and row["answer_mood"] == "bad"
+            return Reply.json({"score": 1 if wrong else 5, "reason": "r"})
+        number = int(row["text"].split()[1])
+        good = "great" in row["text"] and number % 6 != 0  # every 6th great review is mislabelled
+        return Reply.json({"mood": "good" if good else "bad"})
+
+    counting = Counting(worker, PLAN)
+    server = fake_server(counting)
+    session = session_for(server, registry, cache_dir=str(tmp_path))
+    run = session.run("Label {reviews}", {"reviews": reviews(120)})
+    before = counting.workers
+    verdict = run.judge("the mood matches the review", sample=30)
+    assert counting.workers - before == 30 and len(judged_rows) == 30  # billed: 30 calls
+    assert counting.manager == 1  # the judge is planned without the manager
+    assert verdict.n == 30 and 1 <= verdict.mean < 5
+    assert verdict.low < verdict.mean < verdict.high
+    assert (verdict.worst["score"] == 1).all() and len(verdict.worst) == 5
+    assert "95 % interval" in str(verdict)
+    judge_run = session.get_run(verdict.run_id)
+    assert judge_run.cost_estimate() is not None and judge_run.plan.stages[0].id == "judge"
