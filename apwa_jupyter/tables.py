@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -188,7 +189,10 @@ class DataTable:
         return self.arrow.slice(part.offset, part.length)
 
     def metadata(
-        self, budget_chars: int = METADATA_BUDGET_CHARS, samples: bool = True
+        self,
+        budget_chars: int = METADATA_BUDGET_CHARS,
+        samples: bool = True,
+        request: str | None = None,
     ) -> TableMetadata:
         """Compact description for the manager: flat in the row count, bounded in the width.
 
@@ -200,21 +204,30 @@ class DataTable:
         most detailed first; the last resort lists the columns that fit and counts the rest by
         type (`_shed_columns`). Every table's metadata goes into the manager prompt, so none may
         outgrow its budget.
+
+        `request` (the user's prompt) matters only for a table too wide to list: the columns whose
+        names share a word with it are listed first (`request_first`), so that the ones the
+        request is about survive the shedding. Without it (and for every table narrow enough to
+        list) the output is exactly what it was, so stored plans' keys do not change.
         """
         types = self._column_types()
         kinds = dict(zip(self.column_names, types, strict=True))
         listed = self.column_names
         patterns: list[str] = []
+        first_note = ""
         if _names_only_chars(self.column_names, types) > budget_chars:
             listed, patterns = summarise_columns(self.column_names, types)
+            if request is not None:
+                listed, matched = request_first(listed, request)
+                first_note = FIRST_NOTE.format(matched=matched) if matched else ""
             if _names_only_chars(listed, [kinds[n] for n in listed]) > budget_chars:
                 # not even the names of the columns without a pattern fit: no stats or samples
                 named = self._names_only(listed, kinds, patterns)
-                return _shed_columns(named, budget_chars)
+                return _shed_columns(named, budget_chars, first_note)
         shown = self.arrow.select(listed)
         columns = self._column_stats(shown, listed, kinds, samples)
         sample_rows = shown.take(self.sample_positions()).to_pylist() if samples else []
-        wide = self._wide_fields(listed, patterns)
+        wide = self._wide_fields(listed, patterns, first_note)
         free_text = {
             c.name
             for c in columns
@@ -227,7 +240,7 @@ class DataTable:
             meta = self._at_detail_level(level, columns, sample_rows, free_text, wide, samples)
             if len(meta.to_prompt()) <= budget_chars:
                 return meta
-        return _shed_columns(meta, budget_chars)
+        return _shed_columns(meta, budget_chars, first_note)
 
     def _column_types(self) -> list[str]:
         """Each column's type as the manager reads it; columns of dicts say "json".
@@ -273,7 +286,9 @@ class DataTable:
             columns = [c.model_copy(update={"min": None, "max": None}) for c in columns]
         return columns
 
-    def _wide_fields(self, listed: list[str], patterns: list[str]) -> dict[str, Any]:
+    def _wide_fields(
+        self, listed: list[str], patterns: list[str], first_note: str = ""
+    ) -> dict[str, Any]:
         """For a table summarised by patterns: its column count, the patterns, and a note.
 
         The note tells the manager that unlisted columns exist and how to name them, so that it
@@ -281,11 +296,61 @@ class DataTable:
         """
         if not patterns:
             return {}
+        note = WIDE_NOTE.format(count=self.arrow.num_columns, listed=len(listed))
         return {
             "column_count": self.arrow.num_columns,
             "column_patterns": patterns,
-            "columns_note": WIDE_NOTE.format(count=self.arrow.num_columns, listed=len(listed)),
+            "columns_note": note + first_note,
         }
+
+    def find_columns(self, pattern: str, kind: str | None = None) -> tuple[list[ColumnInfo], str]:
+        """Every column whose name matches `pattern` (and whose type is `kind`), in table order.
+
+        The manager's `find_columns` lookup: names and types only, never a row value. `pattern`
+        is a case-insensitive regular expression searched in each name; a pattern that is not
+        one, or that runs too long (`FIND_TIMEOUT_S`: the pattern comes from a model, and a
+        model can write a catastrophic one), is read as words instead, any of which (its stem,
+        `word_stem`) may occur in a name: a lookup always answers. Returns the columns and how
+        the pattern was read ("regex" or "words").
+        """
+        types = self._column_types()
+        wanted = [
+            (name, t)
+            for name, t in zip(self.column_names, types, strict=True)
+            if kind is None or type_matches(t, kind)
+        ]
+        found = _regex_matches(pattern, [name for name, _ in wanted])
+        how = "regex"
+        if found is None:
+            how = "words"
+            # one letter would match nearly every name
+            stems = [word_stem(w) for w in _WORD.findall(pattern.lower()) if len(w) >= 2]
+            found = {name for name, _ in wanted if any(s in name.lower() for s in stems)}
+        return [ColumnInfo(name=n, type=t) for n, t in wanted if n in found], how
+
+    def describe_column(self, column: str, samples: bool = True) -> dict[str, Any]:
+        """One column's statistics as the metadata gives them, and its sample values.
+
+        The manager's `describe_column` lookup for a column the metadata of a wide table could
+        not describe. With `samples=False` it holds no value from any row, exactly as
+        `metadata(samples=False)`: no sample, no frequent values, no min/max.
+        """
+        kind = dict(zip(self.column_names, self._column_types(), strict=True))[column]
+        full = self.arrow.column(column)
+        stats_sample = full.take(evenly_spaced(self.num_rows, STATS_SAMPLE_ROWS))
+        scale = self.num_rows / max(len(stats_sample), 1)
+        info = _describe_column(column, full, stats_sample, scale).model_copy(update={"type": kind})
+        if not samples:
+            info = info.model_copy(update={"min": None, "max": None, "top_values": []})
+        stats = info.model_dump(exclude_defaults=True, exclude={"name", "type", "nulls"})
+        # the null count is said even when 0: asked about one column, "no nulls" is an answer
+        described: dict[str, Any] = {"name": column, "type": kind, "nulls": info.nulls, **stats}
+        if samples:
+            free_text = info.avg_chars is not None and info.avg_chars >= FREE_TEXT_AVG_CHARS
+            limit = FREE_TEXT_SAMPLE_CHARS if free_text else MAX_VALUE_CHARS
+            values = full.take(self.sample_positions()).to_pylist()
+            described["sample"] = [_truncate(v, limit) for v in values]
+        return described
 
     def _at_detail_level(
         self,
@@ -331,6 +396,8 @@ WIDE_NOTE = (
     "(a..b: every name from a to b). A stage reads only the columns its instruction names as "
     "{{column}} placeholders."
 )
+# Added to the note of a wide table whose listed columns were ordered by the request's words.
+FIRST_NOTE = " Listed first: the columns whose names share a word with the request ({matched})."
 # A run of at least this many names `<prefix><number>` of one type is summarised as a pattern.
 PATTERN_MIN_COLUMNS = 3
 _NUMBERED = re.compile(r"^(.*?)(\d+)$")
@@ -361,21 +428,153 @@ def summarise_columns(names: list[str], types: list[str]) -> tuple[list[str], li
     return [n for n in names if n not in patterned], patterns
 
 
+# -- columns the request names: words of the request against words of the column names ---------
+_CASE_BREAK = re.compile(r"(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+_WORD = re.compile(r"[^\W\d_]+|\d+")
+_PLACEHOLDER = re.compile(r"\{[^{}]*\}")
+# Words of a request that say how, not what: they would match columns by accident.
+_STOP_TEXT = """a about all also an and any are as at be but by can column columns data do does each
+    entries entry every field fields find for from get give has have how if in into is it
+    its list make me my not of on one or our per please record records return row rows say
+    show so table tables tell than that the their them then there these they this those to
+    use using value values was what when where whether which who why will with you your"""
+STOP_WORDS = frozenset(_STOP_TEXT.split())
+# A word shorter than this matches a name's word only when equal, not as a prefix of it.
+PREFIX_MIN_CHARS = 4
+
+
+def word_stem(word: str) -> str:
+    """A crude, deterministic stem: plural and -ing/-ed endings off ("earnings" -> "earn").
+
+    Enough to match a request's "salaries" to a column's "salary" and "earnings" to "earn";
+    no dictionary, so the same word always gives the same stem on every machine.
+    """
+    w = word.lower()
+    if len(w) > 4 and w.endswith("ies"):
+        w = w[:-3] + "y"
+    elif len(w) > 4 and w.endswith(("sses", "shes", "ches", "xes", "zes")):
+        w = w[:-2]
+    elif len(w) > 3 and w.endswith("s") and not w.endswith(("ss", "us", "is")):
+        w = w[:-1]
+    for ending in ("ing", "ed"):
+        if len(w) - len(ending) >= 3 and w.endswith(ending):
+            return w[: -len(ending)]
+    return w
+
+
+def name_words(name: str) -> set[str]:
+    """The word stems of a column name, split on `_`, `-`, spaces, case changes and digits."""
+    return {word_stem(w) for w in _WORD.findall(_CASE_BREAK.sub(" ", name))}
+
+
+def request_words(request: str) -> set[str]:
+    """The word stems of a request that may name columns: no {table} placeholders, no stop words.
+
+    Words of fewer than 3 letters are left out (they match too much); numbers are kept.
+    """
+    text = _PLACEHOLDER.sub(" ", request)
+    words = {w.lower() for w in _WORD.findall(_CASE_BREAK.sub(" ", text))}
+    return {word_stem(w) for w in words if w not in STOP_WORDS and (len(w) >= 3 or w.isdigit())}
+
+
+def _words_match(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    short, long = sorted((a, b), key=len)
+    return len(short) >= PREFIX_MIN_CHARS and long.startswith(short) and not short.isdigit()
+
+
+def request_first(names: list[str], request: str) -> tuple[list[str], int]:
+    """`names` with those sharing words with `request` first; and how many share a word.
+
+    Most shared words first, then table order (deterministic: ties never depend on hashing).
+    Two words are shared when their stems are equal or one, of at least `PREFIX_MIN_CHARS`,
+    starts the other ("employ" and "employment").
+    """
+    wanted = request_words(request)
+    if not wanted:
+        return names, 0
+    scores = []
+    for position, name in enumerate(names):
+        words = name_words(name)
+        shared = sum(1 for w in wanted if any(_words_match(w, v) for v in words))
+        scores.append((-shared, position, name))
+    scores.sort()
+    return [name for _, _, name in scores], sum(1 for score, _, _ in scores if score < 0)
+
+
+# How long the manager's `find_columns` pattern may search a table's names before it is read as
+# words instead; and the longest pattern tried as a regular expression.
+FIND_TIMEOUT_S = 0.25
+FIND_PATTERN_MAX_CHARS = 200
+
+
+def _regex_matches(pattern: str, names: list[str]) -> set[str] | None:
+    """The names `pattern` (case-insensitive) finds; None when it is not a usable regex.
+
+    Uses the `regex` module (a dependency of tiktoken) for its matching timeout: a model's
+    pattern such as `(a+)+$` would otherwise hang the kernel's planning thread.
+    """
+    import regex
+
+    if len(pattern) > FIND_PATTERN_MAX_CHARS:
+        return None
+    try:
+        compiled = regex.compile(pattern, regex.IGNORECASE)
+    except (regex.error, ValueError, OverflowError):
+        return None
+    deadline = time.monotonic() + FIND_TIMEOUT_S
+    found = set()
+    try:
+        for name in names:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            if compiled.search(name, timeout=left):
+                found.add(name)
+    except TimeoutError:
+        return None
+    return found
+
+
+_NUMERIC_TYPES = ("int", "uint", "float", "double", "halffloat", "decimal")
+
+
+def type_matches(kind: str, wanted: str) -> bool:
+    """True when a column of type `kind` ("large_string", "int64") answers a lookup for `wanted`.
+
+    Beyond the type's own name or part of it ("string", "int"): "number" / "numeric" for any
+    integer, float or decimal, "integer" for integers, "text" for strings; a model asks in its
+    own words, not Arrow's.
+    """
+    w = wanted.strip().lower()
+    k = kind.lower()
+    if w in ("number", "numeric", "float", "real"):
+        return k.startswith(_NUMERIC_TYPES) if w != "float" else k.startswith(("float", "double"))
+    if w in ("integer", "int"):
+        return k.startswith(("int", "uint"))
+    if w in ("text", "str", "string"):
+        return "string" in k
+    return bool(w) and w in k
+
+
 def _names_only_chars(names: list[str], types: list[str]) -> int:
     """The size of the least detailed listing (names and types), without building it."""
     per_column = len('{"name":"","type":""},')
     return 200 + sum(len(n) + len(t) + per_column for n, t in zip(names, types, strict=True))
 
 
-def _shed_columns(meta: TableMetadata, budget_chars: int) -> TableMetadata:
+def _shed_columns(meta: TableMetadata, budget_chars: int, first_note: str = "") -> TableMetadata:
     """Still over budget at names and types only: list what fits, count the rest by type.
 
     Nothing is dropped silently: the last pattern says how many columns of which type are not
-    named, and `column_count` is the table's true width.
+    named, and `column_count` is the table's true width. Columns are listed in `meta`'s order,
+    so the ones `request_first` put first are the ones listed.
     """
     count = meta.column_count or len(meta.columns)
     base = meta.model_copy(update={"columns": [], "column_patterns": [], "column_count": count})
-    size = len(base.to_prompt()) + len(WIDE_NOTE) + 200  # room for the note and the last line
+    # room for the note and the last line
+    size = len(base.to_prompt()) + len(WIDE_NOTE) + len(first_note) + 200
     columns: list[ColumnInfo] = []
     patterns: list[str] = []
     left: Counter[str] = Counter()
@@ -395,7 +594,7 @@ def _shed_columns(meta: TableMetadata, budget_chars: int) -> TableMetadata:
     if left:
         by_type = ", ".join(f"{kind} x{n}" for kind, n in left.most_common())
         patterns.append(f"not named here (too many to list): {by_type}")
-    note = WIDE_NOTE.format(count=count, listed=len(columns))
+    note = WIDE_NOTE.format(count=count, listed=len(columns)) + first_note
     return base.model_copy(
         update={"columns": columns, "column_patterns": patterns, "columns_note": note}
     )
