@@ -42,6 +42,11 @@ class EndpointConfig(BaseModel):
         default=256, ge=1, description="Most requests in flight to this endpoint at once."
     )
     embedded: bool = Field(default=False, description="True for the bundled offline model.")
+    context_tokens: int | None = Field(
+        default=None,
+        gt=0,
+        description="The model's context window, when known (the manager is told).",
+    )
     rpm: float | None = Field(
         default=None, gt=0, description="Requests per minute allowed (None: learned from headers)."
     )

@@ -263,6 +263,17 @@ class StageEstimate:
     # The part of input_tokens that is message text (what a server counting only the messages,
     # like the test server, reports); the rest is the schema, chat formatting and tool docs.
     message_tokens: Range = ZERO
+    # The model this stage runs on (a stage may name one of the roster) and its price.
+    model: str | None = None
+    price: Price | None = None
+
+    @property
+    def money(self) -> Range | None:
+        """USD range of this stage, or None when its model has no price."""
+        if self.price is None:
+            return None
+        i, o, p = self.input_tokens, self.output_tokens, self.price
+        return Range(p.cost(i.low, o.low), p.cost(i.expected, o.expected), p.cost(i.high, o.high))
 
     def per_call(self) -> Tokens:
         """Expected tokens of one call of this stage."""
@@ -305,12 +316,16 @@ class Estimate:
 
     @property
     def money(self) -> Range | None:
-        """USD range, or None when the model has no price."""
-        if self.price is None:
+        """USD range, or None when a model a stage runs on has no price."""
+        monies = [s.money for s in self.stages]
+        if any(m is None for m in monies):
             return None
-        i, o = self.input_tokens, self.output_tokens
-        p = self.price
-        return Range(p.cost(i.low, o.low), p.cost(i.expected, o.expected), p.cost(i.high, o.high))
+        return sum((m for m in monies if m is not None), ZERO)
+
+    @property
+    def unpriced(self) -> str | None:
+        """A model some stage runs on that has no price (None: all are priced)."""
+        return next((s.model or "this model" for s in self.stages if s.price is None), None)
 
     def stage(self, stage_id: str) -> StageEstimate | None:
         """The estimate of one stage, if it is in the plan."""
@@ -325,7 +340,9 @@ class Estimate:
         )
         money = self.money
         if money is None:
-            return text + f" · no price for {self.model or 'this model'}: tokens only"
+            return (
+                text + f" · no price for {self.unpriced or self.model or 'this model'}: tokens only"
+            )
         return (
             text
             + f" · {format_money(money.low)}-{format_money(money.high)} (about {format_money(money.expected)})"
@@ -456,6 +473,8 @@ class CostMeter:
 
     model: str | None
     estimate: Estimate | None = None
+    # Per stage, the model it runs on when not the default (`model`): its calls cost its price.
+    stage_models: dict[str, str | None] = field(default_factory=dict)
     _total: _Spent = field(default_factory=_Spent)
     _stages: dict[str, _Spent] = field(default_factory=dict)
 
@@ -487,14 +506,29 @@ class CostMeter:
 
     @property
     def price(self) -> Price | None:
-        """The model's price, or None."""
+        """The default model's price, or None."""
         return price_of(self.model)
+
+    def model_of(self, stage: str | None) -> str | None:
+        """The model a stage's calls go to."""
+        return self.stage_models.get(stage or "") or self.model
+
+    def price_for(self, stage: str | None) -> Price | None:
+        """The price of a stage's calls, or None."""
+        return price_of(self.model_of(stage))
 
     @property
     def spent_money(self) -> float | None:
-        """USD so far, or None when the model has no price."""
-        price = self.price
-        return None if price is None else self.spent.money(price)
+        """USD so far, or None when a model that was called has no price."""
+        total = 0.0
+        for stage, spent in self._stages.items():
+            if not spent.calls:
+                continue
+            price = self.price_for(stage)
+            if price is None:
+                return None
+            total += Tokens(spent.prompt, spent.completion).money(price)
+        return total
 
     def projected(self, calls: int, stage: str | None = None) -> Tokens:
         """Expected tokens of `calls` more subtasks of `stage`."""
@@ -509,36 +543,47 @@ class CostMeter:
             return Tokens(0, 0)
         return Tokens(seen.prompt / seen.calls * calls, seen.completion / seen.calls * calls)
 
-    def _money_price(self, budget: Budget) -> Price:
-        price = self.price
+    def _money_price(self, budget: Budget, stage: str | None = None) -> Price:
+        price = self.price_for(stage)
         if price is None:
             raise UserInputError(
-                f"a money budget ({budget}) needs a price for model {self.model!r}: "
+                f"a money budget ({budget}) needs a price for model {self.model_of(stage)!r}: "
                 "apwa_jupyter.costs.set_price(model, input_per_m, output_per_m), or give tokens (500k)"
             )
         return price
 
-    def would_exceed(self, budget: Budget, next_calls_estimate: Tokens) -> bool:
-        """True when spending `next_calls_estimate` more would pass `budget`."""
+    def would_exceed(
+        self, budget: Budget, next_calls_estimate: Tokens, stage: str | None = None
+    ) -> bool:
+        """True when spending `next_calls_estimate` more (calls of `stage`) would pass `budget`."""
         if budget.kind == "tokens":
             return self.spent_tokens + next_calls_estimate.total > budget.amount
-        price = self._money_price(budget)
-        return self.spent.money(price) + next_calls_estimate.money(price) > budget.amount
+        price = self._money_price(budget, stage)
+        return self._spent_usd(budget) + next_calls_estimate.money(price) > budget.amount
 
-    def stop_message(self, budget: Budget, remaining_calls: int, remaining: Tokens) -> str:
+    def _spent_usd(self, budget: Budget) -> float:
+        """USD spent so far; an unpriced model that was called is the one-line error."""
+        for stage, spent in self._stages.items():
+            if spent.calls:
+                self._money_price(budget, stage)
+        return self.spent_money or 0.0
+
+    def stop_message(
+        self, budget: Budget, remaining_calls: int, remaining: Tokens, stage: str | None = None
+    ) -> str:
         """One line: spent so far, what the rest would cost, and the command to continue."""
         spent_tokens = self.spent_tokens
         head = f"Stopped at the budget of {budget}: spent "
         if budget.kind == "usd":
-            price = self._money_price(budget)
-            spent = self.spent.money(price)
+            price = self._money_price(budget, stage)
+            spent = self._spent_usd(budget)
             more = remaining.money(price)
             head += f"{format_money(spent)} ({spent_tokens:,} tokens)"
             rest = f"about {format_money(more)} more ({format_tokens(remaining.total)} tokens)"
             suggested = Budget("usd", _nice_ceiling((spent + more) * 1.2))
         else:
             head += f"{spent_tokens:,} tokens"
-            known = self.price
+            known = self.price_for(stage)
             money = f", {format_money(remaining.money(known))}" if known else ""
             rest = f"about {format_tokens(remaining.total)} more tokens{money}"
             suggested = Budget("tokens", _nice_ceiling((spent_tokens + remaining.total) * 1.2))

@@ -42,6 +42,8 @@ def plan_text(run: Run) -> str:
     origin = plan_origin_line(run)
     if origin:
         lines.append(f"  {origin}")
+    for lookup in run.plan_lookups:
+        lines.append(f"  looked up: {lookup}")
     for fix in run.plan_fixes:
         lines.append(f"  auto-fixed: {fix}")
     for notice in run.notices:

@@ -574,7 +574,9 @@ CONFIG_TYPES: dict[str, Callable[[str, str], Any]] = {
     **dict.fromkeys(ENDPOINT_LIMITS, _positive_int),
 }
 
-CONFIG_KEYS = frozenset({"model", "base_url", "api_key", "address", "tools", *CONFIG_TYPES})
+CONFIG_KEYS = frozenset(
+    {"endpoint", "model", "base_url", "api_key", "address", "tools", *CONFIG_TYPES}
+)
 
 
 def parse_config_settings(settings: dict[str, str]) -> dict[str, Any]:

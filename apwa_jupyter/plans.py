@@ -61,6 +61,10 @@ class _Stage(_Strict):
     depends_on: list[Name] = Field(
         default_factory=list, max_length=MAX_STAGES, description="Stage ids that run first."
     )
+    model: Name | None = Field(
+        default=None,
+        description="The model this stage runs on: a name under Models, or null for the default.",
+    )
 
 
 class MapStage(_Stage):
@@ -180,14 +184,29 @@ def topological_order(graph: Mapping[str, Iterable[str]]) -> list[str]:
     return order
 
 
-def plan_json_schema() -> dict[str, Any]:
+def plan_json_schema(models: Sequence[str] = ()) -> dict[str, Any]:
     """The plan's JSON schema in the strict form structured-output servers accept.
 
     Every property is required and additional properties are forbidden (OpenAI strict mode);
     pydantic's `oneOf` for the stage union becomes `anyOf`, which strict mode and llama.cpp's
-    grammar converter both take.
+    grammar converter both take. A stage's `model` is offered only with a roster of `models`
+    (its names, or null): without one the schema is what it always was, so a manager that never
+    saw a roster is asked for exactly the same plans.
     """
-    return strict_schema(Plan.model_json_schema())
+    schema = strict_schema(Plan.model_json_schema())
+    for stage in schema.get("$defs", {}).values():
+        properties = stage.get("properties", {})
+        if "model" not in properties or "kind" not in properties:
+            continue
+        if models:
+            properties["model"] = {
+                "anyOf": [{"type": "string", "enum": list(models)}, {"type": "null"}],
+                "description": properties["model"].get("description", ""),
+            }
+        else:
+            del properties["model"]
+            stage["required"] = [name for name in stage["required"] if name != "model"]
+    return schema
 
 
 def strict_schema(schema: Any) -> Any:
@@ -231,11 +250,26 @@ def stage_columns(plan: Plan, table_columns: Mapping[str, list[str]]) -> dict[st
 
 
 def validate_plan(
-    plan: Plan, table_columns: Mapping[str, list[str]], tools: Iterable[str]
+    plan: Plan,
+    table_columns: Mapping[str, list[str]],
+    tools: Iterable[str],
+    models: Iterable[str] = (),
 ) -> list[str]:
-    """Check what the schema cannot; return a list of problems (empty means valid)."""
+    """Check what the schema cannot; return a list of problems (empty means valid).
+
+    `models` is the roster of named models a stage may run on (none: every stage runs on the
+    default model).
+    """
     problems: list[str] = []
     tool_names = set(tools)
+    roster = sorted(models)
+    for stage in plan.stages:
+        if stage.model is not None and stage.model not in roster:
+            known = f"the roster is {roster}" if roster else "no named models are configured"
+            problems.append(
+                f"stage {stage.id!r} runs on model {stage.model!r}, but {known}; name one of them "
+                "or null for the default"
+            )
     ids = [s.id for s in plan.stages]
     for dup in sorted({i for i in ids if ids.count(i) > 1}):
         problems.append(f"stage id {dup!r} is used twice; give each stage its own id")

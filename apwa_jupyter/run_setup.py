@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .execution import CacheMode
 
 if TYPE_CHECKING:
     from .capabilities import CapabilityRegistry
+    from .config import EndpointConfig
     from .costs import Budget
     from .executors.base import Executor
     from .sampling import Sample
@@ -77,3 +78,5 @@ class RunSetup:
     sample: Sample | None = None  # run on a sample of the tables the stages read (sampling.py)
     parent: str | None = None  # the sample run whose plan this whole run carries out
     follow_ups: FollowUps | None = None  # the session: runs that follow from this one
+    # Named models a stage may run on (`Stage.model`), besides the default worker model.
+    models: dict[str, EndpointConfig] = field(default_factory=dict)

@@ -44,7 +44,7 @@ from .execution import (
     stage_loads,
     typical_latency,
 )
-from .execution.keys import plan_key
+from .execution.keys import endpoint_id, plan_key
 from .execution.live import LiveRows
 from .executors.base import StopSignal
 from .lookups import scope_lookups
@@ -114,6 +114,7 @@ class Run(RunResults):
         self._live: dict[str, LiveRows] = {}  # row stages running now, read by `partial`
         self._results: dict[str, SubtaskResult] = {}
         self.plan_origin: PlanOrigin = "manager"
+        self.plan_lookups: list[str] = []
         self.plan_reused_from: str | None = None  # "store" when the plan was reused
         self._plan_key: str | None = None  # where start() stores the approved plan
         self.meter = CostMeter(model=None)  # what the run spent, for the budget
@@ -260,7 +261,8 @@ class Run(RunResults):
                 name: table.arrow.take(table.sample_positions(5)).to_pylist()
                 for name, table in self.run_tables().items()
             }
-            loads = stage_loads(self.plan, self.stage_subtasks(), samples)
+            models = {name: e.model for name, e in self.setup.models.items()}
+            loads = stage_loads(self.plan, self.stage_subtasks(), samples, models=models)
             found = estimate(
                 EstimateInput(self.model_name, loads, max_tokens=self.options.max_tokens)
             )
@@ -274,9 +276,19 @@ class Run(RunResults):
         return round(found.tokens.expected) if found is not None else 0
 
     def edit_stage(
-        self, stage_id: str, instruction: str | None = None, remove: bool = False
+        self,
+        stage_id: str,
+        instruction: str | None = None,
+        remove: bool = False,
+        outputs: list[dict[str, Any]] | None = None,
+        model: str | None = "",
     ) -> None:
-        """Change a stage's instruction or remove it before running; the plan is re-validated."""
+        """Change a stage before running, or remove it; the plan is re-validated.
+
+        `instruction` and `outputs` (a list of {"name", "type", "description", "choices"}, e.g.
+        without an output the plan added) replace the stage's; `model` names the roster model it
+        runs on (None: the default model; left out: unchanged).
+        """
         if self.state != "awaiting_approval" or self.plan is None:
             raise UserInputError(
                 f"run {self.id} is {self.state}; only a plan awaiting approval can be edited"
@@ -295,7 +307,12 @@ class Run(RunResults):
         else:
             for stage in data["stages"]:
                 if stage["id"] == stage_id:
-                    stage["instruction"] = instruction
+                    if instruction is not None:
+                        stage["instruction"] = instruction
+                    if outputs is not None:
+                        stage["outputs"] = outputs
+                    if model != "":
+                        stage["model"] = model
         if not data["stages"]:
             raise UserInputError("a plan needs at least one stage; cancel the run instead")
         try:
@@ -375,6 +392,7 @@ class Run(RunResults):
         *,
         denied_tools: DeniedTools | None = None,
         origin: PlanOrigin = "manager",
+        lookups: list[str] | None = None,
         seconds: float | None = None,
     ) -> None:
         """Planning succeeded: await approval, or start (--yes).
@@ -391,6 +409,7 @@ class Run(RunResults):
             self.plan, self.manager_usage, self.plan_attempts = plan, usage, attempts
             self.plan_fixes = [*fixes, *scoped]
             self.denied_tools = denied_tools or {}
+            self.plan_lookups = list(lookups or [])  # what the manager looked up (wide tables)
             self.plan_origin = origin
             self.plan_reused_from = "store" if origin == "reused" else None
             self._set_state("awaiting_approval")
@@ -456,8 +475,11 @@ class Run(RunResults):
             endpoint_id=self.endpoint_id,
             budget=self.budget,
             meter=self.meter,
+            models=dict(self.setup.models),
+            model_ids={name: endpoint_id(e) for name, e in self.setup.models.items()},
         )
         self.meter.model = self.model_name
+        self.meter.stage_models = self._stage_model_names()
         self.cost_estimate()
         self._record("running")
         crash: str | None = None
@@ -562,6 +584,7 @@ class Run(RunResults):
                 # Tagged once per outcome, not on every read of `result` (10M rows: seconds).
                 outcome.frame.attrs["apwa_run"] = self.id
                 outcome.frame.attrs["apwa_sources"] = outcome.sources.frozen()
+                outcome.frame.attrs["apwa_model"] = self.stage_model(outcome.stage_id)
                 if self.preview is not None:
                     outcome.frame.attrs["apwa_preview"] = self.preview
             # A big stage keeps only its failed results; its usage covers all of them.
@@ -640,7 +663,21 @@ class Run(RunResults):
     def plan_problems(self, plan: Plan) -> list[str]:
         """What is wrong with a plan for this run's tables and tools (empty: nothing)."""
         columns = {name: table.column_names for name, table in self.tables.items()}
-        return validate_plan(plan, columns, self.registry.names())
+        return validate_plan(plan, columns, self.registry.names(), self.setup.models)
+
+    def _stage_model_names(self) -> dict[str, str | None]:
+        """Per stage that names a roster model, the model name at its endpoint (for prices)."""
+        if self.plan is None:
+            return {}
+        roster = self.setup.models
+        return {s.id: roster[s.model].model for s in self.plan.stages if s.model in roster}
+
+    def stage_model(self, stage_id: str) -> str:
+        """Which model a stage runs on, in words: its roster name and model, or the default."""
+        stage = self.plan.stage(stage_id) if self.plan is not None else None
+        if stage is not None and stage.model in self.setup.models:
+            return f"{stage.model} ({self.setup.models[stage.model].model})"
+        return f"default ({self.model_name or self.endpoint_description or 'in-process'})"
 
     def lost_nodes(self) -> list[Any]:
         """Cluster nodes lost while this run executed (their calls went to live actors)."""

@@ -16,7 +16,7 @@ import atexit
 import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .capabilities import CapabilityRegistry, GrantedRegistry, default_registry
@@ -65,11 +65,15 @@ class Session:
         samples: bool = True,
         cache_dir: str | None = None,
         store: bool = True,
+        endpoints: Mapping[str, EndpointConfig] | None = None,
     ):
         if endpoint is not None and model is not None:
             raise UserInputError("Pass either endpoint= or model=, not both.")
         self.endpoint = endpoint
         self.model = model
+        # The roster: named models a plan stage may run on (`Stage.model`); the endpoint above
+        # is the default. Each keeps its own key (config.merge_endpoint's rule, per entry).
+        self.endpoints: dict[str, EndpointConfig] = dict(endpoints or {})
         self.executor_kind = executor if isinstance(executor, str) else executor.name
         self._executor = executor if isinstance(executor, Executor) else None
         self.address = address
@@ -92,7 +96,15 @@ class Session:
 
     # -- configuration ---------------------------------------------------------------------------
     def configure(self, **changes: Any) -> None:
-        """Change endpoint fields or executor settings for later runs (keys: see `%apwa config`)."""
+        """Change endpoint fields or executor settings for later runs (keys: see `%apwa config`).
+
+        With `endpoint=NAME`, the endpoint fields and limits go to the named model of the roster
+        (`fast`, `strong`: a plan stage may run on it), which is added when new.
+        """
+        name = changes.pop("endpoint", None)
+        if name is not None:
+            self._configure_named(str(name), changes)
+            return
         endpoint_keys = {"base_url", "api_key", "model"}
         if endpoint_keys & changes.keys():
             # One rule (config.merge_endpoint): a key stays with the URL it was given for.
@@ -130,6 +142,29 @@ class Session:
                 )
             self.executor_kind = changes["executor"]
 
+    def _configure_named(self, name: str, changes: dict[str, Any]) -> None:
+        """`%apwa config endpoint=strong base_url=... model=... api_key`: one roster entry."""
+        if not name.isidentifier():
+            raise UserInputError(f"endpoint={name!r}: a model's name is an identifier (fast)")
+        others = set(changes) - {"base_url", "api_key", "model", *ENDPOINT_LIMITS}
+        if others:
+            raise UserInputError(
+                f"endpoint={name} takes base_url, model, api_key and limits, not {sorted(others)}"
+            )
+        current = self.endpoints.get(name)
+        if current is None and not changes.get("model"):
+            raise UserInputError(f"endpoint={name} is new: give its model (and base_url)")
+        merged = merge_endpoint(
+            current,
+            base_url=changes.get("base_url") or None,
+            api_key=changes.get("api_key") or None,
+            model=changes.get("model") or None,
+        )
+        if merged is None:
+            raise UserInputError(f"endpoint={name}: give its base_url and model")
+        limits = {k: changes[k] for k in ENDPOINT_LIMITS if k in changes}
+        self.endpoints[name] = merged.model_copy(update=limits) if limits else merged
+
     def resolved_endpoint(self) -> EndpointConfig | None:
         """The configured endpoint (None means the embedded model will be used)."""
         return self.endpoint or resolve_endpoint()
@@ -144,6 +179,7 @@ class Session:
             )
         return {
             "endpoint": endpoint,
+            **{f"model {name}": e.describe() for name, e in self.endpoints.items()},
             "executor": self.executor_kind,
             "ray_address": self.address or "local (started on first run)",
             "concurrency": self.concurrency,
@@ -222,7 +258,7 @@ class Session:
         cache: CacheMode = "use",
         replan: bool = False,
         budget: str | None = None,
-        plan: Plan | None = None,
+        plan: Plan | dict[str, Any] | None = None,
         record: str | None = None,
         replay: str | None = None,
         cell_id: str | None = None,
@@ -247,6 +283,8 @@ class Session:
         a whole run carries out.
         """
         check_recording(record, replay)
+        if isinstance(plan, dict):  # a plan written by hand, as run.plan = {...} accepts
+            plan = Plan.model_validate(plan)
         if record is not None:  # a complete recording: nothing may come from the store
             cache, replan = "refresh", True
         if replay is not None:
@@ -281,6 +319,7 @@ class Session:
                 sample=Sample.parse(sample) if sample is not None else None,
                 parent=parent,
                 follow_ups=self,
+                models=dict(self.endpoints),
             )
         )
         run.subscribe(lambda event: self._notify(run, event))
@@ -338,7 +377,12 @@ class Session:
                 run.plan_ready(reused, Usage(), 0, [], origin="reused", seconds=seconds())
                 return
             outcome = await make_plan(
-                run.prompt, run.tables, run.registry, manager, samples=samples
+                run.prompt,
+                run.tables,
+                run.registry,
+                manager,
+                samples=samples,
+                models=run.setup.models,
             )
         except PlanError as exc:
             run.planning_failed(str(exc), exc.last_attempt, seconds=seconds())
@@ -355,6 +399,7 @@ class Session:
             outcome.attempts,
             outcome.fixes,
             denied_tools=outcome.denied_tools,
+            lookups=outcome.lookups,
             seconds=seconds(),
         )
 

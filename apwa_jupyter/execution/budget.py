@@ -34,11 +34,14 @@ class BudgetGate:
             if self.budget is not None and self.meter is not None:
                 next_calls = self.taken - self.done + 1
                 if self.meter.would_exceed(
-                    self.budget, self.meter.projected(next_calls, self.stage_id)
+                    self.budget, self.meter.projected(next_calls, self.stage_id), self.stage_id
                 ):
                     remaining = self.total - self.taken
                     self.reason = self.meter.stop_message(
-                        self.budget, remaining, self.meter.projected(remaining, self.stage_id)
+                        self.budget,
+                        remaining,
+                        self.meter.projected(remaining, self.stage_id),
+                        self.stage_id,
                     )
                     return
             self.taken += 1

@@ -15,17 +15,21 @@ class StageCache:
     """Keys, lookups and writes for the subtasks of one stage (see `keys` for what a key covers)."""
 
     def __init__(self, spec: ExecutionSpec, ctx: StageContext, batch_size: int, endpoint: str):
+        """The cache of one stage whose workers `endpoint` answers."""
         self.store = spec.store
         self.read = spec.cache == "use"
         self.endpoint = endpoint
         self.template = stage_template_key(ctx, batch_size)
 
     @classmethod
-    def open(cls, spec: ExecutionSpec, ctx: StageContext, batch_size: int) -> StageCache | None:
+    def open(
+        cls, spec: ExecutionSpec, stage: Any, ctx: StageContext, batch_size: int
+    ) -> StageCache | None:
         """The stage's cache, or None when the run does not use the store."""
-        if spec.store is None or spec.cache == "off" or not spec.endpoint_id:
+        endpoint = spec.endpoint_id_of(stage)
+        if spec.store is None or spec.cache == "off" or not endpoint:
             return None
-        return cls(spec, ctx, batch_size, spec.endpoint_id)
+        return cls(spec, ctx, batch_size, endpoint)
 
     def keys(self, inputs: list[Any]) -> list[str]:
         """One store key per subtask input."""

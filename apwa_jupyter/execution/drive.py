@@ -26,7 +26,7 @@ async def drive(work: Work) -> None:
     runner, stage = work.runner, work.stage
     executor = runner.executor
     if executor is not None and not runner.stop.is_set() and work.count:
-        cache = StageCache.open(runner.spec, work.ctx, work.batch_size)
+        cache = StageCache.open(runner.spec, stage, work.ctx, work.batch_size)
         handles = {}
         if work.table is not None:
             handles[work.table.name] = await executor.put_table(work.table.name, work.table.arrow)

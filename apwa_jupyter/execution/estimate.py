@@ -9,6 +9,7 @@ each stage with the workers' own message builders (`templates.system_prompt`, `u
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -65,7 +66,14 @@ def estimate(inp: EstimateInput) -> Estimate:
     """Calls, tokens (low, expected, high) and money of a plan before it runs."""
     count = inp.tokenizer or chars_over_4
     widen = (1.0, 1.0) if inp.tokenizer else (0.85, 1.25)
-    stages = [_stage_estimate(load, count, widen, inp.max_tokens) for load in inp.stages]
+    stages = [
+        dataclasses.replace(
+            _stage_estimate(load, count, widen, inp.max_tokens),
+            model=load.model or inp.model,
+            price=price_of(load.model or inp.model),
+        )
+        for load in inp.stages
+    ]
     return Estimate(inp.model, stages, price_of(inp.model))
 
 
@@ -94,8 +102,12 @@ def stage_loads(
     counts: Mapping[str, int],
     samples: Mapping[str, Sequence[Mapping[str, Any]]],
     tools: Mapping[str, int] | None = None,
+    models: Mapping[str, str] | None = None,
 ) -> list[StageLoad]:
     """StageLoads of a plan, from subtask counts per stage and sampled rows per table.
+
+    `models` maps a roster name to the model name at its endpoint (for prices): a stage that
+    runs on `strong` is priced as `strong`'s model.
 
     A stage fed by another stage is sampled with made-up rows of the source's outputs at their
     expected size (its real rows do not exist yet), joined to the source's own sample.
@@ -119,6 +131,7 @@ def stage_loads(
             kind.sample_inputs(plan, stage, inputs),
             kind.rows_per_call(stage),
             len(stage.tools) if tools is None else tools.get(stage_id, len(stage.tools)),
+            (models or {}).get(stage.model) if stage.model else None,
         )
         made_up = {out.name: _typical_value(out) for out in stage.outputs}
         base = kept if kept and isinstance(kept[0], dict) else [{}]

@@ -138,7 +138,7 @@ class StageRunner:
             instruction=stage.instruction,
             outputs=tuple(stage.outputs),
             tools=self.spec.registry.select(stage.tools),
-            model=self.spec.worker_model,
+            model=self.spec.model_of(stage),
             max_tokens=self.spec.max_tokens,
             temperature=temperature,
             keep_steps=self.spec.keep_transcripts,

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..capabilities import CapabilityRegistry
 from ..config import EndpointConfig
@@ -45,3 +45,14 @@ class ExecutionSpec:
     endpoint_id: str | None = None
     budget: Budget | None = None
     meter: CostMeter | None = None
+    # The roster: named models a stage may run on (`Stage.model`), and their store identities.
+    models: Mapping[str, EndpointConfig | ChatModel] = field(default_factory=dict)
+    model_ids: Mapping[str, str] = field(default_factory=dict)
+
+    def model_of(self, stage: Any) -> EndpointConfig | ChatModel:
+        """The model a stage's workers talk to: its roster entry, else the run's default."""
+        return self.models[stage.model] if stage.model else self.worker_model
+
+    def endpoint_id_of(self, stage: Any) -> str | None:
+        """Who answers a stage, for its store keys (None: an in-process model, not stored)."""
+        return self.model_ids.get(stage.model) if stage.model else self.endpoint_id

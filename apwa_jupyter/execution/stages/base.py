@@ -39,6 +39,7 @@ class StageLoad:
     sample_inputs: Sequence[Any] = ()
     rows_per_call: int = 1
     tools: int = 0
+    model: str | None = None  # the model the stage runs on, when not the run's default
 
 
 @dataclass
