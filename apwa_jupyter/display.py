@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from .execution.cascade import cascade_line
 from .plans import dependencies
 
 if TYPE_CHECKING:
@@ -104,6 +105,10 @@ def run_text(run: Run) -> str:
     if run.preview is not None:
         parts.append(f"  preview: {run.preview}; %apwa run-all {run.id} runs the whole table")
     parts += [f"  {line}" for line in node_loss_lines(run.lost_nodes())]
+    for stage_id, outcome in run.outcomes.items():
+        report = outcome.frame.attrs.get("apwa_cascade")
+        if report is not None:
+            parts.append(f"  {stage_id}: {cascade_line(report)}")
     if run.error:
         parts.append(f"  error: {run.error}")
     if run.errors:

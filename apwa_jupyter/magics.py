@@ -174,6 +174,8 @@ class ApwaMagics(Magics):
             cell_id=self._cell_id(),
             dry_run=options.dry_run,
             sample=options.sample,
+            cascade=options.cascade,
+            target=options.target,
         )
         # The run is `_apwa` from now on, so the next cell can read, edit and start its plan.
         self.user_ns["_apwa"] = run

@@ -136,6 +136,18 @@ def _add_control_options(parser: _Parser) -> None:
     parser.add_argument("--max-tokens", type=int, default=1024, help="per worker answer")
     parser.add_argument("--dry-run", action="store_true", help="plan only; execute nothing")
     parser.add_argument(
+        "--cascade",
+        metavar="CHEAP,STRONG",
+        help="answer choice/boolean/integer stages on CHEAP first and send the rows it is unsure "
+        "of to STRONG (names from %%apwa config endpoint=...; 'default' is the cell's model)",
+    )
+    parser.add_argument(
+        "--target",
+        type=float,
+        default=0.95,
+        help="with --cascade: the share of rows whose answers agree with STRONG's (default 0.95)",
+    )
+    parser.add_argument(
         "--sample",
         metavar="N",
         help="try the plan on N rows spread over each table first (head:N for the first N); "
@@ -170,6 +182,8 @@ class CellOptions:
     replan: bool = False
     budget: str | None = None
     sample: str | None = None
+    cascade: str | None = None
+    target: float = 0.95
     record: str | None = None
     replay: str | None = None
     max_tokens: int = 1024

@@ -131,6 +131,16 @@ class RunResults:
             raise UserInputError(f"run {self.id} has no result yet: wait for it, then evaluate")
         return evaluate(self.result, truth, self._output_fields())
 
+    def cascade(self, stage_id: str | None = None) -> dict[str, Any] | None:
+        """A cascade stage's figures (None: the stage did not run as a cascade).
+
+        Threshold, share sent to the strong model, agreement with its bound, cost against
+        all-strong: see `execution.cascade`.
+        """
+        stage_id = stage_id or (self.plan.output if self.plan else "")
+        outcome = self.outcomes.get(stage_id)
+        return outcome.frame.attrs.get("apwa_cascade") if outcome is not None else None
+
     def _output_fields(self) -> list[str]:
         if self.plan is None:
             return []

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .capabilities import CapabilityRegistry
     from .config import EndpointConfig
     from .costs import Budget
+    from .execution.cascade import Cascade
     from .executors.base import Executor
     from .sampling import Sample
     from .store import ResultStore
@@ -80,3 +81,4 @@ class RunSetup:
     follow_ups: FollowUps | None = None  # the session: runs that follow from this one
     # Named models a stage may run on (`Stage.model`), besides the default worker model.
     models: dict[str, EndpointConfig] = field(default_factory=dict)
+    cascade: Cascade | None = None  # eligible map stages run cheap-then-strong (cascade.py)

@@ -477,6 +477,7 @@ class Run(RunResults):
             meter=self.meter,
             models=dict(self.setup.models),
             model_ids={name: endpoint_id(e) for name, e in self.setup.models.items()},
+            cascade=self.setup.cascade,
         )
         self.meter.model = self.model_name
         self.meter.stage_models = self._stage_model_names()

@@ -35,6 +35,7 @@ from .errors import ApwaError, PlanError, UserInputError
 from .evaluation import Judgement, judge_frame, judge_plan, judgement
 from .events import Event
 from .execution import CacheMode, endpoint_id
+from .execution.cascade import Cascade
 from .executors.base import Executor
 from .lookups import grant_lookups
 from .models.base import ChatModel, Usage
@@ -265,6 +266,8 @@ class Session:
         dry_run: bool = False,
         sample: int | str | Sample | None = None,
         parent: str | None = None,
+        cascade: str | Cascade | None = None,
+        target: float = 0.95,
     ) -> Run:
         """Start planning in the background; the Run moves to "awaiting_approval" when ready.
 
@@ -278,11 +281,19 @@ class Session:
         `record="FILE"` saves every model exchange (never the key); `replay="FILE"` answers every
         request from such a file, offline, and fails clearly on a request it does not hold.
         `cell_id` names the notebook cell it came from; `dry_run` plans without running.
+        `cascade="fast,strong"` runs each map stage whose outputs are choices, booleans or
+        integers on the cheap model first and sends the rows it is unsure of to the strong one,
+        holding the answers to agree with the strong model on at least `target` of the rows
+        (with probability 0.95; execution/cascade.py says how).
         `sample` (20, "head:20") runs the plan on that many rows of each table a stage reads
         (sampling.py); `run_all` then runs the rest. `parent` names the sample run whose plan
         a whole run carries out.
         """
         check_recording(record, replay)
+        if isinstance(cascade, str):
+            cascade = Cascade.parse(cascade, target)
+        if cascade is not None:
+            cascade.check(self.endpoints)
         if isinstance(plan, dict):  # a plan written by hand, as run.plan = {...} accepts
             plan = Plan.model_validate(plan)
         if record is not None:  # a complete recording: nothing may come from the store
@@ -320,6 +331,7 @@ class Session:
                 parent=parent,
                 follow_ups=self,
                 models=dict(self.endpoints),
+                cascade=cascade,
             )
         )
         run.subscribe(lambda event: self._notify(run, event))

@@ -622,7 +622,7 @@ class ResultStore:
 # pyarrow writes a frame's attrs as JSON into the Parquet metadata: the per-row run ids of a
 # 10M-row result (`apwa_sources`) were 130 MB of JSON, 12 s and 0.8 GB of kernel memory to save.
 # They are stored run-length encoded ([value, count] pairs) and expanded again on load.
-_ROW_ATTRS = ("apwa_sources",)
+_ROW_ATTRS = ("apwa_sources", "apwa_answered_by")
 _RLE = "__rle"
 
 

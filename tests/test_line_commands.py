@@ -88,7 +88,7 @@ def test_every_command_has_a_model_and_a_help_line():
         (
             "frobnicate",
             "unknown command 'frobnicate'; one of: config, tools, cluster, runs, cache, load, "
-            "show, approve, cancel, retry, wait, help (%apwa help)",
+            "show, approve, run-all, diff, cancel, retry, wait, help (%apwa help)",
         ),
         ("config 'unbalanced", "cannot parse (No closing quotation); check the quotes"),
         ("help x", "%apwa help does not take 'x'; usage: %apwa help"),
@@ -153,6 +153,6 @@ def test_unknown_config_setting_lists_the_known_ones():
     with pytest.raises(UserInputError) as caught:
         parse_line("config nope=1")
     assert str(caught.value) == (
-        "unknown setting(s) ['nope']; known: ['address', 'api_key', 'base_url', 'concurrency', "
+        "unknown setting(s) ['nope']; known: ['address', 'api_key', 'base_url', 'concurrency', 'endpoint', "
         "'executor', 'max_concurrency', 'model', 'rpm', 'tools', 'tpm']"
     )

@@ -16,6 +16,8 @@ from typing import Any
 from ..events import ProgressSink
 from ..executors.base import Executor, StopSignal
 from ..plans import dependencies
+from .cascade import eligible
+from .cascade_run import run_cascade
 from .outcomes import StageOutcome
 from .runner import StageRunner, Watch
 from .spec import ExecutionSpec
@@ -103,6 +105,10 @@ async def _run_stage(runner: StageRunner, stage: Any) -> StageOutcome:
     """Run one stage by its kind, with its start and end times on the progress counters."""
     progress = runner.sink.stage(stage.id)
     progress.started_at = progress.started_at or time.time()
-    outcome = await stage_kind(stage).run(runner, stage)
+    cascade = runner.spec.cascade
+    if cascade is not None and eligible(stage):  # a cheap model first, then a strong one
+        outcome = await run_cascade(runner, stage, cascade)
+    else:
+        outcome = await stage_kind(stage).run(runner, stage)
     progress.finished_at = time.time()
     return outcome

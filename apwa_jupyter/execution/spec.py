@@ -16,6 +16,7 @@ from ..templates import MAX_INPUT_CHARS
 
 if TYPE_CHECKING:
     from ..store import ResultStore
+    from .cascade import Cascade
 
 CacheMode = Literal["use", "refresh", "off"]
 
@@ -48,6 +49,8 @@ class ExecutionSpec:
     # The roster: named models a stage may run on (`Stage.model`), and their store identities.
     models: Mapping[str, EndpointConfig | ChatModel] = field(default_factory=dict)
     model_ids: Mapping[str, str] = field(default_factory=dict)
+    # Run the eligible map stages as a cascade (cascade.py): a cheap model, then a strong one.
+    cascade: Cascade | None = None
 
     def model_of(self, stage: Any) -> EndpointConfig | ChatModel:
         """The model a stage's workers talk to: its roster entry, else the run's default."""
