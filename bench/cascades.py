@@ -1,0 +1,150 @@
+"""Cascades: achieved agreement, share sent to the strong model, and cost against all-strong.
+
+    python bench/cascades.py                  # 4,000 rows, targets 0.90 and 0.95
+    python bench/cascades.py --rows 10000
+
+Two OpenAI-compatible test servers on 127.0.0.1 play the models (scripted per row from a seeded
+truth, as in tests/test_cascade.py): the strong model is always right; the cheap one is right on
+85 % of rows and, when wrong, either guesses per sample ("informative": its samples disagree, so
+its confidence says something) or repeats one wrong answer ("useless": its confidence is 1 on
+every row). The runs go through `Session.run` with `cascade="default,strong"` and the local
+executor. Money is priced with two real price-table entries (the cheap model as gpt-4o-mini, the
+strong as gpt-4o); the servers count tokens as characters / 4 of the messages. Writes
+bench/results/cascades.json as {"cases": [{"cheap", "target", "achieved", "strong_share",
+"cost_ratio", ...}], "million_rows": {...}}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pandas as pd
+
+from apwa_jupyter.config import EndpointConfig
+from apwa_jupyter.executors.local import LocalExecutor
+from apwa_jupyter.session import Session
+from apwa_jupyter.testing import Reply, worker_input
+from apwa_jupyter.testing.fake_server import FakeOpenAIServer, is_manager_request
+
+RESULTS = Path(__file__).parent / "results" / "cascades.json"
+CHOICES = ["red", "green", "blue"]
+PLAN = {
+    "summary": "colour of each item",
+    "stages": [
+        {
+            "id": "label",
+            "kind": "map",
+            "source": "items",
+            "instruction": "Which colour is {text}?",
+            "outputs": [{"name": "colour", "type": "string", "choices": CHOICES}],
+        }
+    ],
+    "output": "label",
+}
+
+
+def truth(text: str) -> str:
+    return CHOICES[zlib.crc32(text.encode()) % 3]
+
+
+class Model:
+    """A scripted model (see the module docstring)."""
+
+    def __init__(self, kind: str):
+        self.kind, self.calls = kind, 0
+        self.lock, self.random = threading.Lock(), random.Random(5)
+
+    def __call__(self, body: dict[str, Any]) -> Reply:
+        if is_manager_request(body):
+            return Reply.json(PLAN)
+        text = worker_input(body)["text"]
+        with self.lock:
+            self.calls += 1
+            guess = self.random.choice(CHOICES)
+        right = zlib.crc32(b"cheap" + text.encode()) % 100 < 85
+        if self.kind == "strong" or right:
+            return Reply.json({"colour": truth(text)})
+        if self.kind == "useless":
+            return Reply.json({"colour": CHOICES[(CHOICES.index(truth(text)) + 1) % 3]})
+        return Reply.json({"colour": guess})
+
+
+def case(kind: str, target: float, rows: int) -> dict[str, Any]:
+    """One cascade run against fresh servers and a fresh store."""
+    cheap_model, strong_model = Model(kind), Model("strong")
+    with FakeOpenAIServer(cheap_model) as cheap, FakeOpenAIServer(strong_model) as strong:
+        session = Session(
+            endpoint=EndpointConfig(base_url=cheap.base_url, model="gpt-4o-mini"),
+            endpoints={"strong": EndpointConfig(base_url=strong.base_url, model="gpt-4o")},
+            executor=LocalExecutor(concurrency=64),
+            cache_dir=tempfile.mkdtemp(prefix="apwa-cascade-bench-"),
+        )
+        frame = pd.DataFrame({"text": [f"item {i}" for i in range(rows)]})
+        began = time.perf_counter()
+        run = session.run(
+            "Colour of {items}", {"items": frame}, cascade="default,strong", target=target
+        )
+        seconds = time.perf_counter() - began
+        report = run.cascade()
+        achieved = float((run.result["colour"] == frame["text"].map(truth)).mean())
+        session.shutdown()
+    return {
+        "cheap": kind,
+        "target": target,
+        "achieved": round(achieved, 4),
+        "strong_share": round(report["strong_share"], 4),
+        "cost_ratio": round(report["cost_usd"] / report["all_strong_usd"], 4),
+        "threshold": report["threshold"],
+        "agreement_on_calibration": round(report["agreement"], 4),
+        "agreement_bound": round(report["agreement_bound"], 4),
+        "cost_usd": report["cost_usd"],
+        "all_strong_usd": report["all_strong_usd"],
+        "cheap_calls": cheap_model.calls,
+        "strong_calls": strong_model.calls,
+        "rows": rows,
+        "seconds": round(seconds, 1),
+    }
+
+
+def main() -> None:
+    """Run every case, write the JSON, print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=4000)
+    args = parser.parse_args()
+    cases = [
+        case(kind, target, args.rows)
+        for kind in ("informative", "useless")
+        for target in (0.90, 0.95)
+    ]
+    informative = next(c for c in cases if c["cheap"] == "informative" and c["target"] == 0.95)
+    per_row_strong = informative["all_strong_usd"] / informative["rows"]
+    million = {
+        "rows": 1_000_000,
+        "all_strong_usd": round(per_row_strong * 1_000_000, 2),
+        "cascade_usd_at_0.95": round(per_row_strong * 1_000_000 * informative["cost_ratio"], 2),
+        "priced_as": "cheap gpt-4o-mini, strong gpt-4o (built-in prices), tokens as the test "
+        "server counts them (characters / 4 of the messages)",
+    }
+    RESULTS.write_text(json.dumps({"cases": cases, "million_rows": million}, indent=1))
+    print(f"{'cheap':<12} {'target':>6} {'achieved':>8} {'strong':>7} {'cost':>6}")
+    for c in cases:
+        print(
+            f"{c['cheap']:<12} {c['target']:>6} {c['achieved']:>8.3f} {c['strong_share']:>7.1%} "
+            f"{c['cost_ratio']:>6.1%}"
+        )
+    print(json.dumps(million))
+
+
+if __name__ == "__main__":
+    main()
