@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from IPython.core.magic import Magics, line_cell_magic, magics_class, no_var_expand
 from IPython.display import display
-from traitlets import Enum, Int, List, Unicode
+from traitlets import Dict, Enum, Int, List, Unicode
 
 from .errors import ApwaError, UserInputError
 from .parsers import (
@@ -82,6 +82,13 @@ class ApwaMagics(Magics):
         help="Capabilities every cell may use unless it says --tools (default: none). Tools "
         "with side effects still need --tools in the cell.",
     ).tag(config=True)
+    endpoints = Dict(
+        value_trait=Dict(),
+        default_value={},
+        help="Named models a plan stage may run on, e.g. {'strong': {'base_url': URL, "
+        "'model': 'gpt-4o'}} (keys: base_url, model, max_concurrency, rpm, tpm; give an API key "
+        "with %apwa config endpoint=strong api_key, never in a config file).",
+    ).tag(config=True)
 
     def __init__(self, shell: Any = None, **kwargs: Any):
         super().__init__(shell=shell, **kwargs)
@@ -119,6 +126,8 @@ class ApwaMagics(Magics):
                 concurrency=self.concurrency,
                 cache_dir=self.cache_dir,
             )
+            for name, settings in self.endpoints.items():  # the roster from the traitlet
+                self._session.configure(endpoint=name, **settings)
             set_active_session(self._session)  # documents.files() finds it without the magics
             from . import runs_comm
 

@@ -142,3 +142,20 @@ def test_the_roster_is_configured_by_name_and_listed(fake_server):
     assert "k1" not in json.dumps(described)
     with pytest.raises(Exception, match="is new: give its model"):
         session.configure(endpoint="cheap", base_url=server.base_url)
+
+
+def test_the_roster_comes_from_the_endpoints_traitlet(fake_server):
+    from IPython.testing import globalipapp
+
+    from apwa_jupyter import magics
+
+    globalipapp.start_ipython()
+    shell = globalipapp.get_ipython()
+    shell.run_line_magic("load_ext", "apwa_jupyter")
+    try:
+        magic = magics._magics
+        magic.endpoints = {"strong": {"base_url": "http://127.0.0.1:9/v1", "model": "gpt-4o"}}
+        magic.executor = "local"
+        assert magic.session.endpoints["strong"].model == "gpt-4o"
+    finally:
+        shell.run_line_magic("unload_ext", "apwa_jupyter")
