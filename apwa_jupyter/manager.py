@@ -87,9 +87,14 @@ Split the request into stages of independent subtasks. Stage kinds:
 - "reduce": combine the rows of `source` into one result per distinct `group_by` key ([] for
   one result); `group_by` may list several columns (["book", "chapter"]) and a later reduce may
   group that result by fewer of them (["book"]), one reduce per level of a hierarchy.
+- "filter": keep the rows of `source` where a condition holds; later stages see only those.
+  Put tests on columns in `prefilter` (free, run first); ask a worker (`instruction`, first
+  output a boolean) only what columns cannot tell, else instruction "" and outputs [].
+- "rank": order the rows of `source` best first by `instruction` and keep the top `k` (null:
+  all); its one output is the score, a number (higher is better).
 Rules:
 - An instruction speaks to ONE worker about ONE input. Use {column} to insert a column of the
-  worker's row (map/replicate); a reduce instruction may only use its {group_by columns}.
+  worker's row; a reduce instruction may only use its {group_by columns}.
   A worker receives only the columns its instruction names as {column} (every column only when
   it names none and the table has at most 30), so name each column the work needs.
 - Outputs are short snake_case fields with a type (string, integer, number, boolean,
@@ -304,7 +309,7 @@ async def make_plan(
             # This server refuses tools: plan as without lookups (the hint goes too).
             offered = []
             messages[:2] = build_manager_request(
-                prompt, tables, registry, samples=samples, lookups=False
+                prompt, tables, registry, samples=samples, lookups=False, models=models
             ).messages
             continue
         sent += request_chars(outgoing)
@@ -330,16 +335,25 @@ async def make_plan(
         )
         if plan is not None and not problems:
             return PlanOutcome(plan, usage, attempt, fixes, denied, lookups.done)
-        messages += [
-            {"role": "assistant", "content": content or ""},
-            {
-                "role": "user",
-                "content": "That plan is invalid:\n"
-                + "\n".join(f"- {p}" for p in problems)
-                + "\nReturn the corrected plan as JSON.",
-            },
-        ]
-    raise PlanError(
+        messages += _repair(content, problems)
+    raise _no_plan(max_repairs, problems, content)
+
+
+def _repair(content: str | None, problems: list[str]) -> list[dict[str, Any]]:
+    """The invalid plan and what is wrong with it, sent back for a corrected one."""
+    return [
+        {"role": "assistant", "content": content or ""},
+        {
+            "role": "user",
+            "content": "That plan is invalid:\n"
+            + "\n".join(f"- {p}" for p in problems)
+            + "\nReturn the corrected plan as JSON.",
+        },
+    ]
+
+
+def _no_plan(max_repairs: int, problems: list[str], content: str | None) -> PlanError:
+    return PlanError(
         f"The model did not produce a valid plan in {max_repairs + 1} attempts. Last problems: "
         + "; ".join(problems[:5])
         + ". Rephrase the request more concretely (name the output fields you want), or use a "

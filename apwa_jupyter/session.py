@@ -290,10 +290,6 @@ class Session:
         a whole run carries out.
         """
         check_recording(record, replay)
-        if isinstance(cascade, str):
-            cascade = Cascade.parse(cascade, target)
-        if cascade is not None:
-            cascade.check(self.endpoints)
         if isinstance(plan, dict):  # a plan written by hand, as run.plan = {...} accepts
             plan = Plan.model_validate(plan)
         if record is not None:  # a complete recording: nothing may come from the store
@@ -306,7 +302,6 @@ class Session:
         granted = self.grant_tools(registry, tools, allow_side_effects)
         # Several tables named in the prompt: read-only lookups of each (lookups.py, issue #11).
         granted = grant_lookups(granted, prompt, data_tables)
-        engine = get_engine()
         options = RunOptions(
             concurrency=concurrency or self.concurrency,
             max_tokens=max_tokens,
@@ -314,34 +309,55 @@ class Session:
             max_input_chars=check_max_input_chars(max_input_chars),
             cache=cache,
         )
+        extra = {"budget": budget, "cell_id": cell_id, "dry_run": dry_run, "sample": sample}
         run = Run(
-            RunSetup(
-                prompt,
-                data_tables,
-                granted,
-                options,
-                executor_factory=lambda: self.executor,
-                submit=engine.submit,
-                call_soon=engine.call_soon,
-                budget=Budget.parse(budget) if budget is not None else None,
-                store=self.store if cache != "off" else None,
-                cell_id=cell_id,
-                dry_run=dry_run,
-                sample=Sample.parse(sample) if sample is not None else None,
-                parent=parent,
-                follow_ups=self,
-                models=dict(self.endpoints),
-                cascade=cascade,
-            )
+            self._setup(prompt, data_tables, granted, options, cascade, target, parent, extra)
         )
         run.subscribe(lambda event: self._notify(run, event))
         self.runs.append(run)
         show_samples = self.samples if samples is None else samples
         run.begin_planning(self._plan(run, endpoint, show_samples, replan, plan, (record, replay)))
         if not dry_run:
-            engine.submit(self._warm_executor())
+            get_engine().submit(self._warm_executor())
         self._notify(run, None)
         return run
+
+    def _setup(
+        self,
+        prompt: str,
+        tables: dict[str, DataTable],
+        granted: CapabilityRegistry,
+        options: RunOptions,
+        cascade: str | Cascade | None,
+        target: float,
+        parent: str | None,
+        extra: dict[str, Any],
+    ) -> RunSetup:
+        """The frozen setup of a new run: its request, grant, options and how it reaches us."""
+        if isinstance(cascade, str):
+            cascade = Cascade.parse(cascade, target)
+        if cascade is not None:
+            cascade.check(self.endpoints)
+        engine = get_engine()
+        budget, sample = extra["budget"], extra["sample"]
+        return RunSetup(
+            prompt,
+            tables,
+            granted,
+            options,
+            executor_factory=lambda: self.executor,
+            submit=engine.submit,
+            call_soon=engine.call_soon,
+            budget=Budget.parse(budget) if budget is not None else None,
+            store=self.store if options.cache != "off" else None,
+            cell_id=extra["cell_id"],
+            dry_run=extra["dry_run"],
+            sample=Sample.parse(sample) if sample is not None else None,
+            parent=parent,
+            follow_ups=self,
+            models=dict(self.endpoints),
+            cascade=cascade,
+        )
 
     async def _warm_executor(self) -> None:
         """Start the executor while the manager plans (or the plan waits for approval).
