@@ -38,7 +38,7 @@ def plan_text(run: Run) -> str:
         deps = dependencies(stage)
         after = f"   after {', '.join(deps)}" if deps else ""
         lines.append(f"  {stage_line(stage, counts.get(stage_id, 0))}{after}")
-        lines.append(f"      {stage.instruction.strip().splitlines()[0][:100]}")
+        lines.append(f"      {(stage.instruction.strip().splitlines() or [''])[0][:100]}")
     lines.append(f"  estimate: {estimate_line(run)}")
     origin = plan_origin_line(run)
     if origin:

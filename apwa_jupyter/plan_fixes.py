@@ -16,7 +16,11 @@ from .capabilities import CapabilityRegistry
 from .plans import Plan, allowed_placeholders, stage_columns
 from .prompt_syntax import fill
 
-SourceKinds = ("map", "replicate", "reduce")
+SourceKinds = ("map", "replicate", "reduce", "filter", "rank")
+# Kinds whose rows are their source's rows: an output may not take an input column's name.
+RowKinds = ("map", "replicate", "filter", "rank")
+# What a filter asked a condition without an output says whether a row is kept in.
+KEEP_OUTPUT = {"name": "keep", "type": "boolean", "description": "keep the row?", "choices": []}
 # Batched answers are matched to their rows by this key (see templates.ROW_KEY).
 RESERVED_BATCH_OUTPUT = "row"
 DeniedTools = dict[str, list[tuple[str, str]]]
@@ -74,27 +78,9 @@ def fix_plan(
                 f"{where}: source {source!r} is unknown; using the only table {tables[0]!r}"
             )
             stage["source"] = tables[0]
-        if stage["kind"] == "map" and stage.get("batch_size", 1) > 1:
-            for field in stage["outputs"]:
-                if field["name"] == RESERVED_BATCH_OUTPUT:
-                    field["name"] = f"{RESERVED_BATCH_OUTPUT}_value"
-                    fixes.append(
-                        f"{where}: output 'row' renamed 'row_value' (batched answers use 'row' "
-                        "as the row key)"
-                    )
-        names: list[str] = []
-        kept = []
-        for field in stage["outputs"]:
-            if field["name"] in names:
-                continue
-            names.append(field["name"])
-            if field["choices"] and field["type"] != "string":
-                field["choices"] = []
-                fixes.append(f"{where}: dropped choices of non-string output {field['name']!r}")
-            kept.append(field)
-        if len(kept) != len(stage["outputs"]):
-            fixes.append(f"{where}: dropped repeated output fields")
-        stage["outputs"] = kept
+        _fix_outputs(stage, where, fixes)
+        if stage["kind"] == "filter":
+            _fix_filter(stage, where, fixes)
     if data["output"] not in ids:
         fallback = _last_sink(data["stages"])
         fixes.append(f"output {data['output']!r} is not a stage; using {fallback!r}")
@@ -102,6 +88,47 @@ def fix_plan(
     fixed = Plan.model_validate(data)
     fixes += _fix_columns(fixed, data, table_columns)
     return Plan.model_validate(data), fixes
+
+
+def _fix_outputs(stage: dict[str, Any], where: str, fixes: list[str]) -> None:
+    """Outputs named once, choices only on strings, no batched output named like the row key."""
+    if stage["kind"] in ("map", "filter") and stage.get("batch_size", 1) > 1:
+        for field in stage["outputs"]:
+            if field["name"] == RESERVED_BATCH_OUTPUT:
+                field["name"] = f"{RESERVED_BATCH_OUTPUT}_value"
+                fixes.append(
+                    f"{where}: output 'row' renamed 'row_value' (batched answers use 'row' "
+                    "as the row key)"
+                )
+    names: list[str] = []
+    kept = []
+    for field in stage["outputs"]:
+        if field["name"] in names:
+            continue
+        names.append(field["name"])
+        if field["choices"] and field["type"] != "string":
+            field["choices"] = []
+            fixes.append(f"{where}: dropped choices of non-string output {field['name']!r}")
+        kept.append(field)
+    if len(kept) != len(stage["outputs"]):
+        fixes.append(f"{where}: dropped repeated output fields")
+    stage["outputs"] = kept
+
+
+def _fix_filter(stage: dict[str, Any], where: str, fixes: list[str]) -> None:
+    """A prefilter alone has no outputs; a condition without one says keep in a boolean `keep`.
+
+    Both are bookkeeping: neither adds a call (a prefilter alone still makes none) nor data.
+    """
+    if not stage["instruction"].strip() and stage["outputs"]:
+        stage["outputs"] = []
+        fixes.append(
+            f"{where}: dropped the outputs of a filter without a condition instruction (its "
+            "prefilter alone makes no model call)"
+        )
+    elif stage["instruction"].strip() and not stage["outputs"]:
+        stage["outputs"] = [dict(KEEP_OUTPUT)]
+        fixes.append(f"{where}: the condition's answer is a boolean output 'keep'")
 
 
 def _dedupe_stages(data: dict[str, Any], fixes: list[str]) -> None:
@@ -133,7 +160,7 @@ def _fix_columns(
         where = f"stage {stage['id']!r}"
         source = stage.get("source")
         upstream = available.get(source, []) if source else []
-        if stage["kind"] in ("map", "replicate") and source:
+        if stage["kind"] in RowKinds and source:
             for field in stage["outputs"]:
                 if field["name"] in upstream:
                     new = f"{field['name']}_answer"

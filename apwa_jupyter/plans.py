@@ -1,6 +1,6 @@
 """The plan: a small DAG of subtask templates, as pydantic models with a bounded JSON schema.
 
-Four stage kinds cover the APWA patterns:
+Four stage kinds cover the APWA patterns, and two more choose rows:
 
 - `map` (data-parallel): one subtask per row, or per batch of rows, of a table or earlier stage.
 - `task` (task-parallel): a handful of distinct subtasks, each run once.
@@ -9,6 +9,11 @@ Four stage kinds cover the APWA patterns:
 - `reduce`: combine an earlier stage's rows, per distinct key of its `group_by` columns, in rounds
   of at most `fan_in` items (and the input budget) a call until one value per group remains
   (chunk -> chapter -> book -> novel, one reduce per level).
+- `filter`: keep the rows of a table or earlier stage for which a condition holds: first the
+  `prefilter`, tests on columns in a small fixed grammar (`Condition`, applied with Arrow, never
+  model text evaluated), then, for the rows that pass, a boolean asked of the model like a map.
+- `rank`: order the rows by a criterion and keep the top `k`: one score per row (a map), then
+  pairwise comparisons among the candidates near the top, never all pairs.
 
 Every list and string in the schema has a bound so that constrained decoding cannot run away, and
 `validate_plan` checks what a schema cannot: that sources, columns and tools exist and the stages
@@ -134,7 +139,77 @@ class ReduceStage(_Stage):
         return [value] if isinstance(value, str) else value
 
 
-Stage = Annotated[MapStage | TaskStage | ReplicateStage | ReduceStage, Field(discriminator="kind")]
+PrefilterOp = Literal[
+    "==", "!=", "<", "<=", ">", ">=", "in", "not in", "contains", "is null", "not null"
+]
+PrefilterScalar = Annotated[str, StringConstraints(max_length=200)] | int | float | bool
+MAX_PREFILTER = 8
+MAX_PREFILTER_VALUES = 50
+
+
+# Computed with Arrow before any model call (execution/stages/filter.py), never evaluated as text.
+# Nulls never satisfy a comparison, `in` or `contains` (SQL's rule): `is null` tests them.
+# `contains` is a case-insensitive substring test on a text column. (Class docstrings are the
+# schema's descriptions, sent with every planning request: they stay one line.)
+class Condition(_Strict):
+    """A test on a column."""
+
+    column: str = Field(max_length=100)
+    op: PrefilterOp
+    value: (
+        PrefilterScalar
+        | Annotated[list[PrefilterScalar], Field(max_length=MAX_PREFILTER_VALUES)]
+        | None
+    )
+
+
+# `prefilter` conditions (all must hold) are computed from columns before any model call. The
+# model is asked only about the rows that pass them, and only when `instruction` is not empty:
+# the first output, a boolean, says whether a row is kept (further outputs are kept with it).
+# An empty instruction, with no outputs, is a prefilter alone: no model call at all.
+class FilterStage(_Stage):
+    """Keep the rows of `source` for which a condition holds; later stages see only those."""
+
+    kind: Literal["filter"]
+    source: Name = Field(description="A table name or an earlier stage id.")
+    instruction: str = Field(
+        max_length=MAX_INSTRUCTION, description='The condition asked of each row, or "".'
+    )
+    outputs: list[OutputField] = Field(
+        default_factory=list, max_length=8, description="First a boolean: keep the row?"
+    )
+    prefilter: list[Condition] = Field(
+        default_factory=list, max_length=MAX_PREFILTER, description="All must hold; run first."
+    )
+    batch_size: int = Field(
+        default=1, ge=1, le=50, description="Rows per subtask; 1 unless rows are tiny."
+    )
+
+
+RANK_COLUMN = "rank"  # the 1-based place a rank stage gives each row it keeps
+MAX_RANK_K = 1000
+
+
+# Every row is scored once (the instruction, asked like a map; the one output is the score,
+# higher ranks first), then the order of the candidates near the top is settled by pairwise
+# comparisons, never all pairs (execution/stages/rank.py). `k` null keeps every row, ordered by
+# score alone. The result adds a `rank` column (1 = best).
+class RankStage(_Stage):
+    """Order the rows of `source` by a score, best first; keep the top `k`."""
+
+    kind: Literal["rank"]
+    source: Name = Field(description="A table name or an earlier stage id.")
+    outputs: list[OutputField] = Field(
+        min_length=1, max_length=1, description="The score (a number); higher ranks first."
+    )
+    k: int | None = Field(default=None, ge=1, le=MAX_RANK_K, description="Rows kept; null: all.")
+
+
+AnyStage = MapStage | TaskStage | ReplicateStage | ReduceStage | FilterStage | RankStage
+Stage = Annotated[AnyStage, Field(discriminator="kind")]
+# Stages whose rows are rows of their source (with the user's index): their outputs sit beside
+# the source's columns, so an output may not take an input column's name.
+ROW_STAGES = (MapStage, ReplicateStage, FilterStage, RankStage)
 
 
 class Plan(_Strict):
@@ -144,7 +219,7 @@ class Plan(_Strict):
     stages: list[Stage] = Field(min_length=1, max_length=MAX_STAGES)
     output: Name
 
-    def stage(self, stage_id: str) -> MapStage | TaskStage | ReplicateStage | ReduceStage:
+    def stage(self, stage_id: str) -> AnyStage:
         """The stage with this id (KeyError if none)."""
         for stage in self.stages:
             if stage.id == stage_id:
@@ -236,7 +311,11 @@ def stage_columns(plan: Plan, table_columns: Mapping[str, list[str]]) -> dict[st
         stage = plan.stage(stage_id)
         outputs = [f.name for f in stage.outputs]
         source_cols = known.get(getattr(stage, "source", None) or "", [])
-        if isinstance(stage, MapStage) or (isinstance(stage, ReplicateStage) and stage.source):
+        if isinstance(stage, RankStage):
+            cols = [c for c in source_cols if c != RANK_COLUMN] + [*outputs, RANK_COLUMN]
+        elif isinstance(stage, (MapStage, FilterStage)) or (
+            isinstance(stage, ReplicateStage) and stage.source
+        ):
             cols = source_cols + outputs
         elif isinstance(stage, TaskStage):
             cols = ["task", *outputs]
@@ -260,9 +339,37 @@ def validate_plan(
     `models` is the roster of named models a stage may run on (none: every stage runs on the
     default model).
     """
-    problems: list[str] = []
-    tool_names = set(tools)
-    roster = sorted(models)
+    problems = _check_models(plan, sorted(models))
+    ids = [s.id for s in plan.stages]
+    for dup in sorted({i for i in ids if ids.count(i) > 1}):
+        problems.append(f"stage id {dup!r} is used twice; give each stage its own id")
+    for clash in sorted(set(ids) & set(table_columns)):
+        problems.append(f"stage id {clash!r} is also a table name; rename the stage")
+    for stage in plan.stages:
+        problems.extend(_check_references(stage, ids, sorted(table_columns), set(tools)))
+    if plan.output not in ids:
+        problems.append(f"output {plan.output!r} is not a stage id {ids}")
+    try:
+        topological_order({s.id: dependencies(s) for s in plan.stages})
+    except ValueError as exc:
+        problems.append(str(exc))
+        return problems
+    columns = stage_columns(plan, table_columns)
+    available = dict(table_columns) | dict(columns)
+    for stage in plan.stages:
+        problems.extend(_check_placeholders(stage, columns, table_columns))
+        source_cols = available.get(getattr(stage, "source", None) or "", [])
+        if isinstance(stage, FilterStage):
+            problems.extend(_check_filter(stage, source_cols))
+        elif isinstance(stage, RankStage):
+            problems.extend(_check_rank(stage))
+    problems.extend(_check_columns_named(plan, columns, table_columns))
+    return problems
+
+
+def _check_models(plan: Plan, roster: list[str]) -> list[str]:
+    """Each stage's `model` is a name of the roster (or null)."""
+    problems = []
     for stage in plan.stages:
         if stage.model is not None and stage.model not in roster:
             known = f"the roster is {roster}" if roster else "no named models are configured"
@@ -270,47 +377,113 @@ def validate_plan(
                 f"stage {stage.id!r} runs on model {stage.model!r}, but {known}; name one of them "
                 "or null for the default"
             )
-    ids = [s.id for s in plan.stages]
-    for dup in sorted({i for i in ids if ids.count(i) > 1}):
-        problems.append(f"stage id {dup!r} is used twice; give each stage its own id")
-    for clash in sorted(set(ids) & set(table_columns)):
-        problems.append(f"stage id {clash!r} is also a table name; rename the stage")
-    known_sources = set(table_columns) | set(ids)
-    graph = {s.id: dependencies(s) for s in plan.stages}
-    for stage in plan.stages:
-        where = f"stage {stage.id!r}"
-        for dep in stage.depends_on:
-            if dep not in ids:
-                problems.append(f"{where} depends on {dep!r}, which is not a stage id {ids}")
-        source = getattr(stage, "source", None)
-        if source is not None and source not in known_sources:
+    return problems
+
+
+def _check_references(
+    stage: Any, ids: list[str], tables: list[str], tool_names: set[str]
+) -> list[str]:
+    """Dependencies, the source and tools exist; outputs are named once and typed sensibly."""
+    where = f"stage {stage.id!r}"
+    problems = [
+        f"{where} depends on {dep!r}, which is not a stage id {ids}"
+        for dep in stage.depends_on
+        if dep not in ids
+    ]
+    source = getattr(stage, "source", None)
+    if source is not None and source not in (*tables, *ids):
+        problems.append(
+            f"{where} reads source {source!r}, which is neither a table {tables} nor a stage {ids}"
+        )
+    for tool in stage.tools:
+        if tool not in tool_names:
+            available = sorted(tool_names) or "none are registered"
+            problems.append(f"{where} uses tool {tool!r}, which is not registered ({available})")
+    names = [f.name for f in stage.outputs]
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"{where} declares output {dup!r} twice")
+    for fld in stage.outputs:
+        if fld.choices and fld.type != "string":
+            problems.append(f"{where} output {fld.name!r}: choices only apply to string fields")
+    return problems
+
+
+# -- the stages that choose rows: filter and rank -----------------------------------------------
+def _check_filter(stage: FilterStage, source_cols: list[str]) -> list[str]:
+    """A filter has a test (prefilter or condition); the condition's first output is a boolean."""
+    where = f"stage {stage.id!r}"
+    problems = []
+    if not stage.instruction.strip():
+        if stage.outputs:
             problems.append(
-                f"{where} reads source {source!r}, which is neither a table "
-                f"{sorted(table_columns)} nor a stage {ids}"
+                f"{where} has no condition instruction, so it makes no model call and has no "
+                "outputs: set outputs to [] (or write the condition as its instruction)"
             )
-        for tool in stage.tools:
-            if tool not in tool_names:
-                available = sorted(tool_names) or "none are registered"
-                problems.append(
-                    f"{where} uses tool {tool!r}, which is not registered ({available})"
-                )
-        names = [f.name for f in stage.outputs]
-        for dup in sorted({n for n in names if names.count(n) > 1}):
-            problems.append(f"{where} declares output {dup!r} twice")
-        for fld in stage.outputs:
-            if fld.choices and fld.type != "string":
-                problems.append(f"{where} output {fld.name!r}: choices only apply to string fields")
-    if plan.output not in ids:
-        problems.append(f"output {plan.output!r} is not a stage id {ids}")
-    try:
-        topological_order(graph)
-    except ValueError as exc:
-        problems.append(str(exc))
-        return problems
-    columns = stage_columns(plan, table_columns)
-    for stage in plan.stages:
-        problems.extend(_check_placeholders(stage, columns, table_columns))
-    problems.extend(_check_columns_named(plan, columns, table_columns))
+        if not stage.prefilter:
+            problems.append(
+                f"{where} filters nothing: give it a prefilter or a condition instruction"
+            )
+    elif not stage.outputs or stage.outputs[0].type != "boolean":
+        first = stage.outputs[0] if stage.outputs else None
+        found = f"its first output {first.name!r} is {first.type}" if first else "it has none"
+        problems.append(
+            f"{where} asks a condition, so its first output must be a boolean saying whether a "
+            f'row is kept (e.g. {{"name": "keep", "type": "boolean"}}); {found}'
+        )
+    for cond in stage.prefilter:
+        problem = condition_problem(cond, source_cols)
+        if problem is not None:
+            problems.append(f"{where} prefilter {describe_condition(cond)}: {problem}")
+    return problems
+
+
+def condition_problem(cond: Condition, columns: list[str] | None = None) -> str | None:
+    """What is wrong with a prefilter condition's column or value for its op (None: nothing).
+
+    Only names and the value's shape are checked here; whether a value fits the column's type
+    (a date, a number) is checked with the data, where the column's type is known.
+    """
+    value, op = cond.value, cond.op
+    if columns is not None and cond.column not in columns:
+        return f"{cond.column!r} is not a column of the source {columns}"
+    if op in ("in", "not in"):
+        ok = isinstance(value, list) and bool(value)
+        return None if ok else f"{op!r} takes a non-empty list of values"
+    if isinstance(value, list):
+        return f"{op!r} takes one value, not a list (use 'in' for several)"
+    if op in ("is null", "not null"):
+        return None if value is None else f"{op!r} takes no value (null)"
+    if value is None:
+        return f"{op!r} needs a value (test missing values with 'is null')"
+    if op == "contains":
+        return None if isinstance(value, str) else "'contains' takes a text value"
+    if op in ("<", "<=", ">", ">=") and isinstance(value, bool):
+        return f"{op!r} takes a number, a date or a text value, not true/false"
+    return None
+
+
+def describe_condition(cond: Condition) -> str:
+    """A condition as people read it: `stars < 3`, `country in ['FR', 'DE']`, `note is null`."""
+    if cond.op in ("is null", "not null"):
+        return f"{cond.column} {cond.op}"
+    return f"{cond.column} {cond.op} {cond.value!r}"
+
+
+def _check_rank(stage: RankStage) -> list[str]:
+    """A rank's one output is a numeric score and does not take the name of its rank column."""
+    where = f"stage {stage.id!r}"
+    problems = []
+    score = stage.outputs[0]
+    if score.type not in ("integer", "number"):
+        problems.append(
+            f"{where} ranks by its one output, the score: it must be a number or an integer, "
+            f"not {score.type} ({score.name!r})"
+        )
+    if score.name == RANK_COLUMN:
+        problems.append(
+            f"{where} output {RANK_COLUMN!r} is the name of the place it gives each row; call "
+            "the score something else (e.g. score)"
+        )
     return problems
 
 
@@ -352,7 +525,7 @@ def _check_placeholders(
     for name in sorted(used - allowed):
         hint = f"columns of {source!r} are {source_cols}" if source else "this stage has no source"
         problems.append(f"{where} uses placeholder {{{name}}}, but {hint}")
-    if isinstance(stage, (MapStage, ReplicateStage)) and source:
+    if isinstance(stage, ROW_STAGES) and source:
         upstream = available.get(source, [])
         for fld in stage.outputs:
             if fld.name in upstream:
@@ -407,7 +580,7 @@ def _check_columns_named(
     available = dict(table_columns) | dict(columns)
     for stage in plan.stages:
         source = getattr(stage, "source", None)
-        if not isinstance(stage, (MapStage, ReplicateStage)) or source is None:
+        if not isinstance(stage, ROW_STAGES) or source is None or not stage.instruction.strip():
             continue
         width = len(available.get(source, []))
         read = columns_read(stage.instruction, available.get(source, []))

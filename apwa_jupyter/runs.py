@@ -46,6 +46,7 @@ from .execution import (
 )
 from .execution.keys import endpoint_id, plan_key
 from .execution.live import LiveRows
+from .execution.stages.filter import prefilter_problems
 from .executors.base import StopSignal
 from .lookups import scope_lookups
 from .models.base import Usage
@@ -565,9 +566,9 @@ class Run(RunResults):
         rows = self.outcomes.get(self.plan.output) if self.plan else None
         if rows is None:
             return f"{reason}. Nothing finished yet; fix the cause, then %apwa retry."
-        have = rows.rows - rows.missing
+        have = len(rows.answers)  # a filter's frame holds only kept rows: count what is there
         return (
-            f"{reason}. {have} of {rows.rows} rows have values and are kept; "
+            f"{reason}. {have} of {have + rows.missing} rows have values and are kept; "
             f"{rows.missing} are listed in errors_frame(); %apwa retry runs only those."
         )
 
@@ -664,7 +665,8 @@ class Run(RunResults):
     def plan_problems(self, plan: Plan) -> list[str]:
         """What is wrong with a plan for this run's tables and tools (empty: nothing)."""
         columns = {name: table.column_names for name, table in self.tables.items()}
-        return validate_plan(plan, columns, self.registry.names(), self.setup.models)
+        problems = validate_plan(plan, columns, self.registry.names(), self.setup.models)
+        return problems or prefilter_problems(plan, self.tables)
 
     def _stage_model_names(self) -> dict[str, str | None]:
         """Per stage that names a roster model, the model name at its endpoint (for prices)."""
@@ -721,6 +723,8 @@ class Run(RunResults):
         text = f"a sample (--sample {self.sample}): {', '.join(cut)}"
         if any(stage.kind == "reduce" for stage in self.plan.stages):
             text += "; its reduce combined only the sampled rows"
+        if any(stage.kind == "rank" for stage in self.plan.stages):
+            text += "; its ranking orders only the sampled rows"
         return text
 
     def pending(self) -> list[Future[Any]]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from ..events import ProgressSink
 from ..executors.base import Executor, StopSignal
@@ -123,7 +124,12 @@ class StageRunner:
         if name in self.outcomes:
             outcome = self.outcomes[name]
             upstream = self.spec.plan.stage(name)
-            table = DataTable.from_value(name, outcome.frame)
+            frame = outcome.frame
+            if len(frame):
+                table = DataTable.from_value(name, frame)
+            else:  # a filter kept no row: an empty table, which a user table may not be
+                arrow = pa.Table.from_pandas(frame, preserve_index=False)
+                table = DataTable(name, arrow, "rows", index=frame.index, frame=frame)
             fields = [f.name for f in upstream.outputs]
             return StageInput(table, outcome.ok_mask, fields, outcome.frame)
         table = self.spec.tables[name]

@@ -1,7 +1,8 @@
 """The stage kinds, by the `kind` a plan stage names: the only place kinds are dispatched.
 
-`map`, `task`, `replicate` and `reduce` are the APWA patterns (plans.py describes them). A new
-kind implements `StageKind` (base.py) in a module of its own and is added to `KINDS`.
+`map`, `task`, `replicate` and `reduce` are the APWA patterns; `filter` and `rank` choose rows
+(plans.py describes them all). A new kind implements `StageKind` (base.py) in a module of its
+own and is added to `KINDS`.
 """
 
 from __future__ import annotations
@@ -9,12 +10,16 @@ from __future__ import annotations
 from typing import Any
 
 from .base import PlanShape, StageKind, StageLoad
+from .filter import Filter
 from .map import Map
+from .rank import Rank
 from .reduce import Reduce, pack_reduce_items, reduce_item_chars, reduce_subtask_count
 from .replicate import AGREEMENT_COLUMN, Replicate
 from .task import Task
 
-KINDS: dict[str, StageKind] = {kind.name: kind for kind in (Map(), Task(), Replicate(), Reduce())}
+KINDS: dict[str, StageKind] = {
+    kind.name: kind for kind in (Map(), Task(), Replicate(), Reduce(), Filter(), Rank())
+}
 
 
 def stage_kind(stage_or_kind: Any) -> StageKind:
