@@ -236,10 +236,14 @@ class RunResults:
         ]
 
     def errors_frame(self) -> pd.DataFrame:
-        """Rows without a value: stage, subtask, kind, message, attempts, rows."""
+        """Rows without a value: stage, subtask, row, kind, message, attempts, rows.
+
+        `row` is how a person reads it: the row's own label when the failure is one row (not
+        the tuple `(4,)`), else how many rows; `rows` holds the labels themselves.
+        """
+        records = [{**e.__dict__, "row": _one_row(e.rows)} for e in self.errors]
         return pd.DataFrame(
-            [e.__dict__ for e in self.errors],
-            columns=["stage", "subtask", "kind", "message", "attempts", "rows"],
+            records, columns=["stage", "subtask", "row", "kind", "message", "attempts", "rows"]
         )
 
     def transcript(self, subtask_id: str) -> str:
@@ -286,6 +290,11 @@ class RunResults:
             if progress.started_at is not None:
                 out[f"{stage_id}_s"] = (progress.finished_at or time.time()) - progress.started_at
         return out
+
+
+def _one_row(rows: Any) -> Any:
+    """A failure's rows for people: the label of a single row, else "N rows"."""
+    return rows[0] if len(rows) == 1 else f"{len(rows):,} rows"
 
 
 def _natural(text: str) -> tuple[Any, ...]:

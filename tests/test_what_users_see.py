@@ -102,3 +102,17 @@ def test_a_negative_calibration_reads_as_added_not_as_a_double_minus():
     line = step.describe()
     assert "--" not in line
     assert "positive -0.15 (+0.39)" in line and "neutral -1.20 (-0.20)" in line
+
+
+def test_errors_frame_names_a_single_row_by_its_label_not_a_tuple(fake_server, registry):
+    from apwa_jupyter.testing import worker_input
+
+    def worker(body):
+        return {"wrong": 1} if worker_input(body)["text"] == "4" else {"label": "x"}
+
+    server = fake_server(plan_responder(PLAN, worker))
+    frame = pd.DataFrame({"text": [str(i) for i in range(6)]}, index=[f"r{i}" for i in range(6)])
+    run = local_session(server, registry).run("Label {t}", {"t": frame})
+    errors = run.errors_frame()
+    assert errors["row"].tolist() == ["r4"] and errors["rows"].tolist() == [("r4",)]
+    assert list(errors.columns)[:3] == ["stage", "subtask", "row"]
