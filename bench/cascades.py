@@ -18,12 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import tempfile
-import threading
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -34,55 +31,15 @@ import pandas as pd
 from apwa_jupyter.config import EndpointConfig
 from apwa_jupyter.executors.local import LocalExecutor
 from apwa_jupyter.session import Session
-from apwa_jupyter.testing import Reply, worker_input
-from apwa_jupyter.testing.fake_server import FakeOpenAIServer, is_manager_request
+from apwa_jupyter.testing.cascade_models import ColourModel, truth
+from apwa_jupyter.testing.fake_server import FakeOpenAIServer
 
 RESULTS = Path(__file__).parent / "results" / "cascades.json"
-CHOICES = ["red", "green", "blue"]
-PLAN = {
-    "summary": "colour of each item",
-    "stages": [
-        {
-            "id": "label",
-            "kind": "map",
-            "source": "items",
-            "instruction": "Which colour is {text}?",
-            "outputs": [{"name": "colour", "type": "string", "choices": CHOICES}],
-        }
-    ],
-    "output": "label",
-}
-
-
-def truth(text: str) -> str:
-    return CHOICES[zlib.crc32(text.encode()) % 3]
-
-
-class Model:
-    """A scripted model (see the module docstring)."""
-
-    def __init__(self, kind: str):
-        self.kind, self.calls = kind, 0
-        self.lock, self.random = threading.Lock(), random.Random(5)
-
-    def __call__(self, body: dict[str, Any]) -> Reply:
-        if is_manager_request(body):
-            return Reply.json(PLAN)
-        text = worker_input(body)["text"]
-        with self.lock:
-            self.calls += 1
-            guess = self.random.choice(CHOICES)
-        right = zlib.crc32(b"cheap" + text.encode()) % 100 < 85
-        if self.kind == "strong" or right:
-            return Reply.json({"colour": truth(text)})
-        if self.kind == "useless":
-            return Reply.json({"colour": CHOICES[(CHOICES.index(truth(text)) + 1) % 3]})
-        return Reply.json({"colour": guess})
 
 
 def case(kind: str, target: float, rows: int) -> dict[str, Any]:
     """One cascade run against fresh servers and a fresh store."""
-    cheap_model, strong_model = Model(kind), Model("strong")
+    cheap_model, strong_model = ColourModel(kind, seed=5), ColourModel("strong", seed=5)
     with FakeOpenAIServer(cheap_model) as cheap, FakeOpenAIServer(strong_model) as strong:
         session = Session(
             endpoint=EndpointConfig(base_url=cheap.base_url, model="gpt-4o-mini"),

@@ -4,9 +4,6 @@ per model at two test servers, calibration answers are never bought twice."""
 from __future__ import annotations
 
 import math
-import random
-import threading
-import zlib
 from typing import Any
 
 import numpy as np
@@ -19,23 +16,9 @@ from apwa_jupyter.errors import UserInputError
 from apwa_jupyter.execution.cascade import Cascade, agreement_bound, choose_threshold
 from apwa_jupyter.executors.local import LocalExecutor
 from apwa_jupyter.session import Session
-from apwa_jupyter.testing import Reply, worker_input
-from apwa_jupyter.testing.fake_server import is_manager_request
+from apwa_jupyter.testing.cascade_models import ColourModel, truth
 
-from .conftest import FAST_RETRY, map_plan
-
-CHOICES = ["red", "green", "blue"]
-PLAN = map_plan(
-    "items", "Which colour is {text}?", [{"name": "colour", "type": "string", "choices": CHOICES}]
-)
-
-
-def truth(text: str) -> str:
-    return CHOICES[zlib.crc32(text.encode()) % 3]
-
-
-def cheap_right(text: str) -> bool:
-    return zlib.crc32(b"cheap" + text.encode()) % 100 < 85  # right on 85 % of rows
+from .conftest import FAST_RETRY
 
 
 # -- the statistics, simulated -----------------------------------------------------------------
@@ -89,30 +72,6 @@ def test_cascade_options_are_checked():
 
 
 # -- end to end, counted at the servers ---------------------------------------------------------
-class Model:
-    """A scripted model: the strong one is always right; the cheap one is right on 85 % of rows
-    and, when wrong, either guesses per sample (informative: samples disagree) or says the same
-    wrong colour every time (useless: its confidence carries nothing)."""
-
-    def __init__(self, kind: str):
-        self.kind, self.calls, self.rows = kind, 0, set()
-        self.lock, self.random = threading.Lock(), random.Random(11)
-
-    def __call__(self, body: dict[str, Any]) -> Reply:
-        if is_manager_request(body):
-            return Reply.json(PLAN)
-        text = worker_input(body)["text"]
-        with self.lock:
-            self.calls += 1
-            self.rows.add(text)
-            guess = self.random.choice(CHOICES)
-        if self.kind == "strong" or cheap_right(text):
-            return Reply.json({"colour": truth(text)})
-        if self.kind == "useless":
-            return Reply.json({"colour": CHOICES[(CHOICES.index(truth(text)) + 1) % 3]})
-        return Reply.json({"colour": guess})
-
-
 def items(n: int) -> pd.DataFrame:
     return pd.DataFrame(
         {"text": [f"item {i}" for i in range(n)]}, index=[f"i{i}" for i in range(n)]
@@ -130,7 +89,7 @@ def session_of(cheap: Any, strong: Any, tmp_path: Any) -> Session:
 
 @pytest.mark.parametrize("kind", ["informative", "useless"])
 def test_a_cascade_routes_unsure_rows_to_the_strong_model(fake_server, tmp_path, kind):
-    cheap_model, strong_model = Model(kind), Model("strong")
+    cheap_model, strong_model = ColourModel(kind), ColourModel("strong")
     cheap, strong = fake_server(cheap_model), fake_server(strong_model)
     session = session_of(cheap, strong, tmp_path)
     frame = items(1200)

@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "store",
             "testing",
             "testing.fake_server",
+            "testing.cascade_models",
         },
     ),
     (

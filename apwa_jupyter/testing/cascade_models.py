@@ -1,0 +1,65 @@
+"""Scripted models for cascades: a strong one that is always right, and cheap ones that are not.
+
+Shipped with the package so the tests (tests/test_cascade.py) and the benchmark
+(bench/cascades.py) play the very same models. Each row's true colour comes from a hash of its
+text (seeded, the same every run); the cheap model is right on 85 % of rows and, when wrong,
+either guesses per sample ("informative": its samples disagree, so their agreement says
+something) or repeats one wrong colour ("useless": its confidence is 1 on every row).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import zlib
+from typing import Any
+
+from .fake_server import Reply, is_manager_request, worker_input
+
+CHOICES = ["red", "green", "blue"]
+PLAN = {
+    "summary": "colour of each item",
+    "stages": [
+        {
+            "id": "label",
+            "kind": "map",
+            "source": "items",
+            "instruction": "Which colour is {text}?",
+            "outputs": [{"name": "colour", "type": "string", "choices": CHOICES}],
+        }
+    ],
+    "output": "label",
+}
+
+
+def truth(text: str) -> str:
+    """The row's true colour."""
+    return CHOICES[zlib.crc32(text.encode()) % 3]
+
+
+def cheap_right(text: str) -> bool:
+    """Whether the cheap model knows this row (85 % of rows)."""
+    return zlib.crc32(b"cheap" + text.encode()) % 100 < 85
+
+
+class ColourModel:
+    """A responder for a FakeOpenAIServer: kind "strong", "informative" or "useless"."""
+
+    def __init__(self, kind: str, seed: int = 11):
+        self.kind, self.calls, self.rows = kind, 0, set[str]()
+        self.lock, self.random = threading.Lock(), random.Random(seed)
+
+    def __call__(self, body: dict[str, Any]) -> Reply:
+        """Answer the manager with PLAN, a worker with a colour."""
+        if is_manager_request(body):
+            return Reply.json(PLAN)
+        text = worker_input(body)["text"]
+        with self.lock:
+            self.calls += 1
+            self.rows.add(text)
+            guess = self.random.choice(CHOICES)
+        if self.kind == "strong" or cheap_right(text):
+            return Reply.json({"colour": truth(text)})
+        if self.kind == "useless":
+            return Reply.json({"colour": CHOICES[(CHOICES.index(truth(text)) + 1) % 3]})
+        return Reply.json({"colour": guess})
