@@ -10,11 +10,15 @@ chars/4 count is itself off by 10-25 %.
 Prices are list prices for standard (uncached, non-batch) requests, in USD per 1M tokens, written
 down from the providers' pricing pages as known on `PRICES_AS_OF`; they change, so users can
 override them (`set_price`, or a JSON file named by `APWA_PRICES`). A model not in the table has
-no money figure, only tokens: a guessed price would be worse than none.
+no money figure, only tokens: a guessed price would be worse than none. The batch column
+(`BATCH_PRICES`, `batch_price_of`) is what a request sent through the provider's Batch API costs
+(`--batch`; OpenAI bills half); a model without a known batch price is charged the standard one,
+so a batch budget is never looser than a live one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -65,9 +69,31 @@ BUILT_IN_PRICES: dict[str, tuple[float, float]] = {
     "deepseek-reasoner": (0.55, 2.19),
 }
 
+# The batch column: model -> (input, output) USD per 1M tokens through the Batch API, as of
+# BATCH_PRICES_AS_OF (OpenAI's pricing page: half of the standard price for every model above).
+BATCH_PRICES_AS_OF = "2025-08"
+BATCH_PRICES: dict[str, tuple[float, float]] = {
+    "gpt-4o": (1.25, 5.00),
+    "gpt-4o-mini": (0.075, 0.30),
+    "gpt-4.1": (1.00, 4.00),
+    "gpt-4.1-mini": (0.20, 0.80),
+    "gpt-4.1-nano": (0.05, 0.20),
+    "gpt-5": (0.625, 5.00),
+    "gpt-5-mini": (0.125, 1.00),
+    "gpt-5-nano": (0.025, 0.20),
+    "o1": (7.50, 30.00),
+    "o3": (1.00, 4.00),
+    "o3-mini": (0.55, 2.20),
+    "o4-mini": (0.55, 2.20),
+    "gpt-4-turbo": (5.00, 15.00),
+    "gpt-3.5-turbo": (0.25, 0.75),
+}
+
 _DATE_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|latest)$")
 _OVERRIDES: dict[str, Price] = {}
+_BATCH_OVERRIDES: dict[str, Price] = {}
 _FILE_CACHE: dict[tuple[str, float], dict[str, Price]] = {}
+_BATCH_FILE_CACHE: dict[tuple[str, float], dict[str, Price]] = {}
 
 
 @dataclass(frozen=True)
@@ -97,13 +123,25 @@ def normalize_model(model: str) -> str:
     return _DATE_SUFFIX.sub("", name)
 
 
-def set_price(model: str, input_per_m: float, output_per_m: float) -> None:
-    """Use these prices (USD per 1M tokens) for `model` in this process, over any other."""
-    if input_per_m < 0 or output_per_m < 0:
-        raise UserInputError(
-            f"prices must be 0 or more USD per 1M tokens, got {input_per_m}, {output_per_m}"
-        )
-    _OVERRIDES[normalize_model(model)] = Price(input_per_m, output_per_m, "set_price")
+def set_price(
+    model: str,
+    input_per_m: float,
+    output_per_m: float,
+    batch: tuple[float, float] | None = None,
+) -> None:
+    """Use these prices (USD per 1M tokens) for `model` in this process, over any other.
+
+    `batch` is (input, output) through the provider's Batch API; without it, batched calls of
+    `model` cost the standard price given here.
+    """
+    for value in (input_per_m, output_per_m, *(batch or ())):
+        if value < 0:
+            raise UserInputError(f"prices must be 0 or more USD per 1M tokens, got {value}")
+    name = normalize_model(model)
+    _OVERRIDES[name] = Price(input_per_m, output_per_m, "set_price")
+    _BATCH_OVERRIDES.pop(name, None)
+    if batch is not None:
+        _BATCH_OVERRIDES[name] = Price(batch[0], batch[1], "set_price (batch)")
 
 
 def _file_prices() -> dict[str, Price]:
@@ -121,19 +159,45 @@ def _file_prices() -> dict[str, Price]:
         with open(path, encoding="utf-8") as handle:
             raw = json.load(handle)
         table: dict[str, Price] = {}
+        batch: dict[str, Price] = {}
         for model, value in raw.items():
-            pair = (
-                (value["input_per_m"], value["output_per_m"]) if isinstance(value, dict) else value
-            )
-            table[normalize_model(model)] = Price(float(pair[0]), float(pair[1]), path)
+            row = _price_row(value)
+            table[normalize_model(model)] = Price(row[0], row[1], path)
+            if len(row) == 4:
+                batch[normalize_model(model)] = Price(row[2], row[3], f"{path} (batch)")
     except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
         raise UserInputError(
             f"APWA_PRICES file {path} is not a JSON object of model: [input, output] USD per 1M "
-            f'tokens (e.g. {{"my-model": [0.5, 1.5]}}): {exc}'
+            f'tokens, optionally with the batch prices after them (e.g. {{"my-model": [0.5, '
+            f"1.5]}} or [0.5, 1.5, 0.25, 0.75]): {exc}"
         ) from None
     _FILE_CACHE.clear()
     _FILE_CACHE[(path, mtime)] = table
+    _BATCH_FILE_CACHE.clear()
+    _BATCH_FILE_CACHE[(path, mtime)] = batch
     return table
+
+
+def _price_row(value: object) -> list[float]:
+    """[input, output] or [input, output, batch input, batch output] of one APWA_PRICES entry."""
+    if isinstance(value, dict):
+        names = ["input_per_m", "output_per_m"]
+        if "batch_input_per_m" in value or "batch_output_per_m" in value:
+            names += ["batch_input_per_m", "batch_output_per_m"]
+        return [float(value[name]) for name in names]
+    row = [float(v) for v in value]  # type: ignore[attr-defined]
+    if len(row) not in (2, 4):
+        raise ValueError(f"{value!r} has {len(row)} numbers, not 2 or 4")
+    return row
+
+
+def _file_batch_prices() -> dict[str, Price]:
+    """The batch prices of the APWA_PRICES file (read with its standard prices)."""
+    path = os.environ.get("APWA_PRICES")
+    if not path:
+        return {}
+    _file_prices()  # reads the file, and its batch prices, when it changed
+    return _BATCH_FILE_CACHE.get((path, os.path.getmtime(path)), {})
 
 
 def price_of(model: str | None) -> Price | None:
@@ -148,6 +212,29 @@ def price_of(model: str | None) -> Price | None:
         return from_file
     pair = BUILT_IN_PRICES.get(name)
     return Price(*pair) if pair else None
+
+
+def batch_price_of(model: str | None) -> Price | None:
+    """What `model` costs through the provider's Batch API (`--batch`), or None (no price).
+
+    A batch price given with `set_price` or in APWA_PRICES, else the built-in batch column;
+    when none is known, the standard price (a price set without a batch one is taken as it is,
+    never discounted by a guess).
+    """
+    if not model:
+        return None
+    name = normalize_model(model)
+    if name in _OVERRIDES:  # set_price: its batch prices, else its standard ones
+        return _BATCH_OVERRIDES.get(name, _OVERRIDES[name])
+    from_file = _file_batch_prices().get(name)
+    if from_file is not None:
+        return from_file
+    if name in _file_prices():
+        return _file_prices()[name]
+    pair = BATCH_PRICES.get(name)
+    if pair is not None:
+        return Price(*pair, source=f"built-in batch price, as of {BATCH_PRICES_AS_OF}")
+    return price_of(model)
 
 
 def cost_usd(model: str | None, prompt_tokens: float, completion_tokens: float) -> float | None:
@@ -288,6 +375,16 @@ class Estimate:
     model: str | None
     stages: list[StageEstimate]
     price: Price | None
+    batched: tuple[str, ...] = ()  # stages priced at the Batch API's price (`at_batch_prices`)
+
+    def at_batch_prices(self, stage_ids: Sequence[str]) -> Estimate:
+        """The same estimate with these stages' calls at their model's batch price (--batch)."""
+        chosen = [s.stage_id for s in self.stages if s.stage_id in set(stage_ids)]
+        stages = [
+            dataclasses.replace(s, price=batch_price_of(s.model)) if s.stage_id in chosen else s
+            for s in self.stages
+        ]
+        return dataclasses.replace(self, stages=stages, batched=tuple(chosen))
 
     @property
     def calls(self) -> int:
@@ -343,9 +440,10 @@ class Estimate:
             return (
                 text + f" · no price for {self.unpriced or self.model or 'this model'}: tokens only"
             )
+        batch = " at batch prices" if self.batched else ""
         return (
             text
-            + f" · {format_money(money.low)}-{format_money(money.high)} (about {format_money(money.expected)})"
+            + f" · {format_money(money.low)}-{format_money(money.high)} (about {format_money(money.expected)}){batch}"
         )
 
 
@@ -475,6 +573,8 @@ class CostMeter:
     estimate: Estimate | None = None
     # Per stage, the model it runs on when not the default (`model`): its calls cost its price.
     stage_models: dict[str, str | None] = field(default_factory=dict)
+    # Stages whose calls go through the provider's Batch API: they cost its batch price.
+    batch_stages: set[str] = field(default_factory=set)
     _total: _Spent = field(default_factory=_Spent)
     _stages: dict[str, _Spent] = field(default_factory=dict)
 
@@ -514,7 +614,9 @@ class CostMeter:
         return self.stage_models.get(stage or "") or self.model
 
     def price_for(self, stage: str | None) -> Price | None:
-        """The price of a stage's calls, or None."""
+        """The price of a stage's calls (the batch price for a batched stage), or None."""
+        if stage in self.batch_stages:
+            return batch_price_of(self.model_of(stage))
         return price_of(self.model_of(stage))
 
     @property

@@ -25,6 +25,7 @@ from .parsers import (
     CELL_HELP,
     LINE_COMMANDS,
     ApproveArgs,
+    BatchesArgs,
     CacheArgs,
     CancelArgs,
     CellOptions,
@@ -185,6 +186,7 @@ class ApwaMagics(Magics):
             sample=options.sample,
             cascade=options.cascade,
             target=options.target,
+            batch=options.batch,
         )
         # The run is `_apwa` from now on, so the next cell can read, edit and start its plan.
         self.user_ns["_apwa"] = run
@@ -345,6 +347,8 @@ class ApwaMagics(Magics):
                 self._line_cluster(args)
             case RunsArgs():
                 self._line_runs()
+            case BatchesArgs():
+                self._line_batches(args)
             case CacheArgs():
                 self._line_cache(args)
             case LoadArgs():
@@ -458,6 +462,16 @@ class ApwaMagics(Magics):
             )
         if not here and not earlier:
             print("No runs yet.")
+
+    def _line_batches(self, args: BatchesArgs) -> None:
+        from .execution.batch import batch_line
+
+        store = self.session.store
+        records = store.batches(args.run_id) if store is not None else []
+        for record in records:
+            print(batch_line(record))
+        if not records:
+            print("No batches (%%apwa --batch sends map stages to the provider's Batch API).")
 
     def _store_runs(self) -> list[dict[str, Any]]:
         store = self.session.store

@@ -148,6 +148,12 @@ def _add_control_options(parser: _Parser) -> None:
         help="with --cascade: the share of rows whose answers agree with STRONG's (default 0.95)",
     )
     parser.add_argument(
+        "--batch",
+        action="store_true",
+        help="send map stages without tools to the provider's Batch API (batch prices, answers "
+        "within 24 h; re-running the cell resumes them; %%apwa batches lists them)",
+    )
+    parser.add_argument(
         "--sample",
         metavar="N",
         help="try the plan on N rows spread over each table first (head:N for the first N); "
@@ -184,6 +190,7 @@ class CellOptions:
     sample: str | None = None
     cascade: str | None = None
     target: float = 0.95
+    batch: bool = False
     record: str | None = None
     replay: str | None = None
     max_tokens: int = 1024
@@ -351,6 +358,23 @@ class RunsArgs(_LineArgs):
 
 
 @dataclass(frozen=True)
+class BatchesArgs(_LineArgs):
+    """`%apwa batches [RUN_ID]`: the Batch API jobs of one run, or of every run."""
+
+    usage = "%apwa batches [RUN_ID]"
+    summary = "Batch API jobs (--batch) from the result store: state and request counts"
+
+    run_id: str | None = None
+
+    @classmethod
+    def parse(cls, words: _Words) -> Self:
+        """At most one word: the RUN_ID."""
+        run_id = words.run_id()
+        words.done()
+        return cls(run_id)
+
+
+@dataclass(frozen=True)
 class CacheArgs(_LineArgs):
     """`%apwa cache [clear [RUN_ID]]`: statistics, or forget one run's answers (or all)."""
 
@@ -504,6 +528,7 @@ LineArgs = (
     | ToolsArgs
     | ClusterArgs
     | RunsArgs
+    | BatchesArgs
     | CacheArgs
     | LoadArgs
     | ShowArgs
@@ -522,6 +547,7 @@ LINE_MODELS: dict[str, type[LineArgs]] = {
     "tools": ToolsArgs,
     "cluster": ClusterArgs,
     "runs": RunsArgs,
+    "batches": BatchesArgs,
     "cache": CacheArgs,
     "load": LoadArgs,
     "show": ShowArgs,

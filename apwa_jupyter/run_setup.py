@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .capabilities import CapabilityRegistry
     from .config import EndpointConfig
     from .costs import Budget
+    from .execution.batch_api import BatchSettings
     from .execution.cascade import Cascade
     from .executors.base import Executor
     from .sampling import Sample
@@ -82,3 +83,4 @@ class RunSetup:
     # Named models a stage may run on (`Stage.model`), besides the default worker model.
     models: dict[str, EndpointConfig] = field(default_factory=dict)
     cascade: Cascade | None = None  # eligible map stages run cheap-then-strong (cascade.py)
+    batch: BatchSettings | None = None  # map stages without tools go to the Batch API (batch.py)

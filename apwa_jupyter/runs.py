@@ -44,6 +44,7 @@ from .execution import (
     stage_loads,
     typical_latency,
 )
+from .execution.batch import batched_stage_ids
 from .execution.keys import endpoint_id, plan_key
 from .execution.live import LiveRows
 from .execution.stages.filter import prefilter_problems
@@ -267,6 +268,11 @@ class Run(RunResults):
             found = estimate(
                 EstimateInput(self.model_name, loads, max_tokens=self.options.max_tokens)
             )
+            if self.setup.batch is not None:  # --batch: those stages cost the batch price
+                batched = batched_stage_ids(
+                    self.plan, self.registry, self.worker_model, self.setup.models
+                )
+                found = found.at_batch_prices(batched)
             self._estimate = (self.plan, found)
             self.meter.estimate = found
         return self._estimate[1]
@@ -479,6 +485,7 @@ class Run(RunResults):
             models=dict(self.setup.models),
             model_ids={name: endpoint_id(e) for name, e in self.setup.models.items()},
             cascade=self.setup.cascade,
+            batch=self.setup.batch,
         )
         self.meter.model = self.model_name
         self.meter.stage_models = self._stage_model_names()

@@ -35,6 +35,8 @@ from .errors import ApwaError, PlanError, UserInputError
 from .evaluation import Judgement, judge_frame, judge_plan, judgement
 from .events import Event
 from .execution import CacheMode, endpoint_id
+from .execution.batch import batch_notice
+from .execution.batch_api import BatchSettings
 from .execution.cascade import Cascade
 from .executors.base import Executor
 from .lookups import grant_lookups
@@ -268,6 +270,7 @@ class Session:
         parent: str | None = None,
         cascade: str | Cascade | None = None,
         target: float = 0.95,
+        batch: bool | BatchSettings = False,
     ) -> Run:
         """Start planning in the background; the Run moves to "awaiting_approval" when ready.
 
@@ -286,16 +289,16 @@ class Session:
         holding the answers to agree with the strong model on at least `target` of the rows
         (with probability 0.95; execution/cascade.py says how).
         `sample` (20, "head:20") runs the plan on that many rows of each table a stage reads
-        (sampling.py); `run_all` then runs the rest. `parent` names the sample run whose plan
-        a whole run carries out.
+        (sampling.py); `run_all` then runs the rest (`parent`: the sample run it follows).
+        `batch=True` (or `BatchSettings(...)`) sends map stages without tools to the provider's
+        Batch API at its batch price (execution/batch.py); a re-run resumes its batches.
         """
         check_recording(record, replay)
         if isinstance(plan, dict):  # a plan written by hand, as run.plan = {...} accepts
             plan = Plan.model_validate(plan)
-        if record is not None:  # a complete recording: nothing may come from the store
-            cache, replan = "refresh", True
-        if replay is not None:
-            cache = "off"
+        # A complete recording: nothing may come from the store; a replay reads nothing else.
+        cache = "refresh" if record is not None else ("off" if replay is not None else cache)
+        replan = replan or record is not None
         if not prompt.strip():
             raise UserInputError("The prompt is empty: say what each worker should do.")
         data_tables: dict[str, DataTable] = resolve_tables(tables)
@@ -309,7 +312,8 @@ class Session:
             max_input_chars=check_max_input_chars(max_input_chars),
             cache=cache,
         )
-        extra = {"budget": budget, "cell_id": cell_id, "dry_run": dry_run, "sample": sample}
+        extra: dict[str, Any] = {"budget": budget, "cell_id": cell_id, "dry_run": dry_run}
+        extra |= {"sample": sample, "batch": BatchSettings() if batch is True else batch or None}
         run = Run(
             self._setup(prompt, data_tables, granted, options, cascade, target, parent, extra)
         )
@@ -357,6 +361,7 @@ class Session:
             follow_ups=self,
             models=dict(self.endpoints),
             cascade=cascade,
+            batch=extra["batch"],
         )
 
     async def _warm_executor(self) -> None:
@@ -437,9 +442,10 @@ class Session:
         """(description, store identity, notices) of the model that will answer."""
         describe = getattr(workers, "describe", None)
         description = describe() if callable(describe) else "in-process model"
+        batch = [batch_notice(workers)] if run.setup.batch is not None else []
         if not isinstance(workers, EndpointConfig):
-            return description, None, []
-        return description, endpoint_id(workers), self._concurrency_notices(run, workers)
+            return description, None, batch
+        return description, endpoint_id(workers), self._concurrency_notices(run, workers) + batch
 
     def _concurrency_notices(self, run: Run, workers: EndpointConfig) -> list[str]:
         """What caps the run's concurrency, said once; no advice that would make things worse."""
@@ -485,6 +491,7 @@ class Session:
             plan=run.plan,
             cell_id=setup.cell_id,
             parent=run.id,
+            batch=setup.batch or False,
         )
         return whole.approve_when_planned()
 

@@ -30,8 +30,6 @@ may carry, and run metadata refuses fields named like secrets. Only successes ar
 from __future__ import annotations
 
 import atexit
-import decimal
-import io
 import json
 import logging
 import math
@@ -44,6 +42,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .store_frames import decode_frame, encode_frame
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -92,6 +92,26 @@ CREATE TABLE IF NOT EXISTS plans (
     created_at REAL NOT NULL,
     last_used REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS batches (
+    local_id TEXT PRIMARY KEY,
+    endpoint TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    run_id TEXT,
+    keys TEXT NOT NULL,
+    total INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    input_file_id TEXT,
+    batch_id TEXT,
+    output_file_id TEXT,
+    error_file_id TEXT,
+    completed INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0,
+    round INTEGER NOT NULL DEFAULT 1,
+    collected INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS batches_open ON batches(endpoint, collected);
 """
 
 
@@ -115,6 +135,59 @@ class StoredAnswer:
     def usage(self) -> dict[str, int]:
         """Its token usage as a dict (prompt, completion)."""
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
+
+
+@dataclass
+class BatchRecord:
+    """One request file sent to a provider's Batch API: what it asks, and where it stands.
+
+    Written the moment each id exists (before the upload, then with the file id, then with the
+    batch id), so a kernel that dies while the provider works loses nothing: the next run of
+    the stage finds it by its `keys` (the subtasks' store keys, which are the lines'
+    `custom_id`s) and goes on polling. `collected` is set once its output was read and every
+    key it holds is answered or asked again elsewhere; until then it claims its keys.
+    """
+
+    local_id: str
+    endpoint: str
+    stage: str
+    run_id: str | None
+    keys: list[str]
+    status: str = "uploading"
+    input_file_id: str | None = None
+    batch_id: str | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    completed: int = 0
+    failed: int = 0
+    round: int = 1
+    collected: bool = False
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+    total: int = -1  # requests in the file (len(keys) unless read without them)
+
+    def __post_init__(self) -> None:
+        if self.total < 0:
+            self.total = len(self.keys)
+
+
+# Columns of `batches` that `update_batch` may set.
+_BATCH_FIELDS = frozenset(
+    {
+        "status",
+        "input_file_id",
+        "batch_id",
+        "output_file_id",
+        "error_file_id",
+        "completed",
+        "failed",
+        "collected",
+    }
+)
+_BATCH_COLUMNS = (
+    "local_id, endpoint, stage, run_id, keys, total, status, input_file_id, batch_id, "
+    "output_file_id, error_file_id, completed, failed, round, collected, created_at, updated_at"
+)
 
 
 def _check_meta(fields: Mapping[str, Any]) -> None:
@@ -503,22 +576,12 @@ class ResultStore:
 
         Parquet alone does not give the frame back as it was (issue #11, round trip): column
         labels become strings, lists come back as arrays, dicts as one struct shape and Decimals
-        rescaled. `_portable` records the labels and re-encodes such columns; `load_result`
-        undoes it.
+        rescaled. `store_frames.encode_frame` records the labels and re-encodes such columns;
+        `load_result` undoes it.
         """
-        try:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            portable, layout = _portable(_compact_attrs(frame))
-            table = pa.Table.from_pandas(portable, preserve_index=True)
-            metadata = dict(table.schema.metadata or {})
-            metadata[_LAYOUT_KEY] = json.dumps(layout).encode()
-            buffer = io.BytesIO()
-            pq.write_table(table.replace_schema_metadata(metadata), buffer)
-        except (pa.ArrowException, TypeError, ValueError):
+        data = encode_frame(frame)
+        if data is None:
             return False
-        data = buffer.getvalue()
         now = time.time()
         with self._read_lock:
             self._db().execute(
@@ -538,14 +601,7 @@ class ResultStore:
             )
         if row is None or row[0] is None:
             return None
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(io.BytesIO(row[0]))
-        layout = (table.schema.metadata or {}).get(_LAYOUT_KEY)
-        frame = table.to_pandas()
-        if layout is not None:
-            frame = _restored(frame, json.loads(layout))
-        return _expand_attrs(frame)
+        return decode_frame(row[0])
 
     # plans
     def save_plan(self, plan_key: str, plan_json: str) -> None:
@@ -567,6 +623,77 @@ class ResultStore:
                 .fetchone()
             )
         return None if row is None else str(row[0])
+
+    # batches (the provider's Batch API; execution/batch.py)
+    def save_batch(self, record: BatchRecord) -> None:
+        """Record a batch (or replace its record); committed when this returns."""
+        values = (
+            record.local_id,
+            record.endpoint,
+            record.stage,
+            record.run_id,
+            json.dumps(record.keys),
+            record.total,
+            record.status,
+            record.input_file_id,
+            record.batch_id,
+            record.output_file_id,
+            record.error_file_id,
+            record.completed,
+            record.failed,
+            record.round,
+            int(record.collected),
+            record.created_at,
+            time.time(),
+        )
+        with self._read_lock:
+            self._db().execute(
+                f"INSERT OR REPLACE INTO batches ({_BATCH_COLUMNS}) VALUES ({','.join('?' * 17)})",
+                values,
+            )
+
+    def update_batch(self, local_id: str, **fields: Any) -> None:
+        """Set some of a batch's fields (status, ids, counts, collected); committed on return."""
+        unknown = set(fields) - _BATCH_FIELDS
+        if unknown:
+            raise ValueError(f"a batch record has no field(s) {sorted(unknown)}")
+        names = sorted(fields)
+        values = [int(fields[n]) if n == "collected" else fields[n] for n in names]
+        assignments = ", ".join(f"{name} = ?" for name in names)
+        with self._read_lock:
+            self._db().execute(
+                f"UPDATE batches SET {assignments}, updated_at = ? WHERE local_id = ?",
+                [*values, time.time(), local_id],
+            )
+
+    def open_batches(self, endpoint: str) -> list[BatchRecord]:
+        """The batches of `endpoint` that still claim their keys (not collected), oldest first."""
+        with self._read_lock:
+            rows = (
+                self._db()
+                .execute(
+                    f"SELECT {_BATCH_COLUMNS} FROM batches WHERE endpoint = ? AND collected = 0 "
+                    "ORDER BY created_at",
+                    (endpoint,),
+                )
+                .fetchall()
+            )
+        return [_batch_record(row, with_keys=True) for row in rows]
+
+    def batches(self, run_id: str | None = None, limit: int = 100) -> list[BatchRecord]:
+        """Recorded batches, newest first (of one run, or all), without their keys."""
+        where, args = ("WHERE run_id = ?", [run_id]) if run_id is not None else ("", [])
+        columns = _BATCH_COLUMNS.replace("keys", "'[]'")
+        with self._read_lock:
+            rows = (
+                self._db()
+                .execute(
+                    f"SELECT {columns} FROM batches {where} ORDER BY created_at DESC LIMIT ?",
+                    [*args, limit],
+                )
+                .fetchall()
+            )
+        return [_batch_record(row, with_keys=False) for row in rows]
 
     # housekeeping
     def stats(self) -> dict[str, Any]:
@@ -618,129 +745,26 @@ class ResultStore:
         self.close()
 
 
-# -- per-row attrs in a stored result (added for issue #12, 10 million rows) ----------------------
-# pyarrow writes a frame's attrs as JSON into the Parquet metadata: the per-row run ids of a
-# 10M-row result (`apwa_sources`) were 130 MB of JSON, 12 s and 0.8 GB of kernel memory to save.
-# They are stored run-length encoded ([value, count] pairs) and expanded again on load.
-_ROW_ATTRS = ("apwa_sources", "apwa_answered_by")
-_RLE = "__rle"
-
-
-def _compact_attrs(frame: pd.DataFrame) -> pd.DataFrame:
-    """The frame (data shared, not copied) with per-row attrs run-length encoded."""
-    import numpy as np
-    import pandas as pd
-
-    if not any(_per_row(frame.attrs.get(k)) for k in _ROW_ATTRS):
-        return frame
-    attrs = dict(frame.attrs)
-    for key in _ROW_ATTRS:
-        value = attrs.get(key)
-        if hasattr(value, "runs_of"):  # a run's compact per-row sources encode themselves
-            attrs[key + _RLE] = attrs.pop(key).runs_of()
-        elif isinstance(value, list):
-            values = np.array(attrs.pop(key), dtype=object)
-            changed = np.r_[True, values[1:] != values[:-1]] if len(values) else np.zeros(0, bool)
-            starts = np.flatnonzero(changed)
-            lengths = np.diff(np.r_[starts, len(values)]).tolist()
-            attrs[key + _RLE] = [[values[i], n] for i, n in zip(starts, lengths, strict=True)]
-    compact = pd.DataFrame(frame, copy=False)  # the constructor does not carry attrs over
-    compact.attrs = attrs
-    return compact
-
-
-def _per_row(value: Any) -> bool:
-    """A per-row attr: a list, or a compact sequence that run-length encodes itself."""
-    return isinstance(value, list) or hasattr(value, "runs_of")
-
-
-def _expand_attrs(frame: pd.DataFrame) -> pd.DataFrame:
-    """A loaded frame with run-length encoded per-row attrs expanded back to lists."""
-    for key in _ROW_ATTRS:
-        pairs = frame.attrs.pop(key + _RLE, None)
-        if pairs is not None:
-            frame.attrs[key] = [value for value, count in pairs for _ in range(count)]
-    return frame
-
-
-# -- a result frame exactly as it was (issue #11, round trip) -----------------------------------
-_LAYOUT_KEY = b"apwa_layout"
-
-
-def _portable(frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The frame with positional string column names and cells Parquet keeps, plus the layout.
-
-    The layout holds each original column label (tagged, so `0`, `"0"` and `("p", "usd")` stay
-    apart) and how a column was re-encoded: "json" for lists and dicts (each cell keeps its own
-    keys), "decimal" for Decimals (exact text, not the column's common scale).
-    """
-    import pandas as pd
-
-    columns: dict[str, Any] = {}
-    kinds: dict[str, str] = {}
-    for i, (_, series) in enumerate(frame.items()):
-        name = f"c{i}"
-        kind = _cell_kind(series) if series.dtype == object else None
-        if kind == "json":
-            series = series.map(lambda v: v if v is None else json.dumps(v), na_action="ignore")
-        elif kind == "decimal":
-            series = series.map(str, na_action="ignore")
-        if kind:
-            kinds[name] = kind
-        columns[name] = series
-    portable = pd.DataFrame(columns, index=frame.index, copy=False)
-    portable.attrs = frame.attrs
-    layout = {
-        "labels": [_tagged(label) for label in frame.columns],
-        "names": [_tagged(name) for name in frame.columns.names],
-        "kinds": kinds,
-    }
-    return portable, layout
-
-
-def _cell_kind(series: pd.Series) -> str | None:
-    """How a column is re-encoded: "json" (lists and dicts of JSON values), "decimal", or None."""
-    kinds = {type(v) for v in series if v is not None}
-    if kinds and kinds <= {list, dict}:
-        try:
-            for value in series:
-                json.dumps(value)
-        except (TypeError, ValueError):
-            return None  # not JSON: let Parquet try (or refuse)
-        return "json"
-    if kinds == {decimal.Decimal}:
-        return "decimal"
-    return None
-
-
-def _restored(frame: pd.DataFrame, layout: dict[str, Any]) -> pd.DataFrame:
-    """Undo `_portable`: original labels (a MultiIndex when they were tuples) and cell values."""
-    import pandas as pd
-
-    for name, kind in layout.get("kinds", {}).items():
-        if kind == "json":
-            frame[name] = frame[name].map(json.loads, na_action="ignore")
-        elif kind == "decimal":
-            frame[name] = frame[name].map(decimal.Decimal, na_action="ignore")
-    labels = [_untagged(label) for label in layout["labels"]]
-    names = [_untagged(name) for name in layout.get("names", [None])]
-    if len(names) > 1:
-        frame.columns = pd.MultiIndex.from_tuples(labels, names=names)
-    else:
-        frame.columns = pd.Index(labels, name=names[0] if names else None)
-    return frame
-
-
-def _tagged(label: Any) -> list[Any]:
-    if isinstance(label, tuple):
-        return ["tuple", [_tagged(part) for part in label]]
-    if label is None or isinstance(label, (bool, int, float, str)):
-        return [type(label).__name__, label]
-    return ["str", str(label)]  # a label of another type comes back as its text
-
-
-def _untagged(tagged: list[Any]) -> Any:
-    kind, value = tagged
-    if kind == "tuple":
-        return tuple(_untagged(part) for part in value)
-    return value if kind != "float" else float(value)
+def _batch_record(row: tuple[Any, ...], with_keys: bool) -> BatchRecord:
+    """A `batches` row (in `_BATCH_COLUMNS` order) as a record."""
+    (local_id, endpoint, stage, run_id, keys, total, status, input_file_id, batch_id) = row[:9]
+    (output_file_id, error_file_id, completed, failed, rounds, collected) = row[9:15]
+    return BatchRecord(
+        local_id,
+        endpoint,
+        stage,
+        run_id,
+        json.loads(keys) if with_keys else [],
+        status,
+        input_file_id,
+        batch_id,
+        output_file_id,
+        error_file_id,
+        completed,
+        failed,
+        rounds,
+        bool(collected),
+        row[15],
+        row[16],
+        total,
+    )

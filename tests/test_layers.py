@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "ratelimit",
             "engine",
             "store",
+            "store_frames",
             "testing",
             "testing.fake_server",
             "testing.cascade_models",

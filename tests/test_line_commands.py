@@ -87,8 +87,8 @@ def test_every_command_has_a_model_and_a_help_line():
     [
         (
             "frobnicate",
-            "unknown command 'frobnicate'; one of: config, tools, cluster, runs, cache, load, "
-            "show, approve, run-all, diff, cancel, retry, wait, help (%apwa help)",
+            "unknown command 'frobnicate'; one of: config, tools, cluster, runs, batches, cache, "
+            "load, show, approve, run-all, diff, cancel, retry, wait, help (%apwa help)",
         ),
         ("config 'unbalanced", "cannot parse (No closing quotation); check the quotes"),
         ("help x", "%apwa help does not take 'x'; usage: %apwa help"),

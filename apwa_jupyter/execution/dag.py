@@ -16,6 +16,7 @@ from typing import Any
 from ..events import ProgressSink
 from ..executors.base import Executor, StopSignal
 from ..plans import dependencies
+from .batch import batched, run_batched
 from .cascade import eligible
 from .cascade_run import run_cascade
 from .outcomes import StageOutcome
@@ -108,6 +109,8 @@ async def _run_stage(runner: StageRunner, stage: Any) -> StageOutcome:
     cascade = runner.spec.cascade
     if cascade is not None and eligible(stage):  # a cheap model first, then a strong one
         outcome = await run_cascade(runner, stage, cascade)
+    elif batched(runner.spec, stage):  # the provider's Batch API instead of live calls
+        outcome = await run_batched(runner, stage)
     else:
         outcome = await stage_kind(stage).run(runner, stage)
     progress.finished_at = time.time()

@@ -16,6 +16,7 @@ from ..templates import MAX_INPUT_CHARS
 
 if TYPE_CHECKING:
     from ..store import ResultStore
+    from .batch_api import BatchSettings
     from .cascade import Cascade
 
 CacheMode = Literal["use", "refresh", "off"]
@@ -51,6 +52,8 @@ class ExecutionSpec:
     model_ids: Mapping[str, str] = field(default_factory=dict)
     # Run the eligible map stages as a cascade (cascade.py): a cheap model, then a strong one.
     cascade: Cascade | None = None
+    # Send the map stages without tools to the provider's Batch API (batch.py); None: live.
+    batch: BatchSettings | None = None
 
     def model_of(self, stage: Any) -> EndpointConfig | ChatModel:
         """The model a stage's workers talk to: its roster entry, else the run's default."""

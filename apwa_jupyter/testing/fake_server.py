@@ -9,6 +9,16 @@ caps how many requests the server works on at once (the rest queue), like a real
 The default responder fills the request's JSON schema with deterministic values (the pydantic-ai
 `TestModel` idea), so any plan or worker answer is structurally valid without a script.
 
+It also speaks OpenAI's Batch API (`POST /v1/files`, `GET /v1/files/{id}[/content]`, `POST
+/v1/batches`, `GET /v1/batches[/{id}]`, `POST /v1/batches/{id}/cancel`), in OpenAI's formats: a
+batch is `in_progress` for `batch_delay` seconds, then each line is answered by the same
+responder (a `Reply.error` line goes to the error file with its status), and the batch is
+`completed`; `batch_expire_after = k` makes it `expired` after k lines (the rest are in the error
+file as `batch_expired`), `fail_batches = n` fails the next n batches at validation,
+`lose_batch_answers = n` makes the next n batches but answers their creation with a 500, and a
+cancel keeps the lines answered by then. `file_uploads`, `batch_creations`, `batch_cancels` and
+`batch_requests` (lines answered: what the provider bills) count what arrived.
+
     python -m apwa_jupyter.testing.fake_server --latency 1 --limit 256   # a standalone server
 """
 
@@ -23,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 MODEL_NAME = "fake-model"
 
@@ -171,6 +181,44 @@ def _logprobs_body(top: list[tuple[str, float]]) -> dict[str, Any]:
     return {"content": [{**alternatives[0], "top_logprobs": alternatives}]}
 
 
+@dataclass
+class _FakeBatch:
+    """One batch on the fake server: its lines, and what happened to them so far."""
+
+    id: str
+    input_file_id: str
+    endpoint: str
+    lines: list[dict[str, Any]]
+    metadata: dict[str, Any] | None
+    created_at: float = field(default_factory=time.time)
+    status: str = "validating"
+    answered: int = 0  # lines answered (billed)
+    output: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    failure: dict[str, Any] | None = None  # validation errors (status "failed")
+    times: dict[str, int] = field(default_factory=dict)
+
+
+_FINAL_BATCH_STATES = ("completed", "expired", "cancelled", "failed")
+
+
+def _batch_problem(lines: list[dict[str, Any]], endpoint: str) -> str | None:
+    """Why OpenAI would fail this input file at validation (None: it is fine)."""
+    seen: set[str] = set()
+    for number, line in enumerate(lines, 1):
+        custom_id = line.get("custom_id")
+        if not isinstance(custom_id, str) or custom_id in seen:
+            return f"line {number}: custom_id {custom_id!r} is missing or not unique"
+        seen.add(custom_id)
+        if line.get("method") != "POST" or line.get("url") != endpoint:
+            return f"line {number}: method and url must be POST {endpoint}"
+        if not isinstance(line.get("body"), dict) or "model" not in line["body"]:
+            return f"line {number}: the body needs a model"
+    return None
+
+
 class FakeOpenAIServer:
     """Run the server on a daemon thread: `with FakeOpenAIServer(responder) as server: ...`."""
 
@@ -199,6 +247,19 @@ class FakeOpenAIServer:
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self._semaphore: asyncio.Semaphore | None = None
+        # The Batch API (module docstring): knobs, counters, and the files and batches it holds.
+        self.batch_delay = 0.0
+        self.batch_expire_after: int | None = None
+        self.fail_batches = 0
+        self.lose_batch_answers = 0  # the next n creations are made, but answered with a 500
+        self.file_uploads = 0
+        self.batch_creations = 0
+        self.batch_cancels = 0
+        self.batch_lines = 0  # lines worked on, answered or refused
+        self.batch_requests = 0  # lines answered: what the provider bills
+        self.batch_bodies: list[dict[str, Any]] = []  # every answered line's body, in order
+        self.files: dict[str, dict[str, Any]] = {}
+        self.batches: dict[str, _FakeBatch] = {}
 
     @property
     def base_url(self) -> str:
@@ -229,10 +290,17 @@ class FakeOpenAIServer:
         self._loop.close()
 
     async def _start_app(self) -> None:
-        app = web.Application()
+        app = web.Application(client_max_size=256 * 1024**2)  # batch input files up to 200 MB
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
+        app.router.add_post("/v1/files", self._upload)
+        app.router.add_get("/v1/files/{id}", self._file)
+        app.router.add_get("/v1/files/{id}/content", self._file_content)
+        app.router.add_post("/v1/batches", self._create_batch)
+        app.router.add_get("/v1/batches", self._list_batches)
+        app.router.add_get("/v1/batches/{id}", self._get_batch)
+        app.router.add_post("/v1/batches/{id}/cancel", self._cancel_batch)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.port, backlog=4096)
@@ -305,6 +373,232 @@ class FakeOpenAIServer:
                 "completion_tokens": len(reply.content or "") // 4 + 1,
                 "total_tokens": prompt_chars // 4 + len(reply.content or "") // 4 + 1,
             },
+        }
+
+    # -- the Batch API ----------------------------------------------------------------------------
+    def _new_file(self, data: bytes, filename: str, purpose: str) -> dict[str, Any]:
+        file_id = f"file-{len(self.files) + 1}"
+        self.files[file_id] = {
+            "id": file_id,
+            "object": "file",
+            "bytes": len(data),
+            "created_at": int(time.time()),
+            "filename": filename,
+            "purpose": purpose,
+            "status": "processed",
+            "data": data,
+        }
+        return self.files[file_id]
+
+    @staticmethod
+    def _file_json(file: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in file.items() if k != "data"}
+
+    @staticmethod
+    def _not_found(what: str) -> web.Response:
+        body = {"error": {"message": f"No such {what}", "type": "invalid_request_error"}}
+        return web.json_response(body, status=404)
+
+    async def _upload(self, request: web.Request) -> web.Response:
+        fields: dict[str, tuple[str | None, bytes]] = {}  # name -> (filename, content)
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if isinstance(part, BodyPartReader) and part.name:
+                fields[part.name] = (part.filename, bytes(await part.read()))
+        purpose = fields.get("purpose", (None, b""))[1]
+        if "file" not in fields or purpose != b"batch":
+            body = {"error": {"message": "file and purpose=batch are required"}}
+            return web.json_response(body, status=400)
+        self.file_uploads += 1
+        filename, data = fields["file"]
+        file = self._new_file(data, filename or "upload.jsonl", "batch")
+        return web.json_response(self._file_json(file))
+
+    async def _file(self, request: web.Request) -> web.Response:
+        file = self.files.get(request.match_info["id"])
+        return self._not_found("file") if file is None else web.json_response(self._file_json(file))
+
+    async def _file_content(self, request: web.Request) -> web.Response:
+        file = self.files.get(request.match_info["id"])
+        if file is None:
+            return self._not_found("file")
+        return web.Response(body=file["data"], content_type="application/octet-stream")
+
+    async def _create_batch(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        file = self.files.get(body.get("input_file_id", ""))
+        if file is None:
+            return self._not_found("file")
+        self.batch_creations += 1
+        lines = [json.loads(line) for line in file["data"].decode().splitlines() if line.strip()]
+        batch = _FakeBatch(
+            f"batch_{len(self.batches) + 1}",
+            file["id"],
+            body.get("endpoint", ""),
+            lines,
+            body.get("metadata"),
+        )
+        problem = _batch_problem(lines, batch.endpoint)
+        if problem is None and self.fail_batches > 0:
+            self.fail_batches -= 1
+            problem = "scripted validation failure"
+        if problem is not None:
+            batch.failure = {"object": "list", "data": [{"code": "invalid", "message": problem}]}
+            self._finish(batch, "failed")
+        self.batches[batch.id] = batch
+        if self.lose_batch_answers > 0:  # made, but the client never hears of it
+            self.lose_batch_answers -= 1
+            return web.json_response({"error": {"message": "lost"}}, status=500)
+        return web.json_response(self._batch_json(batch))
+
+    async def _list_batches(self, request: web.Request) -> web.Response:
+        newest = sorted(self.batches.values(), key=lambda b: int(b.id.split("_")[1]), reverse=True)
+        after = request.query.get("after")
+        if after in self.batches:
+            newest = newest[[b.id for b in newest].index(after) + 1 :]
+        limit = int(request.query.get("limit", 20))
+        page = newest[:limit]
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [self._batch_json(b) for b in page],
+                "first_id": page[0].id if page else None,
+                "last_id": page[-1].id if page else None,
+                "has_more": len(newest) > limit,
+            }
+        )
+
+    async def _get_batch(self, request: web.Request) -> web.Response:
+        batch = self.batches.get(request.match_info["id"])
+        if batch is None:
+            return self._not_found("batch")
+        self._advance(batch)
+        return web.json_response(self._batch_json(batch))
+
+    async def _cancel_batch(self, request: web.Request) -> web.Response:
+        batch = self.batches.get(request.match_info["id"])
+        if batch is None:
+            return self._not_found("batch")
+        self._advance(batch)
+        if batch.status in ("validating", "in_progress"):
+            self.batch_cancels += 1
+            self._answer_lines(batch, self._done_by_now(batch))  # what finished stays billed
+            batch.status = "cancelling"
+            batch.times["cancelling_at"] = int(time.time())
+        return web.json_response(self._batch_json(batch))
+
+    def _done_by_now(self, batch: _FakeBatch) -> int:
+        """Lines a provider working through the batch at an even pace has answered by now."""
+        if not self.batch_delay:
+            return len(batch.lines)
+        share = min(1.0, (time.time() - batch.created_at) / self.batch_delay)
+        return int(len(batch.lines) * share)
+
+    def _advance(self, batch: _FakeBatch) -> None:
+        """Move a batch on: validating -> in_progress -> completed or expired after the delay."""
+        if batch.status == "cancelling":
+            rest = batch.lines[batch.answered :]
+            batch.errors += [self._unanswered(line, "batch_cancelled") for line in rest]
+            self._finish(batch, "cancelled")
+        if batch.status not in ("validating", "in_progress"):
+            return
+        batch.status = "in_progress"
+        batch.times.setdefault("in_progress_at", int(time.time()))
+        if time.time() - batch.created_at < self.batch_delay:
+            return
+        expire = self.batch_expire_after
+        self._answer_lines(batch, len(batch.lines) if expire is None else expire)
+        if batch.answered < len(batch.lines):
+            rest = batch.lines[batch.answered :]
+            batch.errors += [self._unanswered(line, "batch_expired") for line in rest]
+            self._finish(batch, "expired")
+        else:
+            self._finish(batch, "completed")
+
+    def _answer_lines(self, batch: _FakeBatch, upto: int) -> None:
+        """Answer the batch's lines up to `upto` with the responder (each is billed once)."""
+        for line in batch.lines[batch.answered : upto]:
+            body = line["body"]
+            self.batch_lines += 1
+            reply = self.responder(body)
+            if isinstance(reply, dict):
+                reply = Reply.json(reply)
+            elif isinstance(reply, str):
+                reply = Reply.text(reply)
+            request_id = f"req_{self.batch_lines}"
+            if reply.status == 200:
+                self.batch_requests += 1  # an answer: billed (a refused line is not)
+                self.batch_bodies.append(body)
+                response = {
+                    "status_code": 200,
+                    "request_id": request_id,
+                    "body": self._completion(body, reply),
+                }
+                batch.output.append(self._output_line(line, response))
+            else:
+                error_body = json.loads(reply.raw_body) if reply.raw_body else {}
+                response = {"status_code": reply.status, "request_id": request_id}
+                batch.errors.append(self._output_line(line, {**response, "body": error_body}))
+        batch.answered = max(batch.answered, min(upto, len(batch.lines)))
+
+    def _output_line(self, line: dict[str, Any], response: dict[str, Any] | None) -> dict:
+        return {
+            "id": f"batch_req_{self.batch_lines}",
+            "custom_id": line["custom_id"],
+            "response": response,
+            "error": None,
+        }
+
+    @staticmethod
+    def _unanswered(line: dict[str, Any], code: str) -> dict[str, Any]:
+        message = {
+            "batch_expired": "This request could not be executed before the completion "
+            "window expired.",
+            "batch_cancelled": "This request was not executed: the batch was cancelled.",
+        }[code]
+        return {
+            "id": f"batch_req_{code}_{line['custom_id'][:12]}",
+            "custom_id": line["custom_id"],
+            "response": None,
+            "error": {"code": code, "message": message},
+        }
+
+    def _finish(self, batch: _FakeBatch, status: str) -> None:
+        """The batch is final: its output and error files exist (when they have lines)."""
+        batch.status = status
+        batch.times[f"{status}_at"] = int(time.time())
+        for kind, lines in (("output", batch.output), ("error", batch.errors)):
+            if lines:
+                data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+                file = self._new_file(data, f"{batch.id}_{kind}.jsonl", "batch_output")
+                setattr(batch, f"{kind}_file_id", file["id"])
+
+    def _batch_json(self, batch: _FakeBatch) -> dict[str, Any]:
+        failed = len(batch.errors) if batch.status in _FINAL_BATCH_STATES else 0
+        completed = (
+            len(batch.output)
+            if batch.status in _FINAL_BATCH_STATES
+            else min(self._done_by_now(batch), len(batch.lines))
+        )
+        return {
+            "id": batch.id,
+            "object": "batch",
+            "endpoint": batch.endpoint,
+            "errors": batch.failure,
+            "input_file_id": batch.input_file_id,
+            "completion_window": "24h",
+            "status": batch.status,
+            "output_file_id": batch.output_file_id,
+            "error_file_id": batch.error_file_id,
+            "created_at": int(batch.created_at),
+            "expires_at": int(batch.created_at) + 86400,
+            "request_counts": {
+                "total": len(batch.lines),
+                "completed": completed,
+                "failed": failed,
+            },
+            "metadata": batch.metadata,
+            **batch.times,
         }
 
     def stop(self) -> None:
