@@ -80,9 +80,10 @@ class EndpointConfig(BaseModel):
 
     def describe(self) -> str:
         """One line for people: endpoint and model, never the key."""
-        kind = "embedded offline model" if self.embedded else "endpoint"
+        if self.embedded:  # it has no key: saying "key set" or "no key" would only confuse
+            return f"embedded offline model {self.base_url} · model {self.model}, on this machine"
         key = "key set" if self.key() is not None else "no key"
-        return f"{kind} {self.base_url} · model {self.model} · {key}"
+        return f"endpoint {self.base_url} · model {self.model} · {key}"
 
     def key(self) -> str | None:
         """The API key, or None when only the placeholder is set."""

@@ -6,23 +6,36 @@ notebook still reads well where widgets cannot render.
 
 from __future__ import annotations
 
+import collections
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .execution.cascade import cascade_line
 from .plans import dependencies
 
 if TYPE_CHECKING:
+    from .events import StageProgress
     from .executors.ray import ClusterView, LostNode
     from .runs import Run
 
 
+def output_text(output: Any) -> str:
+    """One output as `sentiment:string[positive|negative]`.
+
+    With its choices: one the prompt listed and the plan left out (a "neutral" that is then
+    never scored) shows before Run, not in the answers.
+    """
+    choices = f"[{'|'.join(output.choices)}]" if getattr(output, "choices", None) else ""
+    return f"{output.name}:{output.type}{choices}"
+
+
 def stage_line(stage: Any, subtasks: int) -> str:
-    """One stage in one line: id, kind, source, size, outputs."""
+    """One stage in one line: id, kind, source, size, outputs (with their choices)."""
     source = getattr(stage, "source", None)
     origin = f" over {source}" if source else ""
-    outputs = ", ".join(f"{o.name}:{o.type}" for o in stage.outputs)
+    outputs = ", ".join(output_text(o) for o in stage.outputs)
     tools = f" tools[{', '.join(stage.tools)}]" if stage.tools else ""
     return f"{stage.id} ({stage.kind}{origin}, {subtasks} subtasks{tools}) -> {outputs}"
 
@@ -75,15 +88,109 @@ def approval_line(run: Run) -> str:
     return "approve with %apwa approve (or rerun the cell with --yes)"
 
 
+@dataclass(frozen=True)
+class StageCounts:
+    """A stage's subtasks as the user should see them: the whole stage, across a retry.
+
+    A retry sends only the subtasks without a value, and the stage's counters restart at
+    "0 of those": "20/432 done" while 68 were done before. Here `total` is the whole stage,
+    `done` counts the `earlier` ones (kept from before this retry) too, and `retried` /
+    `retried_done` say how far the retry has come (both 0 outside a retry).
+    """
+
+    total: int
+    done: int
+    failed: int
+    skipped: int
+    running: int
+    retries: int
+    earlier: int = 0
+    retried: int = 0
+    retried_done: int = 0
+    rerunning: bool = False  # this retry runs the stage now: its old failures are stale
+
+    @property
+    def label(self) -> str:
+        """`35/50 done` or `30/50 done (10 earlier, 20/40 retried)`."""
+        text = f"{self.done:,}/{self.total:,} done"
+        if self.retried:
+            text += f" ({self.earlier:,} earlier, {self.retried_done:,}/{self.retried:,} retried)"
+        return text
+
+
+def stage_counts(run: Run, stage_id: str, p: StageProgress) -> StageCounts:
+    """The whole-stage counts of `p` (see `StageCounts`).
+
+    A stage's progress belongs to a retry when it started before the run's latest execution
+    did (the counters keep the first start; `run.started_at` is the latest). A stage that
+    retry runs again restarted at the number of subtasks it sends: the plan's count for the
+    stage minus that is what was kept. A `kept` counter on the progress, if the sink has one,
+    is used as is.
+    """
+    running = max(p.running, 0)
+    plain = StageCounts(p.total, p.done, p.failed, p.skipped, running, p.retries)
+    began = run.started_at
+    if began is None or p.started_at is None or p.started_at >= began:
+        return plain  # the first execution
+    if p.finished_at is not None and p.finished_at < began:
+        return plain  # this retry did not need to run the stage again (yet)
+    kept = getattr(p, "kept", None)
+    if kept is None:
+        planned = run.stage_subtasks().get(stage_id, 0)
+        kept = max(planned - p.total, 0)
+    return StageCounts(
+        total=kept + p.total,
+        done=kept + p.done,
+        failed=p.failed,
+        skipped=p.skipped,
+        running=running,
+        retries=p.retries,
+        earlier=kept,
+        retried=p.total,
+        retried_done=p.done,
+        rerunning=p.finished_at is None and run.state == "running",
+    )
+
+
 def progress_text(run: Run) -> str:
-    """Per-stage counters and totals."""
+    """Per-stage counters and totals (whole stages, across a retry)."""
     lines = []
     for stage_id, p in run.progress().items():
-        retry = f", {p.retries} retries" if p.retries else ""
-        lines.append(
-            f"  {stage_id}: {p.done}/{p.total} done, {p.failed} failed, {max(p.running, 0)} running{retry}"
-        )
+        c = stage_counts(run, stage_id, p)
+        retry = f", {c.retries} retries" if c.retries else ""
+        lines.append(f"  {stage_id}: {c.label}, {c.failed} failed, {c.running} running{retry}")
     return "\n".join(lines)
+
+
+def store_line(run: Run) -> str:
+    """`500 of 500 rows from the store (run 3f2a9c1b), 0 calls`; empty when none came from it.
+
+    A run answered from the result store made no calls for those rows: a rate of "1283/s"
+    beside an estimate of 500 calls read as if they had been made (and billed).
+    """
+    sources = [s for s in run.provenance() if s is not None]
+    if not sources:
+        return ""
+    earlier = collections.Counter(s for s in sources if s != run.id)
+    if not earlier:
+        return ""
+    stored = sum(earlier.values())
+    runs = ", ".join(earlier)
+    text = f"{stored:,} of {len(run.provenance()):,} rows from the store (run{'s' if len(earlier) > 1 else ''} {runs})"
+    calls = run.meter.calls
+    return f"{text}, {calls:,} call{'s' if calls != 1 else ''}"
+
+
+def endpoint_line(run: Run) -> str:
+    """Who answers, in words.
+
+    The embedded model runs in this kernel and needs no account key: its per-process key is an
+    implementation detail, and "key set" read as if one were needed.
+    """
+    model = run.worker_model
+    if getattr(model, "embedded", False):
+        return f"embedded offline model {getattr(model, 'model', '')}, on this machine"
+    return run.endpoint_description
 
 
 def state_line(run: Run) -> str:
@@ -95,13 +202,16 @@ def state_line(run: Run) -> str:
 def run_text(run: Run) -> str:
     """Everything a person needs to know about a run, as text."""
     parts = [state_line(run)]
-    if run.endpoint_description:
-        parts.append(f"  model: {run.endpoint_description}")
+    if endpoint_line(run):
+        parts.append(f"  model: {endpoint_line(run)}")
     if run.plan is not None:
         parts.append(plan_text(run))
     progress = progress_text(run)
     if progress:
         parts.append(progress)
+    stored = store_line(run)
+    if stored:
+        parts.append(f"  {stored}")
     if run.preview is not None:
         parts.append(f"  preview: {run.preview}; %apwa run-all {run.id} runs the whole table")
     parts += [f"  {line}" for line in node_loss_lines(run.lost_nodes())]
@@ -128,12 +238,37 @@ def run_text(run: Run) -> str:
 TIMED_ESTIMATE_FROM = 1_000
 
 
+def stored_subtasks(run: Run) -> int:
+    """Subtasks of the plan the result store already answers (0 when the run cannot tell).
+
+    Asks `run.stored_subtasks()` (per stage), which looks the plan's subtask keys up in the
+    store the way execution will; a Run without it (or a failing store) counts 0.
+    """
+    count = getattr(run, "stored_subtasks", None)
+    if not callable(count):
+        return 0
+    try:
+        return int(sum(count().values()))
+    except Exception:  # the estimate must never fail on the store
+        return 0
+
+
 def estimate_line(run: Run) -> str:
-    """Before Run: calls, a token range and a money range (or "tokens only"), and the budget."""
+    """Before Run: calls, a token range and a money range (or "tokens only"), and the budget.
+
+    Subtasks the result store answers are not calls: all of them stored reads "0 model calls";
+    some reads how many, beside the estimate of the rest (which `cost_estimate` covers).
+    """
+    subtasks = run.estimate_subtasks()
+    stored = min(stored_subtasks(run), subtasks)
+    if subtasks and stored == subtasks:
+        return f"0 model calls: all {subtasks:,} subtasks are answered by the result store"
     found = run.cost_estimate()
     if found is None:
-        return f"{run.estimate_subtasks():,} model calls"
+        return f"{subtasks - stored:,} model calls"
     text = found.describe()
+    if stored:
+        text += f" · {stored:,} of {subtasks:,} subtasks from the result store"
     if run.estimate_subtasks() > TIMED_ESTIMATE_FROM:  # a big run: its size and time first
         text = f"{run.size_line()} · {text}"
     if run.budget is not None:
@@ -150,6 +285,40 @@ def spent_line(run: Run) -> str:
     if run.budget is not None:
         text += f" of {run.budget}"
     return text
+
+
+def prompt_labels(prompts: Sequence[str], width: int = 60) -> list[str]:
+    """Each prompt as one line of at most `width` characters that tells it from the others.
+
+    Variants of one prompt share their start, and `%apwa runs` cut every one at 60
+    characters: three runs looked the same. A prompt that shares more than half the width
+    with another starts a few words before the first difference, after "…".
+    """
+    flat = [" ".join(p.split()) for p in prompts]
+    labels = []
+    for i, text in enumerate(flat):
+        shared = max(
+            (
+                _common_prefix(text, other)
+                for j, other in enumerate(flat)
+                if j != i and other != text
+            ),
+            default=0,
+        )
+        if width // 2 < shared < len(text):  # (the original of its variants: from its start)
+            start = text.rfind(" ", 0, max(shared - 12, 0)) + 1
+            text = "…" + text[start:]
+        labels.append(text if len(text) <= width else text[: width - 1] + "…")
+    return labels
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 # -- nodes lost under a run, and `%apwa cluster` ----------------------------------------------

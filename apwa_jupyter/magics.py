@@ -441,25 +441,28 @@ class ApwaMagics(Magics):
         print("\n".join(cluster_table(executor.describe())))
 
     def _line_runs(self) -> None:
+        from .display import prompt_labels
+
         here = list(reversed(self._session.runs)) if self._session is not None else []
-        for run in here:
+        mine = {run.id for run in here}
+        earlier = [r for r in self._store_runs() if r.get("run_id") not in mine]
+        # Prompts that start alike are shown by the part that differs (three variants of one
+        # prompt looked identical when cut at 60 characters).
+        labels = prompt_labels(
+            [r.prompt for r in here] + [str(rec.get("prompt") or "") for rec in earlier[:50]], 60
+        )
+        for run, label in zip(here, labels, strict=False):
             s = run.summary()
             print(
                 f"{s['id']}  {s['status'][:28]:<28} {s['done']}/{s['total']} done, "
-                f"{s['failed']} failed, {s['elapsed_s']:.1f}s, {s['tokens']:,} tokens  "
-                f"{s['prompt'][:60]}"
+                f"{s['failed']} failed, {s['elapsed_s']:.1f}s, {s['tokens']:,} tokens  {label}"
             )
-        mine = {run.id for run in here}
-        earlier = [r for r in self._store_runs() if r.get("run_id") not in mine]
         if earlier:
             print("From the result store (earlier kernels; %apwa load RUN_ID --out NAME):")
-        for record in earlier[:50]:
+        for record, label in zip(earlier[:50], labels[len(here) :], strict=False):
             rows, missing = record.get("rows"), record.get("missing") or 0
             size = f"{rows - missing}/{rows} rows" if isinstance(rows, int) else "no result"
-            print(
-                f"{record.get('run_id')}  {record.get('state', '?'):<10} {size:<16} "
-                f"{str(record.get('prompt', '')).strip().splitlines()[0][:60] if record.get('prompt') else ''}"
-            )
+            print(f"{record.get('run_id')}  {record.get('state', '?'):<10} {size:<16} {label}")
         if not here and not earlier:
             print("No runs yet.")
 

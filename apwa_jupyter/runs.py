@@ -328,6 +328,8 @@ class Run(RunResults):
             raise UserInputError(
                 str(exc).replace("That plan is", "That edit makes the plan")
             ) from None
+        except ValueError as exc:  # pydantic: e.g. a stage left with no output
+            raise UserInputError(f"That edit makes the plan invalid: {exc}") from None
 
     # -- acting --------------------------------------------------------------------------------
     def start(self) -> Run:

@@ -3,12 +3,21 @@
 The frontend (``labextension/src/kernelRuns.ts``) opens a comm to the target ``apwa_runs``
 whenever it attaches to a kernel. Messages, all JSON objects:
 
-- frontend -> kernel: ``{"type": "list"}`` and ``{"type": "cancel", "run_id": ...}``;
+- frontend -> kernel: ``{"type": "list"}``, ``{"type": "cancel", "run_id": ...}`` and
+  ``{"type": "approve", "run_id": ...}`` (the panel's Run on a plan awaiting approval: the
+  same `Run.start()` as the widget's Run button and ``%apwa approve``);
 - kernel -> frontend: ``{"type": "snapshot", "runs": [RunSummary, ...]}`` right after the
-  open and in reply to ``list``; ``{"type": "update", "run": RunSummary}`` when a run changes.
+  open and in reply to ``list``; ``{"type": "update", "run": RunSummary}`` when a run changes;
+  ``{"type": "error", "run_id": ..., "message": ...}`` when an approve was refused (a
+  ``--dry-run``, a run no longer awaiting approval), so the panel can say why nothing started.
   Updates are throttled to one message per ``MIN_UPDATE_INTERVAL_S`` per comm: changes in
   between are coalesced (several runs changed at once go out as one snapshot), and the latest
   state is always sent.
+
+A RunSummary is the run's own `summary()` plus, added here, ``prompt_full`` (the whole prompt,
+for the panel's hover: the summary has only its first line, cut at 120 characters) and, for a
+run of an earlier kernel (a stored record), ``earlier: true`` with ``tokens`` null unless the
+record kept them: "0 tok" was a figure nobody measured.
 
 `register` also announces itself by opening (and at once closing) a comm with data
 ``{"type": "hello"}`` to the frontend's ``apwa_runs`` target, so a panel that showed the
@@ -30,8 +39,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from .errors import ApwaError
+
 TARGET_NAME = "apwa_runs"
 MIN_UPDATE_INTERVAL_S = 0.25
+MAX_PROMPT_SENT = 4000  # characters of `prompt_full`: a hover, not a document
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +95,49 @@ class CommLike(Protocol):
     def close(self, data: Any = None) -> None:
         """Close the comm from the kernel side."""
         ...
+
+
+def run_summary(run: RunLike) -> dict[str, Any]:
+    """The RunSummary sent for ``run``: its own summary, the whole prompt, earlier-kernel marks.
+
+    A run of an earlier kernel is a stored record (``session.StoredRun``: a ``record`` dict);
+    its summary says 0 tokens because the record does not keep them, so send none (null)
+    unless the record has the figure.
+    """
+    summary = dict(run.summary())
+    _whole_stage_counts(run, summary)
+    prompt = getattr(run, "prompt", None)
+    record = getattr(run, "record", None)
+    if isinstance(record, dict):
+        summary["earlier"] = True
+        kept = record.get("tokens")
+        summary["tokens"] = kept if isinstance(kept, int) and not isinstance(kept, bool) else None
+        prompt = record.get("prompt", prompt)
+    if isinstance(prompt, str) and prompt.strip():
+        summary["prompt_full"] = prompt.strip()[:MAX_PROMPT_SENT]
+    return summary
+
+
+def _whole_stage_counts(run: Any, summary: dict[str, Any]) -> None:
+    """Counts of whole stages, across a retry (see `display.stage_counts`).
+
+    A retry's counters restart at the subtasks it sends again, so the panel and the status
+    bar read "20/432" while 68 were done before. Only for a run with per-stage progress (a
+    `Run`): its modules are loaded by then, so this costs `%load_ext` no import.
+    """
+    progress = getattr(run, "progress", None)
+    if not callable(progress) or not hasattr(run, "stage_subtasks"):
+        return
+    try:
+        from .display import stage_counts
+
+        counts = [stage_counts(run, stage_id, p) for stage_id, p in progress().items()]
+    except Exception:  # the panel must never fail on a view
+        log.debug("apwa runs comm: whole-stage counts failed", exc_info=True)
+        return
+    if counts and any(c.retried for c in counts):
+        summary["done"] = sum(c.done for c in counts)
+        summary["total"] = sum(c.total for c in counts)
 
 
 def _start_thread_timer(delay: float, callback: Callable[[], None]) -> Cancel:
@@ -155,7 +210,7 @@ class UpdateThrottle:
 
 
 class RunsChannel:
-    """One open ``apwa_runs`` comm: answers ``list`` and ``cancel``, pushes run updates."""
+    """One open ``apwa_runs`` comm: answers ``list``, ``cancel`` and ``approve``, pushes updates."""
 
     def __init__(
         self,
@@ -208,13 +263,15 @@ class RunsChannel:
             self.send_snapshot()
         elif kind == "cancel":
             self._cancel(data.get("run_id"))
+        elif kind == "approve":
+            self._approve(data.get("run_id"))
         else:
             log.warning("apwa runs comm: ignoring message of type %r", kind)
 
     def send_snapshot(self) -> None:
         """Send every run's current summary."""
         with self._send_lock:
-            runs = [run.summary() for run in self._session.run_list()]
+            runs = [run_summary(run) for run in self._session.run_list()]
             self._send({"type": "snapshot", "runs": runs})
 
     def close(self, *, notify_frontend: bool = True) -> None:
@@ -255,12 +312,35 @@ class RunsChannel:
             log.exception("apwa runs comm: cancelling run %s failed", run_id)
         self._throttle.push(run)
 
+    def _approve(self, run_id: Any) -> None:
+        """Start a plan awaiting approval; a refusal goes back as an ``error`` message."""
+        run = next((r for r in self._session.run_list() if r.id == run_id), None)
+        start = getattr(run, "start", None)
+        if run is None:
+            self._send_error(run_id, f"no run {run_id!r} in this kernel")
+            return
+        if not callable(start):
+            self._send_error(run_id, f"run {run_id} cannot be approved (it is over)")
+            return
+        try:
+            start()
+        except Exception as exc:  # UserInputError says why (e.g. a --dry-run) in one line
+            if not isinstance(exc, ApwaError):
+                log.exception("apwa runs comm: approving run %s failed", run_id)
+            self._send_error(run_id, str(exc) or type(exc).__name__)
+            return
+        self._throttle.push(run)
+
+    def _send_error(self, run_id: Any, message: str) -> None:
+        with self._send_lock:
+            self._send({"type": "error", "run_id": run_id, "message": message})
+
     def _send_changes(self, runs: list[RunLike]) -> None:
         if len(runs) > 1:
             self.send_snapshot()
             return
         with self._send_lock:
-            summary = runs[0].summary()
+            summary = run_summary(runs[0])
             if summary == self._last_sent.get(summary.get("id")):
                 return  # e.g. a second notification of a finished run
             self._send({"type": "update", "run": summary})
@@ -273,7 +353,8 @@ class RunsChannel:
         if self._closed:
             return
         self._context.copy().run(self.comm.send, data)
-        self._remember(data["runs"] if data["type"] == "snapshot" else [data["run"]])
+        if data["type"] in ("snapshot", "update"):
+            self._remember(data["runs"] if data["type"] == "snapshot" else [data["run"]])
 
 
 class _NoSession:
@@ -298,8 +379,11 @@ class _Registration:
         self._lock = threading.Lock()
 
     def open_comm(self, comm: CommLike, _open_msg: dict[str, Any]) -> None:
-        channel = RunsChannel(comm, self.session, on_closed=self._forget)
+        # Under the lock: an open on the comm's subshell may race `use_session` on the main
+        # thread, and a channel made with the old session but listed after the switch would
+        # follow the old session for good.
         with self._lock:
+            channel = RunsChannel(comm, self.session, on_closed=self._forget)
             self.channels.append(channel)
         channel.send_snapshot()
 

@@ -2,7 +2,8 @@
 
 State lives in Python; the frontend only renders standard controls, so it works in JupyterLab 4,
 Notebook 7 and VS Code. Every action is a plain method (`approve`, `cancel`, `retry`,
-`edit_instruction`, `remove_stage`) that the buttons call and tests can call without a browser.
+`edit_instruction`, `remove_stage`, `edit_outputs`, `remove_output`, `set_choices`,
+`add_output`) that the buttons call and tests can call without a browser.
 Live updates come from a ticker thread at most every `REFRESH_S` seconds, reading the run's
 counters: 10,000 subtasks cost the frontend no more messages than 10.
 """
@@ -18,7 +19,18 @@ from typing import TYPE_CHECKING, Any
 
 import ipywidgets as W
 
-from .display import estimate_line, plan_origin_line, run_text, spent_line, stage_line
+from .display import (
+    StageCounts,
+    endpoint_line,
+    estimate_line,
+    output_text,
+    plan_origin_line,
+    run_text,
+    spent_line,
+    stage_counts,
+    stage_line,
+    store_line,
+)
 from .errors import STOPPED_KINDS, ApwaError
 from .plans import dependencies
 
@@ -36,6 +48,11 @@ STATE_COLOURS = {
     "failed": "#d62728",
     "cancelled": "#888",
 }
+# "done with 151 failed": the run finished, but not every row has a value.
+PARTIAL_COLOUR = "#d9822b"
+OUTPUT_TYPES = ("string", "integer", "number", "boolean", "string_list")
+# The stage bar's segments: answered, failed, never run (cancelled, stopped, upstream).
+BAR_COLOURS = {"done": "#2ca02c", "failed": "#d62728", "skipped": "#e6a700"}
 
 
 SIDE_EFFECTS_BADGE = (
@@ -109,8 +126,112 @@ def dag_html(run: Run) -> str:
 
 
 def _short_status(run: Run) -> str:
-    """The header's state: "done with 3 failed", "failed" (the reason shows below it)."""
+    """The header's state: "done with 3 failed", "failed" (the reason shows below it).
+
+    While planning, with the seconds so far: a manager taking 23 s looked stuck without them.
+    """
+    if run.state == "planning":
+        return f"planning · {int(run.elapsed_s)}s"
     return "failed" if run.state == "failed" else run.status
+
+
+def header_colour(run: Run) -> str:
+    """The state's colour; a run done with rows missing is not the green of success."""
+    if run.state == "done" and run.missing:
+        return PARTIAL_COLOUR
+    return STATE_COLOURS.get(run.state, "#555")
+
+
+def bar_html(stage_id: str, counts: StageCounts, width_px: int = 260) -> str:
+    """A stage bar with a segment per share: answered, failed, never run (the rest: to do).
+
+    One IntProgress coloured by the worst case showed 349 answered of 500 as a red bar.
+    """
+    total = max(counts.total, 1)
+    shares = {"done": counts.done, "failed": counts.failed, "skipped": counts.skipped}
+    segments = "".join(
+        f'<div class="apwa-bar-{kind}" style="width:{min(100.0, 100 * n / total):.1f}%;'
+        f'background:{BAR_COLOURS[kind]}"></div>'
+        for kind, n in shares.items()
+        if n > 0
+    )
+    title = f"{counts.label}, {counts.failed:,} failed, {counts.skipped:,} not run"
+    return (
+        f'<div class="apwa-stage-bar" title="{html.escape(title)}" style="display:flex;'
+        f'align-items:center;gap:6px"><code style="min-width:7em">{html.escape(stage_id[:14])}'
+        f'</code><div class="apwa-bar" style="display:flex;width:{width_px}px;height:12px;'
+        f'background:#e8e8e8;border-radius:3px;overflow:hidden">{segments}</div></div>'
+    )
+
+
+class OutputEditor:
+    """The outputs of one stage, editable before Run: remove one, edit its choices, add one.
+
+    Only the instruction was editable before; an output the plan added (`product_answer`) had
+    to be kept, and a choice the plan left out could not be added.
+    """
+
+    def __init__(self, widget: PlanWidget, stage: Any):
+        self.remove_buttons: dict[str, W.Button] = {}
+        self.choices: dict[str, W.Text] = {}
+        rows: list[W.Widget] = []
+        for output in stage.outputs:
+            name = output.name
+            label = W.HTML(f"<code>{html.escape(output_text(output))}</code>")
+            label.layout = W.Layout(width="auto", min_width="14em", margin="0 12px 0 0")
+            choices = W.Text(
+                value=", ".join(output.choices),
+                placeholder="free text (or: a, b, c)",
+                description="choices",
+                continuous_update=False,
+                layout=W.Layout(width="24em"),
+                style={"description_width": "initial"},
+            )
+            choices.observe(
+                lambda change, n=name: widget.set_choices(stage.id, n, _split(change["new"])),
+                names="value",
+            )
+            remove = W.Button(description="Remove output", icon="trash")
+            remove.layout = W.Layout(width="auto")
+            remove.on_click(lambda _, n=name: widget.remove_output(stage.id, n))
+            self.remove_buttons[name], self.choices[name] = remove, choices
+            rows.append(W.HBox([label, choices, remove]))
+        self.new_name = W.Text(placeholder="new output name", layout=W.Layout(width="12em"))
+        self.new_type = W.Dropdown(options=OUTPUT_TYPES, value="string")
+        self.new_type.layout = W.Layout(width="9em")
+        self.add_button = W.Button(description="Add output", icon="plus")
+        self.add_button.layout = W.Layout(width="auto")
+        self.add_button.on_click(
+            lambda _: widget.add_output(stage.id, self.new_name.value.strip(), self.new_type.value)
+        )
+        rows.append(W.HBox([self.new_name, self.new_type, self.add_button]))
+        self.view = W.VBox(rows)
+        self.view.add_class("apwa-outputs")
+
+
+def _reason(exc: Exception) -> str:
+    """One line for a refused action; a pydantic error as its messages, not its dump."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        try:
+            found = errors()
+            parts = [f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in found]
+            return "That edit makes the plan invalid: " + "; ".join(parts)
+        except Exception:
+            pass
+    return str(exc)
+
+
+def _split(text: str) -> list[str]:
+    """`"positive, negative,"` -> ["positive", "negative"] (empty: free text)."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _controls(widget: Any) -> list[Any]:
+    """The editing controls inside a widget tree (what is disabled once the plan runs)."""
+    if isinstance(widget, (W.Textarea, W.Text, W.Button, W.Dropdown)):
+        return [widget]
+    return [c for child in getattr(widget, "children", ()) for c in _controls(child)]
 
 
 class PlanWidget:
@@ -132,7 +253,8 @@ class PlanWidget:
         self.progress = W.VBox()
         self.stats = W.HTML()
         self.errors = W.HTML()
-        self._bars: dict[str, tuple[W.IntProgress, W.HTML]] = {}
+        self.output_editors: dict[str, OutputEditor] = {}
+        self._bars: dict[str, tuple[W.HTML, W.HTML]] = {}
         self._drawn_plan: Any = None
         self._ticker: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -176,12 +298,47 @@ class PlanWidget:
         """Drop a stage from the plan before running."""
         self._act(lambda: self.run.edit_stage(stage_id, remove=True))
 
+    def edit_outputs(self, stage_id: str, outputs: list[dict[str, Any]]) -> None:
+        """Replace a stage's outputs before running (`Run.edit_stage(outputs=...)`).
+
+        The plan is validated again, so an edit that breaks it (no output left, a later stage
+        reading a removed one) is refused with the reason and the plan is kept.
+        """
+        self._act(lambda: self.run.edit_stage(stage_id, outputs=outputs))
+
+    def remove_output(self, stage_id: str, name: str) -> None:
+        """Drop one output of a stage (e.g. one the plan added and nobody asked for)."""
+        kept = [o for o in self._outputs(stage_id) if o["name"] != name]
+        self.edit_outputs(stage_id, kept)
+
+    def set_choices(self, stage_id: str, name: str, choices: list[str]) -> None:
+        """Set the allowed values of an output (empty: free text)."""
+        outputs = self._outputs(stage_id)
+        for output in outputs:
+            if output["name"] == name:
+                if output["choices"] == choices:
+                    return  # a redraw, not an edit
+                output["choices"] = choices
+        self.edit_outputs(stage_id, outputs)
+
+    def add_output(self, stage_id: str, name: str, type_: str = "string") -> None:
+        """Ask every subtask of a stage for one more field."""
+        outputs = self._outputs(stage_id)
+        outputs.append({"name": name, "type": type_, "description": "", "choices": []})
+        self.edit_outputs(stage_id, outputs)
+
+    def _outputs(self, stage_id: str) -> list[dict[str, Any]]:
+        plan = self.run.plan
+        if plan is None:
+            return []
+        return [o.model_dump() for o in plan.stage(stage_id).outputs]
+
     def _act(self, action: Callable[[], Any]) -> None:
         try:
             action()
             self.message.value = ""
-        except ApwaError as exc:
-            self.message.value = f'<span style="color:#d62728">{html.escape(str(exc))}</span>'
+        except (ApwaError, ValueError) as exc:  # ValueError: a plan edit pydantic refused
+            self.message.value = f'<span style="color:#d62728">{html.escape(_reason(exc))}</span>'
         self.refresh()
         self._ensure_ticker()
 
@@ -214,17 +371,14 @@ class PlanWidget:
 
     def _refresh(self) -> None:
         run = self.run
-        colour = STATE_COLOURS.get(run.state, "#555")
+        colour = header_colour(run)
         summary = run.summary()
         first_line = html.escape(summary["prompt"])
+        who = endpoint_line(run)
         self.header.value = (
             f'<b>APWA</b> <span class="apwa-state" style="color:{colour}">{html.escape(_short_status(run))}</span>'
-            f" · <code>{run.id}</code> · {first_line}"
-            + (
-                f"<br><small>{html.escape(run.endpoint_description)}</small>"
-                if run.endpoint_description
-                else ""
-            )
+            f' · <code class="apwa-run-id">{run.id}</code> · {first_line}'
+            + (f"<br><small>{html.escape(who)}</small>" if who else "")
         )
         if run.plan is not None and run.plan is not self._drawn_plan:
             self._draw_plan()
@@ -234,10 +388,8 @@ class PlanWidget:
         self.retry_button.disabled = not (
             run.state in ("done", "failed", "cancelled") and run.errors
         )
-        for child in self.stages.children:
-            for control in getattr(child, "children", ()):
-                if isinstance(control, (W.Textarea, W.Button)):
-                    control.disabled = not editable
+        for control in _controls(self.stages):
+            control.disabled = not editable
         self._draw_progress()
         if run.error:
             self.message.value = f'<span style="color:#d62728">{html.escape(run.error)}</span>'
@@ -251,6 +403,7 @@ class PlanWidget:
         self.dag.value = dag_html(run)
         counts = run.stage_subtasks()
         panels, titles = [], []
+        self.output_editors = {}
         for stage_id in plan.order():
             stage = plan.stage(stage_id)
             meta = W.HTML(
@@ -278,7 +431,11 @@ class PlanWidget:
                 description="Remove stage", icon="trash", layout=W.Layout(width="auto")
             )
             remove.on_click(lambda _, sid=stage_id: self.remove_stage(sid))
-            panels.append(W.VBox([meta, text, remove]))
+            editor = OutputEditor(self, stage)
+            self.output_editors[stage_id] = editor
+            panels.append(
+                W.VBox([meta, text, W.HTML("<small>outputs</small>"), editor.view, remove])
+            )
             titles.append(f"{stage_id} · {stage.kind} · {counts.get(stage_id, 0):,} subtasks")
         self.stages.children = panels
         for i, title in enumerate(titles):
@@ -305,41 +462,64 @@ class PlanWidget:
         progress = run.progress()
         for stage_id, p in progress.items():
             if stage_id not in self._bars:
-                bar = W.IntProgress(min=0, max=max(p.total, 1), description=stage_id[:14])
-                label = W.HTML()
+                bar, label = W.HTML(), W.HTML()
                 self._bars[stage_id] = (bar, label)
                 self.progress.children = (*self.progress.children, W.HBox([bar, label]))
             bar, label = self._bars[stage_id]
-            bar.max = max(p.total, 1)
-            # What was worked on (answered or failed): a cancel must not look like a full bar.
-            bar.value = p.done + p.failed
-            bar.bar_style = (
-                "danger"
-                if p.failed
-                else "warning"
-                if p.skipped
-                else ("success" if p.finished == p.total and p.total else "info")
-            )
-            retry = f" · {p.retries} retries" if p.retries else ""
-            skipped = f" · {p.skipped:,} not run" if p.skipped else ""
+            counts = stage_counts(run, stage_id, p)
+            bar.value = bar_html(stage_id, counts)
+            retry = f" · {counts.retries} retries" if counts.retries else ""
+            skipped = f" · {counts.skipped:,} not run" if counts.skipped else ""
             label.value = (
-                f"<small>{p.done:,}/{p.total:,} done · {max(p.running, 0)} running · "
-                f"{p.failed} failed{skipped}{retry}</small>"
+                f"<small>{counts.label} · {counts.running} running · "
+                f"{counts.failed} failed{skipped}{retry}</small>"
             )
         if progress or run.state in ("running", "done"):
-            elapsed = run.timings().get("execution_s") or 0.0
-            done = sum(p.done + p.failed for p in progress.values())  # sent, not skipped
-            startup = run.startup_seconds or 0.0
-            working = max(elapsed - startup, 1e-9)
-            rate = done / working if done else 0.0
-            start_note = f" (+{startup:.1f}s starting workers)" if startup >= 1 else ""
-            self.stats.value = (
-                f"<small>{done:,} subtasks in {working:.1f}s{start_note} · {rate:.1f}/s · "
-                f"{run.tokens:,} tokens{html.escape(spent_line(run))}</small>"
-            )
+            self.stats.value = f"<small>{html.escape(self._stats_text())}</small>"
+
+    def _stats_text(self) -> str:
+        """Subtasks, time, rate and tokens; rows the store answered are said to be that.
+
+        A run answered from the result store made no calls: "500 subtasks in 0.4s ·
+        1283.0/s" read as 500 fast calls, beside an estimate of 500 calls.
+        """
+        run = self.run
+        progress = run.progress()
+        elapsed = run.timings().get("execution_s") or 0.0
+        done = sum(p.done + p.failed for p in progress.values())  # sent, not skipped
+        startup = run.startup_seconds or 0.0
+        working = max(elapsed - startup, 1e-9)
+        stored = store_line(run)
+        if stored and run.meter.calls == 0:
+            return stored
+        rate = done / working if done else 0.0
+        start_note = f" (+{startup:.1f}s starting workers)" if startup >= 1 else ""
+        text = (
+            f"{done:,} subtasks in {working:.1f}s{start_note} · {rate:.1f}/s · "
+            f"{run.tokens:,} tokens{spent_line(run)}"
+        )
+        return f"{stored}; {text}" if stored else text
 
     def _draw_errors(self) -> None:
-        self.errors.value = errors_html(self.run.errors)
+        """The rows without a value; during a retry, not the old ones of stages run again.
+
+        A retry keeps the stage's old outcome until the stage ends, and "432 subtasks without
+        a value (432 cancelled)" stayed on screen while those rows were being answered.
+        """
+        run = self.run
+        rerunning = {
+            stage_id: c
+            for stage_id, p in run.progress().items()
+            if (c := stage_counts(run, stage_id, p)).rerunning
+        }
+        errors = [e for e in run.errors if e.stage not in rerunning]
+        notes = "".join(
+            f'<div class="apwa-retrying"><small>retrying {html.escape(stage_id)}: '
+            f"{c.retried_done:,} of the {c.retried:,} subtasks sent again are done "
+            f"({c.earlier:,} kept from before)</small></div>"
+            for stage_id, c in rerunning.items()
+        )
+        self.errors.value = notes + errors_html(errors)
 
     # -- display ------------------------------------------------------------------------------
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:

@@ -407,3 +407,97 @@ def test_an_unchanged_summary_is_not_sent_twice() -> None:
     session.changed(run)
     timers.advance(1)
     assert [m["type"] for m in comm.sent] == ["snapshot", "update"]
+
+
+class ApprovableRun(FakeRun):
+    """A run awaiting approval, like `Run.start()` refusing what it cannot start."""
+
+    def __init__(self, run_id: str, refuse: str | None = None) -> None:
+        super().__init__(run_id, state="awaiting_approval")
+        self.prompt = f"the whole prompt of {run_id}\nwith its second line"
+        self.refuse = refuse
+
+    def start(self) -> ApprovableRun:
+        if self.refuse is not None:
+            from apwa_jupyter.errors import UserInputError
+
+            raise UserInputError(self.refuse)
+        self.state = "running"
+        if self.session is not None:
+            self.session.changed(self)
+        return self
+
+
+def test_approve_starts_a_run_awaiting_approval_and_reports_it() -> None:
+    """The panel's Run button: the same approval as the widget's Run or %apwa approve."""
+    run = ApprovableRun("a")
+    session = FakeSession(run, FakeRun("b"))
+    timers = ManualTimers()
+    _, comm = make_channel(session, timers)
+    comm.receive({"type": "approve", "run_id": "a"})
+    assert run.state == "running"
+    timers.advance(0)
+    assert comm.sent[-1]["type"] == "update"
+    assert comm.sent[-1]["run"]["state"] == "running"
+
+
+def test_approve_that_the_run_refuses_says_why_to_the_panel() -> None:
+    run = ApprovableRun("a", refuse="this was a --dry-run: rerun the cell without it to execute")
+    session = FakeSession(run)
+    timers = ManualTimers()
+    _, comm = make_channel(session, timers)
+    comm.receive({"type": "approve", "run_id": "a"})
+    assert run.state == "awaiting_approval"
+    assert comm.sent[0] == {
+        "type": "error",
+        "run_id": "a",
+        "message": "this was a --dry-run: rerun the cell without it to execute",
+    }
+
+
+def test_approve_of_a_run_that_cannot_be_approved_says_so() -> None:
+    session = FakeSession(FakeRun("old", state="done"))
+    _, comm = make_channel(session, ManualTimers())
+    comm.receive({"type": "approve", "run_id": "old"})
+    comm.receive({"type": "approve", "run_id": "nope"})
+    errors = [m for m in comm.sent if m["type"] == "error"]
+    assert [e["run_id"] for e in errors] == ["old", "nope"]
+    assert "cannot be approved" in errors[0]["message"]
+    assert "no run" in errors[1]["message"]
+
+
+class StoredRunLike:
+    """What session.StoredRun is: a record of an earlier kernel's run, tokens not kept."""
+
+    def __init__(self, run_id: str, record: dict[str, Any]) -> None:
+        self.id = run_id
+        self.record = record
+
+    def summary(self) -> dict[str, Any]:
+        return {**FakeRun(self.id, state="done").summary(), "tokens": 0}
+
+    def cancel(self) -> None:
+        """Over already."""
+
+
+def test_an_earlier_kernels_run_sends_no_token_figure_it_does_not_have() -> None:
+    """Its record keeps no tokens, so "0 tok" was a wrong figure: the panel shows none."""
+    earlier = StoredRunLike("old", {"prompt": "p", "state": "done"})
+    counted = StoredRunLike("kept", {"prompt": "p", "state": "done", "tokens": 1234})
+    session = FakeSession(FakeRun("now", done=3))
+    session.runs[:0] = [earlier, counted]  # type: ignore[list-item]
+    channel, comm = make_channel(session, ManualTimers())
+    channel.send_snapshot()
+    runs = {r["id"]: r for r in comm.sent[0]["runs"]}
+    assert runs["old"]["tokens"] is None and runs["old"]["earlier"] is True
+    assert runs["kept"]["tokens"] == 1234
+    assert runs["now"]["tokens"] == 30 and "earlier" not in runs["now"]
+
+
+def test_the_whole_prompt_goes_with_the_summary_for_the_panels_hover() -> None:
+    run = ApprovableRun("a")
+    channel, comm = make_channel(FakeSession(run), ManualTimers())
+    channel.send_snapshot()
+    sent = comm.sent[0]["runs"][0]
+    assert sent["prompt"] == "prompt of a"  # the summary's own first line, unchanged
+    assert sent["prompt_full"] == "the whole prompt of a\nwith its second line"

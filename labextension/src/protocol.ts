@@ -36,7 +36,8 @@ export interface RunSummary {
   total: number;
   failed: number;
   running: number;
-  tokens: number;
+  /** Null when not known: an earlier kernel's run whose record kept no token count. */
+  tokens: number | null;
   elapsed_s: number;
   started_at: number;
   cell_id: string | null;
@@ -48,6 +49,10 @@ export interface RunSummary {
   skipped: number;
   /** Stages that call tools with side effects (writes, deletes, sends). */
   side_effects: string[];
+  /** The whole prompt (every line), for the hover; null from kernels that do not send it. */
+  prompt_full: string | null;
+  /** A run of an earlier kernel, listed from the result store. */
+  earlier: boolean;
 }
 
 export interface SnapshotMessage {
@@ -60,7 +65,14 @@ export interface UpdateMessage {
   run: RunSummary;
 }
 
-export type KernelMessage = SnapshotMessage | UpdateMessage;
+/** A request about a run was refused, e.g. approving a `--dry-run`. */
+export interface ErrorMessage {
+  type: 'error';
+  run_id: string;
+  message: string;
+}
+
+export type KernelMessage = SnapshotMessage | UpdateMessage | ErrorMessage;
 
 export interface ListRequest {
   type: 'list';
@@ -71,7 +83,13 @@ export interface CancelRequest {
   run_id: string;
 }
 
-export type FrontendMessage = ListRequest | CancelRequest;
+/** Approve a plan awaiting approval (the kernel calls `Run.start()`). */
+export interface ApproveRequest {
+  type: 'approve';
+  run_id: string;
+}
+
+export type FrontendMessage = ListRequest | CancelRequest | ApproveRequest;
 
 export function isActiveState(state: RunState): boolean {
   return ACTIVE_STATES.has(state);
@@ -108,7 +126,7 @@ export function parseRunSummary(value: unknown): RunSummary | null {
     total: count(value.total),
     failed: count(value.failed),
     running: count(value.running),
-    tokens: count(value.tokens),
+    tokens: value.tokens === null ? null : count(value.tokens),
     elapsed_s: count(value.elapsed_s),
     started_at: count(value.started_at),
     cell_id: optionalString(value.cell_id),
@@ -118,7 +136,9 @@ export function parseRunSummary(value: unknown): RunSummary | null {
     skipped: count(value.skipped),
     side_effects: Array.isArray(value.side_effects)
       ? value.side_effects.filter((s): s is string => typeof s === 'string')
-      : []
+      : [],
+    prompt_full: optionalString(value.prompt_full),
+    earlier: value.earlier === true
   };
 }
 
@@ -136,6 +156,10 @@ export function parseKernelMessage(data: unknown): KernelMessage | null {
   if (data.type === 'update') {
     const run = parseRunSummary(data.run);
     return run === null ? null : { type: 'update', run };
+  }
+  if (data.type === 'error' && typeof data.run_id === 'string') {
+    const message = typeof data.message === 'string' ? data.message : 'refused';
+    return { type: 'error', run_id: data.run_id, message };
   }
   return null;
 }

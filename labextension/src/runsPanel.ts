@@ -11,7 +11,7 @@ import {
   formatProgress,
   formatTokens,
   liveElapsed,
-  progressFraction,
+  promptLabels,
   RunsState,
   STATE_LABELS,
   TrackedRun
@@ -44,6 +44,16 @@ function element<K extends keyof HTMLElementTagNameMap>(
   return node;
 }
 
+/** What a row shows besides the run's own summary. */
+interface IRowView {
+  /** The part of the prompt to show (see `promptLabels`). */
+  label: string;
+  cancelling: boolean;
+  approving: boolean;
+  /** Why the kernel refused the last request about this run. */
+  error: string | undefined;
+}
+
 /** One run's row; its DOM nodes are kept and updated so buttons survive frequent updates. */
 class RunRow {
   readonly node = element('li', 'apwa-Run');
@@ -53,37 +63,53 @@ class RunRow {
     const meta = element('div', 'apwa-Run-meta');
     meta.append(this._state, this._effects, this._progress, this._elapsed, this._tokens);
     const bar = element('div', 'apwa-Run-bar');
-    bar.append(this._barFill);
+    bar.append(this._barFill, this._barFailed);
     const actions = element('div', 'apwa-Run-actions');
+    this._approve.dataset.action = 'approve';
+    this._approve.title = 'Approve this plan and run it (like the Run button of its widget)';
     this._cancel.dataset.action = 'cancel';
     this._cancel.title = 'Cancel this run';
     this._jump.dataset.action = 'jump';
     this._jump.title = 'Go to the cell that started this run';
-    actions.append(this._jump, this._cancel);
+    actions.append(this._approve, this._jump, this._cancel);
     this.node.append(this._prompt, meta, bar, this._detail, actions);
   }
 
-  update(run: TrackedRun, nowMs: number, cancelling: boolean): void {
+  update(run: TrackedRun, nowMs: number, view: IRowView): void {
     const active = isActiveState(run.state);
+    const partial = run.state === 'done' && run.failed > 0;
     this.node.dataset.state = run.state;
-    this._prompt.textContent = run.prompt || '(empty prompt)';
-    this._prompt.title = run.prompt;
+    this.node.classList.toggle('apwa-mod-earlier', run.earlier);
+    this._prompt.textContent = view.label || '(empty prompt)';
+    this._prompt.title = run.prompt_full ?? run.prompt;
     this._state.textContent =
       run.state === 'failed' ? STATE_LABELS.failed : (run.status ?? STATE_LABELS[run.state]);
     this._effects.hidden = run.side_effects.length === 0;
     this._effects.textContent = 'side effects';
     this._effects.title = `Stages calling tools that write, delete, send or spend: ${run.side_effects.join(', ')}`;
-    this._state.className = `apwa-Run-state apwa-mod-${run.state}`;
+    // "done with 151 failed" is not a success colour.
+    this._state.className = `apwa-Run-state apwa-mod-${partial ? 'partial' : run.state}`;
     this._progress.textContent = formatProgress(run);
     this._elapsed.textContent = formatElapsed(liveElapsed(run, nowMs));
-    this._tokens.textContent = `${formatTokens(run.tokens)} tok`;
-    this._barFill.style.width = `${(progressFraction(run) * 100).toFixed(1)}%`;
-    const detail = run.error ?? (run.out !== null && !active ? `→ ${run.out}` : '');
+    // An earlier kernel's record may not know its tokens: no figure rather than "0 tok".
+    this._tokens.hidden = run.tokens === null;
+    this._tokens.textContent = run.tokens === null ? '' : `${formatTokens(run.tokens)} tok`;
+    const total = Math.max(run.total, 1);
+    const done = Math.min(1, run.done / total);
+    this._barFill.style.width = `${(done * 100).toFixed(1)}%`;
+    this._barFailed.style.width = `${(Math.min(1 - done, run.failed / total) * 100).toFixed(1)}%`;
+    const detail =
+      view.error ?? run.error ?? (run.out !== null && !active ? `→ ${run.out}` : '');
     this._detail.textContent = detail;
     this._detail.hidden = detail === '';
+    this._detail.classList.toggle('apwa-mod-error', view.error !== undefined);
+    const awaiting = run.state === 'awaiting_approval' && !run.earlier;
+    this._approve.hidden = !awaiting;
+    this._approve.disabled = view.approving || view.cancelling;
+    this._approve.textContent = view.approving ? 'Starting…' : 'Run';
     this._cancel.hidden = !active;
-    this._cancel.disabled = cancelling;
-    this._cancel.textContent = cancelling ? 'Cancelling…' : 'Cancel';
+    this._cancel.disabled = view.cancelling;
+    this._cancel.textContent = view.cancelling ? 'Cancelling…' : 'Cancel';
     this._jump.hidden = run.cell_id === null;
     this._jump.dataset.cellId = run.cell_id ?? '';
   }
@@ -95,7 +121,9 @@ class RunRow {
   private readonly _elapsed = element('span', 'apwa-Run-elapsed');
   private readonly _tokens = element('span', 'apwa-Run-tokens');
   private readonly _barFill = element('div', 'apwa-Run-barFill');
+  private readonly _barFailed = element('div', 'apwa-Run-barFailed');
   private readonly _detail = element('div', 'apwa-Run-detail');
+  private readonly _approve = element('button', 'jp-Button apwa-Run-approve', 'Run');
   private readonly _cancel = element('button', 'jp-Button apwa-Run-cancel', 'Cancel');
   private readonly _jump = element('button', 'jp-Button apwa-Run-jump', 'Go to cell');
 }
@@ -140,6 +168,8 @@ export class RunsPanel extends Widget {
     }
     if (button.dataset.action === 'cancel') {
       this._options.current.runs?.cancel(runId);
+    } else if (button.dataset.action === 'approve') {
+      this._options.current.runs?.approve(runId);
     } else if (button.dataset.action === 'jump') {
       const cellId = button.dataset.cellId ?? '';
       if (cellId && !this._options.jumpToCell(cellId)) {
@@ -185,6 +215,7 @@ export class RunsPanel extends Widget {
 
   private _renderRuns(state: RunsState): void {
     const now = this._now();
+    const labels = promptLabels(state.runs);
     const seen = new Set<string>();
     let previous: Element | null = null;
     for (const run of state.runs) {
@@ -194,7 +225,12 @@ export class RunsPanel extends Widget {
         row = new RunRow(run.id);
         this._rows.set(run.id, row);
       }
-      row.update(run, now, state.cancelling.has(run.id));
+      row.update(run, now, {
+        label: labels.get(run.id) ?? run.prompt,
+        cancelling: state.cancelling.has(run.id),
+        approving: state.approving.has(run.id),
+        error: state.errors.get(run.id)
+      });
       const expected: Element | null = previous ? previous.nextElementSibling : this._list.firstElementChild;
       if (expected !== row.node) {
         this._list.insertBefore(row.node, expected);

@@ -26,6 +26,10 @@ export interface RunsState {
   readonly runs: readonly TrackedRun[];
   /** Runs whose cancel was sent and which have not stopped yet. */
   readonly cancelling: ReadonlySet<string>;
+  /** Runs whose approve was sent and which still await approval. */
+  readonly approving: ReadonlySet<string>;
+  /** Why the kernel refused a request about a run (shown on its row until it changes). */
+  readonly errors: ReadonlyMap<string, string>;
 }
 
 export type RunsAction =
@@ -33,7 +37,8 @@ export type RunsAction =
   | { type: 'connecting' }
   | { type: 'absent' }
   | { type: 'message'; message: KernelMessage; receivedAt: number }
-  | { type: 'cancel-requested'; runId: string };
+  | { type: 'cancel-requested'; runId: string }
+  | { type: 'approve-requested'; runId: string };
 
 /** The panel keeps this many runs per kernel; older finished ones are dropped. */
 export const MAX_RUNS = 200;
@@ -41,7 +46,9 @@ export const MAX_RUNS = 200;
 export const INITIAL_STATE: RunsState = {
   connection: 'no-kernel',
   runs: [],
-  cancelling: new Set()
+  cancelling: new Set(),
+  approving: new Set(),
+  errors: new Map()
 };
 
 function newestFirst(a: TrackedRun, b: TrackedRun): number {
@@ -62,12 +69,45 @@ function keepActiveCancels(
   return new Set([...cancelling].filter(id => stillActive.has(id)));
 }
 
+function keepAwaiting(
+  approving: ReadonlySet<string>,
+  runs: readonly TrackedRun[]
+): ReadonlySet<string> {
+  if (approving.size === 0) {
+    return approving;
+  }
+  const waiting = new Set(runs.filter(r => r.state === 'awaiting_approval').map(r => r.id));
+  return new Set([...approving].filter(id => waiting.has(id)));
+}
+
+/** A refusal stays next to its run while the run is as it was when refused. */
+function keepErrors(
+  errors: ReadonlyMap<string, string>,
+  before: readonly TrackedRun[],
+  after: readonly TrackedRun[]
+): ReadonlyMap<string, string> {
+  if (errors.size === 0) {
+    return errors;
+  }
+  const stateBefore = new Map(before.map(run => [run.id, run.state]));
+  const kept = new Map<string, string>();
+  for (const run of after) {
+    const error = errors.get(run.id);
+    if (error !== undefined && stateBefore.get(run.id) === run.state) {
+      kept.set(run.id, error);
+    }
+  }
+  return kept;
+}
+
 function withRuns(state: RunsState, runs: TrackedRun[]): RunsState {
   const sorted = runs.sort(newestFirst).slice(0, MAX_RUNS);
   return {
     connection: 'connected',
     runs: sorted,
-    cancelling: keepActiveCancels(state.cancelling, sorted)
+    cancelling: keepActiveCancels(state.cancelling, sorted),
+    approving: keepAwaiting(state.approving, sorted),
+    errors: keepErrors(state.errors, state.runs, sorted)
   };
 }
 
@@ -80,11 +120,22 @@ export function reduceRuns(state: RunsState, action: RunsAction): RunsState {
       // Keep the runs on screen while reconnecting; a snapshot replaces them.
       return { ...state, connection: 'connecting' };
     case 'absent':
-      return { connection: 'absent', runs: [], cancelling: new Set() };
+      return { ...INITIAL_STATE, connection: 'absent' };
     case 'cancel-requested':
       return { ...state, cancelling: new Set([...state.cancelling, action.runId]) };
+    case 'approve-requested': {
+      const errors = new Map(state.errors);
+      errors.delete(action.runId);
+      return { ...state, approving: new Set([...state.approving, action.runId]), errors };
+    }
     case 'message': {
       const { message, receivedAt } = action;
+      if (message.type === 'error') {
+        const approving = new Set(state.approving);
+        approving.delete(message.run_id);
+        const errors = new Map(state.errors).set(message.run_id, message.message);
+        return { ...state, approving, errors };
+      }
       if (message.type === 'snapshot') {
         return withRuns(
           state,
@@ -129,6 +180,62 @@ export function formatElapsed(seconds: number): string {
     return `${Math.floor(total / 60)}m ${pad(total % 60)}s`;
   }
   return `${Math.floor(total / 3600)}h ${pad(Math.floor((total % 3600) / 60))}m`;
+}
+
+/**
+ * What to show of each run's prompt in a narrow list, by run id.
+ *
+ * Variants of one prompt (rerun with a word changed) share a long start, and a row cut at
+ * about 35 characters made them look identical. Where a prompt shares more than
+ * `SHARED_SHOWN_UP_TO` characters with another listed prompt, the label starts a few words
+ * before the first difference, after an ellipsis; prompts are compared whole (every line),
+ * so variants differing only on a later line are told apart too. The whole prompt stays in
+ * the row's hover.
+ */
+export function promptLabels(
+  runs: readonly Pick<RunSummary, 'id' | 'prompt' | 'prompt_full'>[]
+): Map<string, string> {
+  const flat = runs.map(run => (run.prompt_full ?? run.prompt).replace(/\s+/g, ' ').trim());
+  const labels = new Map<string, string>();
+  runs.forEach((run, i) => {
+    let shared = 0;
+    let sameFirstLine = false;
+    flat.forEach((other, j) => {
+      if (j !== i && other !== flat[i]) {
+        shared = Math.max(shared, commonPrefix(flat[i], other));
+        sameFirstLine = sameFirstLine || runs[j].prompt === run.prompt;
+      }
+    });
+    // A prompt the others extend (the original of its variants) reads best from its start.
+    if (shared <= SHARED_SHOWN_UP_TO || shared >= flat[i].length) {
+      labels.set(run.id, sameFirstLine ? flat[i] : run.prompt);
+      return;
+    }
+    labels.set(run.id, `…${flat[i].slice(wordStartBefore(flat[i], shared - CONTEXT_CHARS))}`);
+  });
+  return labels;
+}
+
+/** Characters of a prompt a panel row shows for sure before its ellipsis. */
+export const SHARED_SHOWN_UP_TO = 24;
+/** Characters of the shared start kept before the first difference, for context. */
+const CONTEXT_CHARS = 12;
+
+function commonPrefix(a: string, b: string): number {
+  const n = Math.min(a.length, b.length);
+  let i = 0;
+  while (i < n && a[i] === b[i]) {
+    i++;
+  }
+  return i;
+}
+
+function wordStartBefore(text: string, position: number): number {
+  let i = Math.max(0, Math.min(position, text.length));
+  while (i > 0 && text[i - 1] !== ' ') {
+    i--;
+  }
+  return i;
 }
 
 /** `950`, `12.3k`, `4.1M` tokens. */

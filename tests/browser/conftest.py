@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from .lab_page import ARTIFACTS, REPO
+from .lab_page import ARTIFACTS, REPO, Notebook7Page, NotebookPage
 
 BUILT_LABEXTENSION = REPO / "apwa_jupyter" / "labextension"
 LABEXTENSION_NAME = "apwa-jupyter-labextension"
@@ -204,3 +204,12 @@ def page(browser: Any, request: pytest.FixtureRequest) -> Iterator[Any]:
         ARTIFACTS.mkdir(exist_ok=True)
         (ARTIFACTS / f"{request.node.name}.console.txt").write_text("\n".join(console))
         context.close()
+
+
+@pytest.fixture(params=["jupyterlab", "notebook7"])
+def client(request: pytest.FixtureRequest) -> tuple[str, LabServer, type[NotebookPage], str]:
+    """(name, server, page class, URL path of a notebook): the test runs in JupyterLab and in
+    Notebook 7, the two clients with the runs panel and the plan widget."""
+    if request.param == "jupyterlab":
+        return "lab", request.getfixturevalue("lab_server"), NotebookPage, "lab/tree/"
+    return "nb7", request.getfixturevalue("notebook7_server"), Notebook7Page, "notebooks/"

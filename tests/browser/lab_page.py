@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,37 @@ class NotebookPage:
         return path
 
 
+class Notebook7Page(NotebookPage):
+    """A notebook page in Notebook 7: kernel state is read from the app, not a status bar."""
+
+    def open(self, url: str) -> Notebook7Page:
+        self.page.goto(url)
+        self.page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
+        self.panel_id = str(self.page.evaluate("() => window.jupyterapp.shell.currentWidget.id"))
+        self.wait_idle(timeout=60_000)
+        return self
+
+    def wait_idle(self, timeout: float = 60_000) -> None:
+        self.page.wait_for_function(
+            """() => {
+                const session = window.jupyterapp.shell.currentWidget?.sessionContext?.session;
+                return session?.kernel?.status === 'idle';
+            }""",
+            timeout=timeout,
+        )
+
+    def open_runs_panel(self) -> Any:
+        """View > Left Sidebar > Show APWA runs: Notebook 7 hides the left sidebar until then."""
+        panel = self.page.locator("#apwa-runs-panel")
+        if not panel.is_visible():
+            self.page.evaluate(
+                """() => window.jupyterapp.commands.execute('application:toggle-panel',
+                    {side: 'left', id: 'apwa-runs-panel', title: 'Show APWA runs'})"""
+            )
+        panel.wait_for(state="visible", timeout=30_000)
+        return panel
+
+
 def status_texts(samples: list[str]) -> list[str]:
     """Distinct status bar texts in order of appearance (for messages)."""
     seen: list[str] = []
@@ -114,3 +146,30 @@ def parse_progress(text: str) -> tuple[int, int] | None:
 def dump(value: Any) -> str:
     """JSON for assertion messages."""
     return json.dumps(value, indent=1, default=str)
+
+
+def run_row(page: Any, prompt: str) -> Any:
+    """The panel row of this kernel's run whose prompt starts with ``prompt``.
+
+    Runs of earlier kernels (from the result store, which the lab server's kernels share) are
+    listed too, marked "earlier kernel"; they are not the run a test just started.
+    """
+    return (
+        page.locator(".apwa-Run")
+        .filter(has=page.locator(".apwa-Run-prompt", has_text=prompt))
+        .filter(has_not_text="earlier kernel")
+    )
+
+
+def sample_status_until(page: Any, done: Any, timeout_s: float) -> list[str]:
+    """Read the status bar item until ``done()`` is true; returns every text seen."""
+    seen: list[str] = []
+    item = page.locator(".apwa-StatusItem")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if item.count() and item.first.is_visible():
+            seen.append(item.first.inner_text())
+        if done():
+            return seen
+        page.wait_for_timeout(100)
+    raise AssertionError(f"timed out; status texts seen: {dump(seen)}")

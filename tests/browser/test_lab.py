@@ -16,39 +16,21 @@ from typing import Any
 import pytest
 
 from .conftest import LabServer
-from .lab_page import ARTIFACTS, REPO, NotebookPage, dump, parse_progress, write_notebook
+from .lab_page import (
+    ARTIFACTS,
+    REPO,
+    NotebookPage,
+    dump,
+    parse_progress,
+    run_row,
+    sample_status_until,
+    write_notebook,
+)
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
 
 HERE = Path(__file__).resolve().parent
 HINT = "Run %load_ext apwa_jupyter in this notebook"
-
-
-def run_row(page: Any, prompt: str) -> Any:
-    """The panel row of this kernel's run whose prompt starts with ``prompt``.
-
-    Runs of earlier kernels (from the result store, which the lab server's kernels share) are
-    listed too, marked "earlier kernel"; they are not the run a test just started.
-    """
-    return (
-        page.locator(".apwa-Run")
-        .filter(has=page.locator(".apwa-Run-prompt", has_text=prompt))
-        .filter(has_not_text="earlier kernel")
-    )
-
-
-def sample_status_until(page: Any, done: Any, timeout_s: float) -> list[str]:
-    """Read the status bar item until ``done()`` is true; returns every text seen."""
-    seen: list[str] = []
-    item = page.locator(".apwa-StatusItem")
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if item.count() and item.first.is_visible():
-            seen.append(item.first.inner_text())
-        if done():
-            return seen
-        page.wait_for_timeout(100)
-    raise AssertionError(f"timed out; status texts seen: {dump(seen)}")
 
 
 def highlight_report(page: Any, cell: Any) -> dict[str, Any]:

@@ -14,30 +14,10 @@ import pytest
 from apwa_jupyter.testing import FakeOpenAIServer
 
 from .conftest import LabServer
-from .lab_page import NotebookPage, write_notebook
+from .lab_page import Notebook7Page, write_notebook
 from .test_quickstart import quickstart_cells, respond
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
-
-
-class Notebook7Page(NotebookPage):
-    """A notebook page in Notebook 7: kernel state is read from the app, not a status bar."""
-
-    def open(self, url: str) -> Notebook7Page:
-        self.page.goto(url)
-        self.page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
-        self.panel_id = str(self.page.evaluate("() => window.jupyterapp.shell.currentWidget.id"))
-        self.wait_idle(timeout=60_000)
-        return self
-
-    def wait_idle(self, timeout: float = 60_000) -> None:
-        self.page.wait_for_function(
-            """() => {
-                const session = window.jupyterapp.shell.currentWidget?.sessionContext?.session;
-                return session?.kernel?.status === 'idle';
-            }""",
-            timeout=timeout,
-        )
 
 
 def test_quickstart_in_notebook_7(notebook7_server: LabServer, page: Any) -> None:

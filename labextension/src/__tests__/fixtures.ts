@@ -19,6 +19,8 @@ export function makeRun(overrides: Partial<RunSummary> = {}): RunSummary {
     status: null,
     skipped: 0,
     side_effects: [],
+    prompt_full: null,
+    earlier: false,
     ...overrides
   };
 }

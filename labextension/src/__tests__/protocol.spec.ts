@@ -16,6 +16,15 @@ describe('parseKernelMessage', () => {
     expect(parseKernelMessage({ type: 'update', run })).toEqual({ type: 'update', run });
   });
 
+  it('accepts an error about a run (a refused approve)', () => {
+    expect(parseKernelMessage({ type: 'error', run_id: 'r', message: 'a --dry-run' })).toEqual({
+      type: 'error',
+      run_id: 'r',
+      message: 'a --dry-run'
+    });
+    expect(parseKernelMessage({ type: 'error', run_id: 3 })).toBeNull();
+  });
+
   it('rejects unknown or malformed messages', () => {
     expect(parseKernelMessage(null)).toBeNull();
     expect(parseKernelMessage([])).toBeNull();
@@ -44,8 +53,22 @@ describe('parseRunSummary', () => {
       error: null,
       status: null,
       skipped: 0,
-      side_effects: []
+      side_effects: [],
+      prompt_full: null,
+      earlier: false
     });
+  });
+
+  it('keeps an unknown token figure unknown (a run of an earlier kernel)', () => {
+    const run = parseRunSummary({ id: 'r', state: 'done', tokens: null, earlier: true });
+    expect(run?.tokens).toBeNull();
+    expect(run?.earlier).toBe(true);
+    expect(parseRunSummary({ id: 'r', state: 'done', tokens: 12 })?.tokens).toBe(12);
+  });
+
+  it('keeps the whole prompt for the hover', () => {
+    const run = parseRunSummary({ id: 'r', state: 'done', prompt: 'a', prompt_full: 'a\nb' });
+    expect(run?.prompt_full).toBe('a\nb');
   });
 
   it('keeps the status line, skipped count and side-effect stages', () => {

@@ -2,6 +2,7 @@ import {
   formatElapsed,
   formatProgress,
   formatTokens,
+  promptLabels,
   INITIAL_STATE,
   liveElapsed,
   MAX_RUNS,
@@ -50,7 +51,13 @@ describe('reduceRuns', () => {
     expect(reconnecting.connection).toBe('connecting');
     expect(reconnecting.runs).toHaveLength(1);
     const absent = reduceRuns(reconnecting, { type: 'absent' });
-    expect(absent).toEqual({ connection: 'absent', runs: [], cancelling: new Set() });
+    expect(absent).toEqual({
+      connection: 'absent',
+      runs: [],
+      cancelling: new Set(),
+      approving: new Set(),
+      errors: new Map()
+    });
     expect(reduceRuns(absent, { type: 'no-kernel' })).toBe(INITIAL_STATE);
   });
 
@@ -140,5 +147,75 @@ describe('formatting', () => {
     expect(formatProgress({ done: 340, total: 1000, failed: 3 })).toBe('340/1000 (+3 failed)');
     expect(progressFraction({ done: 3, total: 4, failed: 1 })).toBe(1);
     expect(progressFraction({ done: 1, total: 0, failed: 0 })).toBe(0);
+  });
+});
+
+describe('promptLabels', () => {
+  const base = 'For every row in {reviews}, classify the review as positive or negative';
+
+  it('leaves prompts that differ early as they are', () => {
+    const runs = [makeRun({ id: 'a', prompt: 'Summarise {df}' }), makeRun({ id: 'b', prompt: base })];
+    expect(promptLabels(runs).get('a')).toBe('Summarise {df}');
+    expect(promptLabels(runs).get('b')).toBe(base);
+  });
+
+  it('shows where variants of one prompt differ, which a cut-off start hides', () => {
+    const runs = [
+      makeRun({ id: 'a', prompt: `${base} and give a reason` }),
+      makeRun({ id: 'b', prompt: `${base}, ignoring sarcasm` }),
+      makeRun({ id: 'c', prompt: base })
+    ];
+    const labels = promptLabels(runs);
+    const shown = runs.map(run => labels.get(run.id)!);
+    expect(new Set(shown.map(label => label.slice(0, 30))).size).toBe(3);
+    expect(shown[0]).toMatch(/^….*and give a reason$/);
+    expect(shown[1]).toMatch(/^….*ignoring sarcasm$/);
+    expect(shown[2]).toBe(base); // the original its variants extend reads from its start
+  });
+
+  it('compares the whole prompts when their first lines are the same', () => {
+    const runs = [
+      makeRun({ id: 'a', prompt: 'Label {df}', prompt_full: 'Label {df}\nUse three labels.' }),
+      makeRun({ id: 'b', prompt: 'Label {df}', prompt_full: 'Label {df}\nUse five labels.' })
+    ];
+    const labels = promptLabels(runs);
+    expect(labels.get('a')).toContain('three');
+    expect(labels.get('b')).toContain('five');
+  });
+
+  it('keeps an exact repeat as it is', () => {
+    const runs = [makeRun({ id: 'a', prompt: base }), makeRun({ id: 'b', prompt: base })];
+    expect(promptLabels(runs).get('a')).toBe(base);
+  });
+});
+
+describe('errors of runs', () => {
+  it('keeps a refused approve next to its run until the run changes', () => {
+    const state = snapshot(INITIAL_STATE, [makeRun({ state: 'awaiting_approval' })]);
+    const refused = reduceRuns(state, {
+      type: 'message',
+      message: { type: 'error', run_id: 'run-1', message: 'a --dry-run' },
+      receivedAt: 2000
+    });
+    expect(refused.errors.get('run-1')).toBe('a --dry-run');
+    expect(refused.approving.size).toBe(0);
+    const started = reduceRuns(refused, {
+      type: 'message',
+      message: { type: 'update', run: makeRun({ state: 'running' }) },
+      receivedAt: 3000
+    });
+    expect(started.errors.has('run-1')).toBe(false);
+  });
+
+  it('marks a run approving until it leaves awaiting approval', () => {
+    const state = snapshot(INITIAL_STATE, [makeRun({ state: 'awaiting_approval' })]);
+    const approving = reduceRuns(state, { type: 'approve-requested', runId: 'run-1' });
+    expect(approving.approving.has('run-1')).toBe(true);
+    const running = reduceRuns(approving, {
+      type: 'message',
+      message: { type: 'update', run: makeRun({ state: 'running' }) },
+      receivedAt: 3000
+    });
+    expect(running.approving.has('run-1')).toBe(false);
   });
 });
