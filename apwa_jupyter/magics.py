@@ -337,6 +337,10 @@ class ApwaMagics(Magics):
 
     # -- %apwa COMMAND: one typed model per subcommand (parsers.py), one handler each ----------
     def _line(self, line: str) -> None:
+        if line.strip() in ("--help", "-h"):  # IPython refuses %%apwa with no body: say it here
+            print(CELL_HELP)
+            self._line_help()
+            return
         args = parse_line(line)
         match args:
             case ConfigArgs():

@@ -116,3 +116,18 @@ def test_errors_frame_names_a_single_row_by_its_label_not_a_tuple(fake_server, r
     errors = run.errors_frame()
     assert errors["row"].tolist() == ["r4"] and errors["rows"].tolist() == [("r4",)]
     assert list(errors.columns)[:3] == ["stage", "subtask", "row"]
+
+
+def test_help_works_as_a_line_magic_where_an_empty_cell_cannot(capsys):
+    from IPython.testing import globalipapp
+
+    globalipapp.start_ipython()
+    shell = globalipapp.get_ipython()
+    shell.run_line_magic("load_ext", "apwa_jupyter")
+    try:
+        capsys.readouterr()
+        shell.run_line_magic("apwa", "--help")
+        out = capsys.readouterr().out
+        assert "--sample" in out and "--cascade" in out and "%apwa run-all" in out
+    finally:
+        shell.run_line_magic("unload_ext", "apwa_jupyter")
