@@ -239,16 +239,12 @@ TIMED_ESTIMATE_FROM = 1_000
 
 
 def stored_subtasks(run: Run) -> int:
-    """Subtasks of the plan the result store already answers (0 when the run cannot tell).
+    """Subtasks of the plan the result store already answers (0 when the store cannot tell).
 
-    Asks `run.stored_subtasks()` (per stage), which looks the plan's subtask keys up in the
-    store the way execution will; a Run without it (or a failing store) counts 0.
+    `run.stored_subtasks()` looks the plan's subtask keys up the way execution will.
     """
-    count = getattr(run, "stored_subtasks", None)
-    if not callable(count):
-        return 0
     try:
-        return int(sum(count().values()))
+        return sum(run.stored_subtasks().values())
     except Exception:  # the estimate must never fail on the store
         return 0
 

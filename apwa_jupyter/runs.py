@@ -42,6 +42,7 @@ from .execution import (
     execute_plan,
     size_line,
     stage_loads,
+    stored_subtasks,
     typical_latency,
 )
 from .execution.batch import batched_stage_ids
@@ -121,6 +122,7 @@ class Run(RunResults):
         self._plan_key: str | None = None  # where start() stores the approved plan
         self.meter = CostMeter(model=None)  # what the run spent, for the budget
         self._estimate: tuple[Plan, Estimate] | None = None
+        self._stored: tuple[Plan, dict[str, int]] | None = None  # see `stored_subtasks`
         self._listeners: list[Listener] = []
         self.sink = ProgressSink(self.id, self._listeners)
         self._executor_factory = setup.executor_factory
@@ -249,6 +251,18 @@ class Run(RunResults):
         """Total subtasks the plan expands to (at least one model call each)."""
         return sum(self.stage_subtasks().values())
 
+    def stored_subtasks(self) -> dict[str, int]:
+        """Per stage, the subtasks the result store answers now (so the estimate skips them).
+
+        Counted once per plan, before Run, keyed as execution keys them (`execution.stored`):
+        stages fed by another stage, and stages over 20,000 subtasks, are not counted.
+        """
+        if self.plan is None or self.worker_model is None:
+            return {}
+        if self._stored is None or self._stored[0] is not self.plan:
+            self._stored = (self.plan, stored_subtasks(self._spec()))
+        return self._stored[1]
+
     @property
     def model_name(self) -> str | None:
         """The workers' model name (for prices), if they talk to an endpoint."""
@@ -264,7 +278,9 @@ class Run(RunResults):
                 for name, table in self.run_tables().items()
             }
             models = {name: e.model for name, e in self.setup.models.items()}
-            loads = stage_loads(self.plan, self.stage_subtasks(), samples, models=models)
+            stored = self.stored_subtasks()
+            calls = {k: n - stored.get(k, 0) for k, n in self.stage_subtasks().items()}
+            loads = stage_loads(self.plan, calls, samples, models=models)
             found = estimate(
                 EstimateInput(self.model_name, loads, max_tokens=self.options.max_tokens)
             )
@@ -462,14 +478,10 @@ class Run(RunResults):
         self._set_state("running")
         self._future = self._submit(self._execute(retry))
 
-    async def _execute(self, retry: bool) -> None:
-        stop = StopSignal()
-        with self._lock:
-            self._stop = stop
-            if self._cancel_requested:
-                stop.cancel()
+    def _spec(self) -> ExecutionSpec:
+        """What execution is given: the plan, its tables, models, store and limits (frozen)."""
         assert self.plan is not None and self.worker_model is not None
-        spec = ExecutionSpec(
+        return ExecutionSpec(
             run_id=self.id,
             plan=self.plan,
             tables=self.run_tables(),
@@ -489,6 +501,14 @@ class Run(RunResults):
             cascade=self.setup.cascade,
             batch=self.setup.batch,
         )
+
+    async def _execute(self, retry: bool) -> None:
+        stop = StopSignal()
+        with self._lock:
+            self._stop = stop
+            if self._cancel_requested:
+                stop.cancel()
+        spec = self._spec()
         self.meter.model = self.model_name
         self.meter.stage_models = self._stage_model_names()
         self.cost_estimate()

@@ -20,6 +20,7 @@ from apwa_jupyter.config import EndpointConfig
 from apwa_jupyter.runs_comm import run_summary
 from apwa_jupyter.session import Session
 from apwa_jupyter.testing import Reply, worker_input
+from apwa_jupyter.testing.fake_server import is_manager_request
 from apwa_jupyter.widget import STATE_COLOURS, PlanWidget
 
 from .conftest import FAST_RETRY, local_session, map_plan, plan_responder
@@ -133,23 +134,35 @@ def test_a_run_answered_by_the_store_says_so_instead_of_a_call_rate(fake_server,
     assert "rows from the store" not in PlanWidget(first).stats.value
 
 
-def test_the_estimate_counts_only_the_calls_the_store_will_not_answer(fake_server, registry):
-    """With every row in the store the estimate said "20 calls": it says none will be made.
+def worker_calls(server: Any) -> int:
+    return sum(1 for body in server.requests if not is_manager_request(body))
 
-    `Run.stored_subtasks()` (runs.py, see the report) tells per stage how many subtasks the
-    store already answers; this stands in for it.
+
+def test_the_estimate_counts_only_the_calls_the_store_will_not_answer(fake_server, registry):
+    """With every row in the store the estimate said "20 calls": it counts what will be called.
+
+    The store is looked up before Run as execution will look it up, and the count is checked
+    against the calls the server then receives.
     """
     server = fake_server(plan_responder(PLAN, answer))
     session = local_session(server, registry)
     session.run("label {items}", {"items": items(20)})
     run = session.plan("label {items}", {"items": items(20)}).wait()
-    if not hasattr(run, "stored_subtasks"):
-        run.stored_subtasks = lambda: {"label": 20}  # type: ignore[attr-defined]
+    assert run.stored_subtasks() == {"label": 20}
     line = display.estimate_line(run)
     assert line.startswith("0 model calls: all 20 subtasks are answered by the result store")
-    run.stored_subtasks = lambda: {"label": 5}  # type: ignore[attr-defined]
-    assert "5 of 20 subtasks from the result store" in display.estimate_line(run)
     run.cancel()
+
+    run = session.plan("label {items}", {"items": items(30)}).wait()  # 20 stored, 10 new
+    assert run.stored_subtasks() == {"label": 20}
+    found = run.cost_estimate()
+    assert found is not None and found.calls == 10
+    line = display.estimate_line(run)
+    assert "20 of 30 subtasks from the result store" in line and line.startswith("10 calls")
+    before = worker_calls(server)
+    run.start().wait(30)
+    assert run.status == "done"
+    assert worker_calls(server) - before == 10  # what the estimate said
 
 
 def test_the_embedded_model_is_not_said_to_have_a_key(fake_server, registry):

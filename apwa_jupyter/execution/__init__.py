@@ -34,6 +34,7 @@ from .stages import (
     reduce_subtask_count,
     stage_kind,
 )
+from .stored import stored_subtasks
 
 __all__ = [
     "AGREEMENT_COLUMN",
@@ -59,5 +60,6 @@ __all__ = [
     "size_line",
     "stage_kind",
     "stage_loads",
+    "stored_subtasks",
     "typical_latency",
 ]

@@ -20,6 +20,7 @@ from ...templates import Subtask
 if TYPE_CHECKING:
     from ..outcomes import StageOutcome
     from ..runner import StageRunner
+    from ..work import Work
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,15 @@ class StageKind(ABC):
     @abstractmethod
     async def run(self, runner: StageRunner, stage: Any) -> StageOutcome:
         """Run the stage to an outcome (rows answered earlier are kept, missing ones are sent)."""
+
+    def planned_work(self, runner: StageRunner, stage: Any) -> Work | None:
+        """The stage's subtasks as `run` will make them, when they can be made before the run.
+
+        Only a stage that reads a user table (or lists its tasks) knows its subtasks before the
+        stages before it have run. The estimate keys them as `drive` will, to count what the
+        result store already answers (`execution.stored`). None: not known until the run.
+        """
+        return None
 
     @abstractmethod
     def count(self, stage: Any, shape: PlanShape) -> int:

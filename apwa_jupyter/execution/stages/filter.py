@@ -38,7 +38,7 @@ from ...tables import DataTable
 from ...templates import StageContext, chunk_count
 from ..columns import Answers, Sources, row_labels
 from ..outcomes import Failure, StageOutcome, typed_array, with_outputs
-from ..work import RowWork
+from ..work import RowWork, Work
 from .base import PlanShape, StageKind
 from .rows import run_rows
 
@@ -54,15 +54,31 @@ class Filter(StageKind):
     @override
     async def run(self, runner: StageRunner, stage: FilterStage) -> StageOutcome:
         src = runner.source(stage.source)
-        previous = runner.previous if isinstance(runner.previous, ChosenOutcome) else None
-        decided = Answers.kept(
-            previous.decided if previous else None, [f.name for f in stage.outputs], src.rows
-        )
-        sources = Sources.kept(previous.decided_sources if previous else None, src.rows)
         try:
             passes = prefilter_mask(src.table.arrow, stage.prefilter)
         except PrefilterError as exc:
+            decided, sources = _decided(runner, stage, src)
             return _unfilterable(runner, stage, src, decided, sources, str(exc))
+        work = self._work(runner, stage, src, passes)
+        whole = await run_rows(work, src, np.flatnonzero(~src.ok))
+        return _kept_rows(runner, stage, src, whole, passes)
+
+    @override
+    def planned_work(self, runner: StageRunner, stage: FilterStage) -> Work | None:
+        if stage.source not in runner.spec.tables:
+            return None  # fed by a stage that has not run
+        src = runner.source(stage.source)
+        try:
+            passes = prefilter_mask(src.table.arrow, stage.prefilter)
+        except PrefilterError:
+            return None
+        return self._work(runner, stage, src, passes)
+
+    def _work(
+        self, runner: StageRunner, stage: FilterStage, src: StageInput, passes: np.ndarray
+    ) -> RowWork:
+        """The condition asked of the rows that pass the prefilter and have no answer yet."""
+        decided, sources = _decided(runner, stage, src)
         asked = src.ok & passes
         todo = np.flatnonzero(asked & ~decided.mask) if asks(stage) else np.empty(0, np.int64)
         table = src.read_by(stage) if asks(stage) else None
@@ -70,9 +86,7 @@ class Filter(StageKind):
             table = DataTable(table.name, table.arrow.take(pa.array(todo)), "rows")
         ctx = as_map(runner.context(stage, self.temperature))
         # RowWork is annotated for map and replicate stages; it reads only id and batch_size.
-        work = RowWork(runner, cast(Any, stage), ctx, table, todo, src.labels, decided, sources, [])
-        whole = await run_rows(work, src, np.flatnonzero(~src.ok))
-        return _kept_rows(runner, stage, src, whole, passes)
+        return RowWork(runner, cast(Any, stage), ctx, table, todo, src.labels, decided, sources, [])
 
     @override
     def count(self, stage: FilterStage, shape: PlanShape) -> int:
@@ -87,6 +101,15 @@ class Filter(StageKind):
     @override
     def rows_per_call(self, stage: FilterStage) -> int:
         return stage.batch_size
+
+
+def _decided(runner: StageRunner, stage: FilterStage, src: StageInput) -> tuple[Answers, Sources]:
+    """The rows an earlier execution decided (a retry keeps them), and who decided them."""
+    previous = runner.previous if isinstance(runner.previous, ChosenOutcome) else None
+    decided = Answers.kept(
+        previous.decided if previous else None, [f.name for f in stage.outputs], src.rows
+    )
+    return decided, Sources.kept(previous.decided_sources if previous else None, src.rows)
 
 
 def asks(stage: FilterStage) -> bool:

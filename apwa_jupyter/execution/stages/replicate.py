@@ -24,7 +24,7 @@ from ...worker import SubtaskResult
 from ..columns import Answers, Sources, contiguous
 from ..outcomes import Failure, origin_of
 from ..runner import StageInput, StageRunner
-from ..work import RowWork
+from ..work import RowWork, Work
 from .base import PlanShape, StageKind
 from .rows import rows_to_send, run_rows
 
@@ -42,6 +42,21 @@ class Replicate(StageKind):
 
     @override
     async def run(self, runner: StageRunner, stage: ReplicateStage) -> StageOutcome:
+        work, src, upstream_failed = self._work(runner, stage)
+        outcome = await run_rows(work, src, upstream_failed)
+        outcome.frame[AGREEMENT_COLUMN] = pd.array(work.shares, dtype="Float64")
+        return outcome
+
+    @override
+    def planned_work(self, runner: StageRunner, stage: ReplicateStage) -> Work | None:
+        if stage.source is not None and stage.source not in runner.spec.tables:
+            return None  # fed by a stage that has not run
+        return self._work(runner, stage)[0]
+
+    def _work(
+        self, runner: StageRunner, stage: ReplicateStage
+    ) -> tuple[ReplicaWork, StageInput, np.ndarray]:
+        """The replicas still missing, the stage's input, and rows failed upstream."""
         src, table = _input(runner, stage)
         answers = runner.kept_answers(stage, src.rows)
         todo, upstream_failed, table = rows_to_send(src, answers, table)
@@ -62,9 +77,7 @@ class Replicate(StageKind):
             [],
             shares,
         )
-        outcome = await run_rows(work, src, upstream_failed)
-        outcome.frame[AGREEMENT_COLUMN] = pd.array(shares, dtype="Float64")
-        return outcome
+        return work, src, upstream_failed
 
     @override
     def count(self, stage: ReplicateStage, shape: PlanShape) -> int:

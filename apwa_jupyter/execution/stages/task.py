@@ -26,18 +26,8 @@ class Task(StageKind):
         n = len(stage.tasks)
         answers = runner.kept_answers(stage, n)
         todo = [i for i in range(n) if i not in answers]
-        subtasks = [
-            Subtask(
-                f"{stage.id}/{i}",
-                stage.id,
-                k,
-                task_instruction=stage.tasks[i].instruction,
-                label=stage.tasks[i].id,
-            )
-            for k, i in enumerate(todo)
-        ]
-        runner.sink.restart(stage.id, len(subtasks), 0)
-        work = ListWork(runner, stage, runner.context(stage, self.temperature), subtasks, _inputs)
+        work = self._work(runner, stage, todo)
+        runner.sink.restart(stage.id, work.count, 0)
         await drive(work)
         results = work.in_order()
         failures: list[Any] = []
@@ -49,6 +39,24 @@ class Task(StageKind):
         frame = output_columns(stage.outputs, answers, n, pd.RangeIndex(n))
         frame.insert(0, "task", [t.id for t in stage.tasks])
         return StageOutcome(stage.id, frame, answers, n, failures, results, sources=sources)
+
+    @override
+    def planned_work(self, runner: StageRunner, stage: TaskStage) -> ListWork:
+        return self._work(runner, stage, list(range(len(stage.tasks))))
+
+    def _work(self, runner: StageRunner, stage: TaskStage, todo: list[int]) -> ListWork:
+        """The subtasks of the tasks at positions `todo`."""
+        subtasks = [
+            Subtask(
+                f"{stage.id}/{i}",
+                stage.id,
+                k,
+                task_instruction=stage.tasks[i].instruction,
+                label=stage.tasks[i].id,
+            )
+            for k, i in enumerate(todo)
+        ]
+        return ListWork(runner, stage, runner.context(stage, self.temperature), subtasks, _inputs)
 
     @override
     def count(self, stage: TaskStage, shape: PlanShape) -> int:
