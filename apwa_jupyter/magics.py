@@ -159,6 +159,7 @@ class ApwaMagics(Magics):
 
         hidden = getattr(self.shell, "user_ns_hidden", ())
         prompt, tables = resolve_prompt(cell, self.user_ns, hidden)
+        labels = self._labels(options.labels)
         before = None
         if options.out is not None:
             check_out_name(options.out, self.user_ns, tables, hidden)
@@ -192,12 +193,27 @@ class ApwaMagics(Magics):
         self.user_ns["_apwa"] = run
         self._maybe_tell_embedded(session)
         self._bind_when_finished(run, before)
-        view = self._show(run)
+        view = self._show(run, labels)
         if options.yes:
             run.approve_when_planned()
         if options.wait or (options.yes and not _has_widget_frontend()):
-            self._wait(run, view)
+            self._wait(run, view, labels)
         return None
+
+    def _labels(self, name: str | None) -> Any:
+        """The `--labels` frame, checked before anything is planned."""
+        if name is None:
+            return None
+        import pandas as pd
+
+        value = self.user_ns.get(name)
+        if not isinstance(value, pd.DataFrame):
+            raise UserInputError(
+                f"--labels {name}: "
+                + ("no such variable" if value is None else f"is a {type(value).__name__}")
+                + "; give a DataFrame with your index and a column per output you want scored"
+            )
+        return value
 
     def _apply_cell_options(self, session: Session, options: CellOptions) -> None:
         if options.address:
@@ -289,7 +305,7 @@ class ApwaMagics(Magics):
             )
         self._print_notes()
 
-    def _show(self, run: Run) -> Any:
+    def _show(self, run: Run, labels: Any = None) -> Any:
         try:
             from .widget import PlanWidget
         except ImportError:  # ipywidgets missing: text only
@@ -297,11 +313,11 @@ class ApwaMagics(Magics):
 
             print(run_text(run))
             return None
-        widget = PlanWidget(run)
+        widget = PlanWidget(run, labels)
         self._widgets[run.id] = widget
         return display(widget, display_id=True)
 
-    def _wait(self, run: Run, handle: Any) -> None:
+    def _wait(self, run: Run, handle: Any, labels: Any = None) -> None:
         from .display import run_text
         from .errors import RunCancelled
 
@@ -320,6 +336,9 @@ class ApwaMagics(Magics):
             handle.update(widget)  # refresh the saved text/plain fallback too
         elif widget is None:
             print(run_text(run))
+        shown = widget is not None and _has_widget_frontend()  # the widget scores them
+        if labels is not None and not shown and run.result is not None:
+            print("against the labels:\n" + run.evaluate(labels).to_string())
 
     def _cell_id(self) -> str | None:
         kernel = getattr(self.shell, "kernel", None)

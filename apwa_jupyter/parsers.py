@@ -159,6 +159,12 @@ def _add_control_options(parser: _Parser) -> None:
         help="try the plan on N rows spread over each table first (head:N for the first N); "
         "%%apwa run-all then bills only the rest",
     )
+    parser.add_argument(
+        "--labels",
+        metavar="NAME",
+        help="a DataFrame of right answers (your index, a column per output): the widget scores "
+        "the answers against it (accuracy, per-class precision/recall/F1)",
+    )
     parser.add_argument("--yes", action="store_true", help="run without waiting for approval")
     parser.add_argument(
         "--wait", action="store_true", help="block until done (scripts, nbconvert); Ctrl-C cancels"
@@ -188,6 +194,7 @@ class CellOptions:
     replan: bool = False
     budget: str | None = None
     sample: str | None = None
+    labels: str | None = None
     cascade: str | None = None
     target: float = 0.95
     batch: bool = False

@@ -89,6 +89,16 @@ class RunResults:
         """Run the plan of this `--sample` run on the whole tables; sampled rows come from the store."""
         return self._follow_ups().run_all(self)
 
+    def try_sample(self, rows: int | str = 10) -> Any:
+        """Run the plan as it stands (edits included) on `rows` rows ("head:10": the first ten).
+
+        A run of its own that starts at once, with no manager call; unchanged stages are
+        answered from the result store, so after an edit only the edited stage is sent. This
+        run stays awaiting approval: approve it to run the whole tables (the tried rows come
+        from the store).
+        """
+        return self._follow_ups().try_sample(self, rows)
+
     def judge(
         self, criterion: str, sample: int = 50, model: str | None = None, budget: str | None = None
     ) -> Judgement:

@@ -32,6 +32,10 @@ class FollowUps(Protocol):
         """The run's plan on the whole tables (after a sample)."""
         ...
 
+    def try_sample(self, run: Any, sample: Any = 10) -> Any:
+        """The run's plan as it stands on a sample, started at once (no manager call)."""
+        ...
+
     def judge(
         self,
         run: Any,

@@ -476,8 +476,24 @@ class Session:
                 f"run {run.id} ran on the whole tables already; %apwa retry {run.id} runs "
                 "only what is missing"
             )
+        return self._carry_out(run, None)
+
+    def try_sample(self, run: Run, sample: int | str | Sample = 10) -> Run:
+        """The run's plan as it stands (edits included) on a sample, as a run that starts at once.
+
+        No manager call: the plan is the run's. The sample's rows are the same every time
+        (seeded), and a stage whose instruction, outputs and inputs did not change since an
+        earlier try is answered from the result store, so after an edit only the edited stage
+        (and what reads it) is sent. The run itself stays as it was (awaiting approval).
+        """
+        if run.plan is None:
+            raise UserInputError(f"run {run.id} is {run.state}: it has no plan to try yet")
+        return self._carry_out(run, sample)
+
+    def _carry_out(self, run: Run, sample: int | str | Sample | None) -> Run:
+        """A run of `run`'s request and plan (on `sample`, or the whole tables), started once planned."""
         setup, options = run.setup, run.setup.options
-        whole = self.plan(
+        follow = self.plan(
             setup.prompt,
             dict(setup.tables),
             concurrency=options.concurrency,
@@ -490,10 +506,11 @@ class Session:
             budget=str(setup.budget) if setup.budget is not None else None,
             plan=run.plan,
             cell_id=setup.cell_id,
+            sample=sample,
             parent=run.id,
             batch=setup.batch or False,
         )
-        return whole.approve_when_planned()
+        return follow.approve_when_planned()
 
     def judge(
         self,

@@ -32,6 +32,7 @@ from .display import (
     store_line,
 )
 from .errors import STOPPED_KINDS, ApwaError
+from .inspect_panel import InspectPanel
 from .plans import dependencies
 
 if TYPE_CHECKING:
@@ -237,7 +238,8 @@ def _controls(widget: Any) -> list[Any]:
 class PlanWidget:
     """The widget for one run. `view` is the ipywidgets tree to display."""
 
-    def __init__(self, run: Run):
+    def __init__(self, run: Run, labels: Any = None):
+        """The widget of `run`; `labels` (a DataFrame with your index) scores its answers."""
         self.run = run
         self.header = W.HTML()
         self.dag = W.HTML()
@@ -258,6 +260,7 @@ class PlanWidget:
         self._drawn_plan: Any = None
         self._ticker: threading.Thread | None = None
         self._lock = threading.Lock()
+        self.inspect = InspectPanel(lambda: self.run, self.follow, self._ensure_ticker, labels)
         self.view = W.VBox(
             [
                 self.header,
@@ -266,6 +269,7 @@ class PlanWidget:
                 self.estimate,
                 W.HBox([self.run_button, self.cancel_button, self.retry_button]),
                 self.message,
+                self.inspect.view,
                 self.progress,
                 self.stats,
                 self.errors,
@@ -273,7 +277,19 @@ class PlanWidget:
             layout=W.Layout(border="1px solid #ddd", padding="6px"),
         )
         self.view.add_class("apwa-plan-widget")
-        run.subscribe(self._on_event)
+        self._unsubscribe = run.subscribe(self._on_event)
+        self.refresh()
+        self._ensure_ticker()
+
+    def follow(self, run: Run) -> None:
+        """Show another run from now on (the whole-table run after a sample's "Run all")."""
+        with self._lock:
+            self._unsubscribe()
+            self.run = run
+            self._drawn_plan = None
+            self._bars = {}
+            self.progress.children = ()
+            self._unsubscribe = run.subscribe(self._on_event)
         self.refresh()
         self._ensure_ticker()
 
@@ -348,8 +364,11 @@ class PlanWidget:
             self.refresh()
             self._ensure_ticker()
 
+    def _busy(self) -> bool:
+        return self.run.state in ("planning", "running") or self.inspect.busy
+
     def _ensure_ticker(self) -> None:
-        if self.run.state not in ("planning", "running"):
+        if not self._busy():
             return
         if self._ticker is not None and self._ticker.is_alive():
             return
@@ -359,7 +378,7 @@ class PlanWidget:
         self._ticker.start()
 
     def _tick(self) -> None:
-        while self.run.state in ("planning", "running"):
+        while self._busy():
             time.sleep(REFRESH_S)
             self.refresh()
         self.refresh()
@@ -394,6 +413,7 @@ class PlanWidget:
         if run.error:
             self.message.value = f'<span style="color:#d62728">{html.escape(run.error)}</span>'
         self._draw_errors()
+        self.inspect.refresh()
 
     def _draw_plan(self) -> None:
         run = self.run

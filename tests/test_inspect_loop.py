@@ -276,3 +276,77 @@ def test_a_judge_scores_a_sample_of_answers_with_an_interval(fake_server, regist
     assert "95 % interval" in str(verdict)
     judge_run = session.get_run(verdict.run_id)
     assert judge_run.cost_estimate() is not None and judge_run.plan.stages[0].id == "judge"
+
+
+TWO_STAGES = {
+    "summary": "mood, then why",
+    "stages": [
+        PLAN["stages"][0] | {"id": "mood"},
+        {
+            "id": "why",
+            "kind": "map",
+            "source": "mood",
+            "batch_size": 1,
+            "instruction": "Say why {text} is {mood}.",
+            "tools": [],
+            "depends_on": ["mood"],
+            "outputs": [{"name": "why", "type": "string", "description": "", "choices": []}],
+        },
+    ],
+    "output": "why",
+}
+
+
+class PerStage:
+    """Worker calls counted per stage (the `why` stage's instruction says "Say why")."""
+
+    def __init__(self) -> None:
+        self.calls = {"mood": 0, "why": 0, "manager": 0}
+        self.lock = threading.Lock()
+
+    def __call__(self, body: dict[str, Any]) -> Reply:
+        from apwa_jupyter.testing.fake_server import is_manager_request
+
+        text = " ".join(str(m.get("content")) for m in body["messages"])
+        stage = "manager" if is_manager_request(body) else ("why" if "why" in text else "mood")
+        with self.lock:
+            self.calls[stage] += 1
+        if stage == "manager":
+            return Reply.json(TWO_STAGES)
+        if stage == "why":
+            return Reply.json({"why": "because"})
+        return mood(body)
+
+
+def test_try_sample_then_edit_reruns_only_the_edited_stage_then_run_all_bills_the_rest(
+    fake_server, registry, tmp_path
+):
+    counted = PerStage()
+    server = fake_server(counted)
+    session = session_for(server, registry, cache_dir=str(tmp_path))
+    run = session.plan("Label {reviews}", {"reviews": reviews(40)}).wait()
+    first = run.try_sample(10).wait(60)
+    assert first.state == "done" and len(first.result) == 10
+    assert counted.calls == {"mood": 10, "why": 10, "manager": 1}
+    assert run.state == "awaiting_approval"  # trying a sample does not start the run
+    run.edit_stage("why", instruction="Say briefly why {text} is {mood}.")
+    second = run.try_sample(10).wait(60)
+    assert list(second.result.index) == list(first.result.index)  # the same rows
+    assert counted.calls == {"mood": 10, "why": 20, "manager": 1}  # only the edited stage
+    assert second.compare(first).attrs["instruction_diff"]  # the edit is what differs
+    run.start().wait(60)
+    assert run.state == "done" and len(run.result) == 40
+    assert counted.calls == {"mood": 40, "why": 50, "manager": 1}  # the rest: 30 and 30
+
+
+def test_the_magic_scores_against_labels_and_refuses_a_bad_name(ip, capsys):  # noqa: F811
+    frame = reviews(8)
+    ip.user_ns["reviews"] = frame
+    ip.user_ns["truth"] = pd.DataFrame({"n_chars": [0] * 8}, index=frame.index)
+    apwa(ip, "--out labels --labels truth --yes --wait", "For every review in {reviews}, count.")
+    out = capsys.readouterr().out
+    assert "against the labels:" in out and "accuracy" in out
+    apwa(ip, "--labels nothing_here --yes --wait", "For every review in {reviews}, count.")
+    out = capsys.readouterr().out
+    assert "--labels nothing_here: no such variable" in out and "give a DataFrame" in out
+    del ip.user_ns["truth"]

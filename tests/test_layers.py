@@ -78,7 +78,17 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("session", {"session", "documents"}),
     (
         "notebook",
-        {"", "magics", "parsers", "namespace", "widget", "display", "runs_comm", "demo"},
+        {
+            "",
+            "magics",
+            "parsers",
+            "namespace",
+            "widget",
+            "inspect_panel",
+            "display",
+            "runs_comm",
+            "demo",
+        },
     ),
 ]
 
