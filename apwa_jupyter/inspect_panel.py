@@ -151,6 +151,8 @@ class InspectPanel:
         finished_sample = run.sample is not None and run.state in ("done", "failed")
         # Before approval the widget's own Run button runs the whole tables.
         self.run_all_button.layout.display = "" if finished_sample else "none"
+        # Hidden is not enough: a script or test that looks for an enabled "Run" finds it.
+        self.run_all_button.disabled = not finished_sample or self.busy
         self.run_all_button.tooltip = (
             "Run the whole tables; rows already answered come from the result store"
         )

@@ -128,6 +128,11 @@ class Notebook7Page(NotebookPage):
         return panel
 
 
+def plan_button(widget: Any, label: str) -> Any:
+    """The plan widget's button whose text is exactly `label` ("Run" is not "Run all")."""
+    return widget.locator("button").filter(has_text=re.compile(rf"^\s*{re.escape(label)}\s*$"))
+
+
 def status_texts(samples: list[str]) -> list[str]:
     """Distinct status bar texts in order of appearance (for messages)."""
     seen: list[str] = []

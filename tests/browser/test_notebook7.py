@@ -14,7 +14,7 @@ import pytest
 from apwa_jupyter.testing import FakeOpenAIServer
 
 from .conftest import LabServer
-from .lab_page import Notebook7Page, write_notebook
+from .lab_page import Notebook7Page, plan_button, write_notebook
 from .test_quickstart import quickstart_cells, respond
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
@@ -34,11 +34,11 @@ def test_quickstart_in_notebook_7(notebook7_server: LabServer, page: Any) -> Non
         widget.wait_for(timeout=60_000)  # rendered by ipywidgets, not the text/plain fallback
         page.wait_for_function(
             """() => [...document.querySelectorAll('.apwa-plan-widget button')]
-                .some(b => b.textContent.includes('Run') && !b.disabled)""",
+                .some(b => b.textContent.trim() === 'Run' && !b.disabled)""",
             timeout=120_000,
         )
         assert widget.locator(".apwa-dag .apwa-stage").count() == 1
-        widget.locator("button", has_text="Run").click()
+        plan_button(widget, "Run").click()
         widget.locator(".apwa-state", has_text="done").wait_for(timeout=180_000)
         nb.wait_idle()
         nb.run_cell(4)

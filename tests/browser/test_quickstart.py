@@ -18,7 +18,7 @@ from apwa_jupyter.testing import FakeOpenAIServer, Reply, worker_input
 from apwa_jupyter.testing.fake_server import is_manager_request
 
 from .conftest import LabServer
-from .lab_page import REPO, NotebookPage, write_notebook
+from .lab_page import REPO, NotebookPage, plan_button, write_notebook
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
 
@@ -86,10 +86,10 @@ def test_quickstart_widget_run_and_result(lab_server: LabServer, page: Any) -> N
         widget = nb.cell(3).locator(".apwa-plan-widget")
         widget.wait_for(timeout=60_000)  # rendered by ipywidgets, not the text/plain fallback
         assert nb.cell(3).locator(".widget-button").count() >= 3
-        run_button = widget.locator("button", has_text="Run")
+        run_button = plan_button(widget, "Run")
         page.wait_for_function(
             """() => [...document.querySelectorAll('.apwa-plan-widget button')]
-                .some(b => b.textContent.includes('Run') && !b.disabled)""",
+                .some(b => b.textContent.trim() === 'Run' && !b.disabled)""",
             timeout=120_000,
         )
         assert widget.locator(".apwa-dag .apwa-stage").count() == 1
