@@ -19,9 +19,12 @@ for the panel's hover: the summary has only its first line, cut at 120 character
 run of an earlier kernel (a stored record), ``earlier: true`` with ``tokens`` null unless the
 record kept them: "0 tok" was a figure nobody measured.
 
-`register` also announces itself by opening (and at once closing) a comm with data
-``{"type": "hello"}`` to the frontend's ``apwa_runs`` target, so a panel that showed the
-"run %load_ext" hint reconnects without a page reload.
+`register` also announces itself, so a panel that showed the "run %load_ext" hint reconnects
+without a page reload. The announcement is an ``update_display_data`` of a display nobody has
+(display id ``HELLO_DISPLAY_ID``): the frontend extension watches the kernel's iopub for it, and
+every other client ignores it by the protocol (an update never creates an output), so nothing is
+saved in a notebook. It was a comm open before, which papermill, nbconvert and nbclient logged as
+"No handler found for comm target 'apwa_runs'" once per kernel.
 
 Run changes arrive from background threads; sending on a comm is thread safe in ipykernel.
 Each send runs in the context of the frontend's last message, so ipykernel >= 7 routes the
@@ -42,6 +45,10 @@ from typing import Any, Protocol
 from .errors import ApwaError
 
 TARGET_NAME = "apwa_runs"
+# The kernel's announcement that the target exists (see the module docstring); the frontend
+# matches on the display id, kept in step with labextension/src/protocol.ts.
+HELLO_DISPLAY_ID = "apwa-runs-hello"
+HELLO_MIME = "application/vnd.apwa.runs-hello+json"
 MIN_UPDATE_INTERVAL_S = 0.25
 MAX_PROMPT_SENT = 4000  # characters of `prompt_full`: a hover, not a document
 
@@ -418,15 +425,17 @@ def _comm_manager_of(ipython: Any) -> Any:
     return getattr(kernel, "comm_manager", None)
 
 
-def _announce() -> None:
+def _announce(ipython: Any) -> None:
     """Tell JupyterLab frontends that the target exists (they reconnect their panel)."""
-    try:
-        from comm import create_comm
-    except ImportError:
+    publisher = getattr(ipython, "display_pub", None)
+    if publisher is None:
         return
     try:
-        hello = create_comm(target_name=TARGET_NAME, data={"type": "hello"})
-        hello.close()
+        publisher.publish(
+            {HELLO_MIME: {"type": "hello"}},
+            transient={"display_id": HELLO_DISPLAY_ID},
+            update=True,
+        )
     except Exception:
         log.debug("apwa runs comm: announcing the target failed", exc_info=True)
 
@@ -450,7 +459,7 @@ def register(ipython: Any, session: SessionLike | None = None) -> None:
     registration = _Registration(session if session is not None else _NoSession(), comm_manager)
     comm_manager.register_target(TARGET_NAME, registration.open_comm)
     _REGISTRATIONS[id(ipython)] = registration
-    _announce()
+    _announce(ipython)
 
 
 def unregister(ipython: Any) -> None:

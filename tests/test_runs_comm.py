@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import threading
@@ -286,7 +287,7 @@ class FakeIPython:
 @pytest.fixture
 def no_announce(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     calls: list[bool] = []
-    monkeypatch.setattr(runs_comm, "_announce", lambda: calls.append(True))
+    monkeypatch.setattr(runs_comm, "_announce", lambda _ipython: calls.append(True))
     return calls
 
 
@@ -501,3 +502,33 @@ def test_the_whole_prompt_goes_with_the_summary_for_the_panels_hover() -> None:
     sent = comm.sent[0]["runs"][0]
     assert sent["prompt"] == "prompt of a"  # the summary's own first line, unchanged
     assert sent["prompt_full"] == "the whole prompt of a\nwith its second line"
+
+
+def test_a_headless_client_hears_no_comm_and_saves_nothing_of_the_hello(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """papermill, nbconvert and nbclient logged "No handler found for comm target 'apwa_runs'"
+    once per kernel: the hello was a comm open, which only a JupyterLab frontend handles."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.v4.new_notebook(
+        cells=[nbformat.v4.new_code_cell("%load_ext apwa_jupyter\nprint('loaded')")]
+    )
+    seen: list[str] = []
+
+    class Client(NotebookClient):
+        def process_message(self, msg: dict, cell: Any, cell_index: int) -> Any:
+            seen.append(msg["header"]["msg_type"])
+            return super().process_message(msg, cell, cell_index)
+
+    with caplog.at_level(logging.DEBUG):
+        Client(notebook, timeout=120, kernel_name="python3").execute()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not [w for w in warnings if "comm target" in w], warnings
+    assert "comm_open" not in seen, seen
+    outputs = notebook.cells[0].outputs
+    assert [o.get("text") for o in outputs] == ["loaded\n"], outputs
+    # The frontend's signal is still sent: an update of a display nobody has, which every
+    # client ignores by the protocol (update_display_data never creates an output).
+    assert "update_display_data" in seen, seen

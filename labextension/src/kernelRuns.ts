@@ -16,14 +16,11 @@
 import type { Kernel, KernelMessage } from '@jupyterlab/services';
 import { ISignal, Signal } from '@lumino/signaling';
 
-import { COMM_TARGET, FrontendMessage, parseKernelMessage } from './protocol';
+import { COMM_TARGET, FrontendMessage, isHello, parseKernelMessage } from './protocol';
 import { INITIAL_STATE, reduceRuns, RunsAction, RunsState } from './runsState';
 
 /** How long to wait for the comm's subshell before opening on the main shell anyway. */
 export const SUBSHELL_WAIT_MS = 5000;
-
-/** Kernel → frontend announcement sent by `runs_comm.register`: the target now exists. */
-export const HELLO_TYPE = 'hello';
 
 /**
  * After the kernel has handled the open (its idle status for the comm_open came), how long
@@ -38,8 +35,6 @@ export const REOPEN_DELAY_MS = 250;
 /** Opens tried in a row without an answer before the panel gives up (a hello or a refresh
  * starts again). */
 export const MAX_SILENT_OPENS = 3;
-
-type CommTargetCallback = (comm: Kernel.IComm, msg: KernelMessage.ICommOpenMsg) => void;
 
 export interface IKernelRunsOptions {
   /** Clock in ms since epoch; tests pass a fake one. */
@@ -101,7 +96,7 @@ export class KernelRuns {
     this._subshellWaitMs = options.subshellWaitMs ?? SUBSHELL_WAIT_MS;
     this._lostOpenGraceMs = options.lostOpenGraceMs ?? LOST_OPEN_GRACE_MS;
     this._reopenDelayMs = options.reopenDelayMs ?? REOPEN_DELAY_MS;
-    kernel.registerCommTarget(COMM_TARGET, this._onHello);
+    kernel.iopubMessage.connect(this._onIopub, this);
     kernel.statusChanged.connect(this._onStatus, this);
     kernel.connectionStatusChanged.connect(this._onConnection, this);
     kernel.disposed.connect(this.dispose, this);
@@ -247,9 +242,6 @@ export class KernelRuns {
     }
     this._isDisposed = true;
     this._generation++;
-    if (!this.kernel.isDisposed) {
-      this.kernel.removeCommTarget(COMM_TARGET, this._onHello);
-    }
     this._dropComm();
     Signal.clearData(this);
   }
@@ -277,10 +269,9 @@ export class KernelRuns {
     this._dispatch({ type: 'message', message, receivedAt: this._now() });
   }
 
-  /** The kernel announces (by opening a comm to us) that the extension was just loaded. */
-  private _onHello: CommTargetCallback = (_comm, msg) => {
-    const data = msg.content.data as { type?: unknown } | undefined;
-    if (data?.type !== HELLO_TYPE || this._state.connection === 'connected') {
+  /** The kernel announces (see `isHello`) that the extension was just loaded. */
+  private _onIopub(_kernel: Kernel.IKernelConnection, msg: KernelMessage.IIOPubMessage): void {
+    if (!isHello(msg) || this._state.connection === 'connected') {
       return;
     }
     if (this._comm !== null && this._state.connection === 'connecting') {
@@ -290,7 +281,7 @@ export class KernelRuns {
       return;
     }
     void this.connect();
-  };
+  }
 
   /**
    * Reopen after a restart once the new kernel is up: `restarting` may be followed by a

@@ -9,6 +9,27 @@
 /** Name of the comm target registered by the kernel side. */
 export const COMM_TARGET = 'apwa_runs';
 
+/**
+ * The kernel's announcement that the target now exists (`%load_ext` ran): an
+ * `update_display_data` on iopub with this display id, a display nobody has. Every client
+ * ignores it by the protocol, so papermill and nbconvert log nothing and no output is saved
+ * (a comm open made them log "No handler found for comm target"). Same value as
+ * `HELLO_DISPLAY_ID` in `apwa_jupyter/runs_comm.py`.
+ */
+export const HELLO_DISPLAY_ID = 'apwa-runs-hello';
+
+/** Whether an iopub message is the kernel's hello. */
+export function isHello(msg: {
+  header: { msg_type: string };
+  content: unknown;
+}): boolean {
+  if (msg.header.msg_type !== 'update_display_data') {
+    return false;
+  }
+  const transient = (msg.content as { transient?: { display_id?: unknown } } | null)?.transient;
+  return transient?.display_id === HELLO_DISPLAY_ID;
+}
+
 export const RUN_STATES = [
   'planning',
   'awaiting_approval',

@@ -38,7 +38,7 @@ def test_a_hello_while_the_panel_opens_neither_strands_it_nor_loses_a_cancel(
                 "h-load",
                 "%load_ext apwa_jupyter\n"
                 "from apwa_jupyter import runs_comm\n"
-                "runs_comm._announce()  # a second hello while the panel answers the first",
+                "runs_comm._announce(get_ipython())  # a second hello while the panel answers the first",
             ),
             (
                 "h-session",

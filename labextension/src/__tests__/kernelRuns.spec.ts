@@ -5,7 +5,6 @@ import { KernelRuns } from '../kernelRuns';
 import { COMM_TARGET } from '../protocol';
 import { makeRun } from './fixtures';
 
-type Callback = (comm: unknown, msg: unknown) => void;
 
 class FakeComm {
   constructor(readonly targetName: string) {}
@@ -58,8 +57,8 @@ class FakeKernel {
   readonly statusChanged = new Signal<this, Kernel.Status>(this);
   readonly connectionStatusChanged = new Signal<this, Kernel.ConnectionStatus>(this);
   readonly disposed = new Signal<this, void>(this);
+  readonly iopubMessage = new Signal<this, unknown>(this);
   readonly comms: FakeComm[] = [];
-  readonly targets = new Map<string, Callback>();
   /** Applied to each new comm, to simulate JupyterLab's subshell support. */
   prepareComm: (comm: FakeComm) => void = () => undefined;
 
@@ -68,14 +67,6 @@ class FakeKernel {
     this.prepareComm(comm);
     this.comms.push(comm);
     return comm;
-  }
-  registerCommTarget(name: string, callback: Callback): void {
-    this.targets.set(name, callback);
-  }
-  removeCommTarget(name: string, callback: Callback): void {
-    if (this.targets.get(name) === callback) {
-      this.targets.delete(name);
-    }
   }
   get lastComm(): FakeComm {
     return this.comms[this.comms.length - 1];
@@ -118,8 +109,12 @@ function withSubshells(kernel: FakeKernel): Array<() => void> {
   return starts;
 }
 
+/** What `runs_comm._announce` sends: an update of a display nobody has. */
 const hello = (kernel: FakeKernel): void =>
-  kernel.targets.get(COMM_TARGET)!({}, { content: { data: { type: 'hello' } } });
+  kernel.iopubMessage.emit({
+    header: { msg_type: 'update_display_data' },
+    content: { data: {}, metadata: {}, transient: { display_id: 'apwa-runs-hello' } }
+  });
 
 describe('KernelRuns', () => {
   it('opens the comm with a list request and applies the snapshot', async () => {
@@ -161,9 +156,14 @@ describe('KernelRuns', () => {
     const { kernel, runs } = setup();
     await runs.connect();
     kernel.lastComm.closedByKernel();
-    const hello = kernel.targets.get(COMM_TARGET);
-    expect(hello).toBeDefined();
-    hello!({}, { content: { data: { type: 'hello' } } });
+    // Another display's update is not a hello.
+    kernel.iopubMessage.emit({
+      header: { msg_type: 'update_display_data' },
+      content: { data: {}, metadata: {}, transient: { display_id: 'someone-else' } }
+    });
+    await flush();
+    expect(kernel.comms).toHaveLength(1);
+    hello(kernel);
     await flush();
     expect(kernel.comms).toHaveLength(2);
     expect(kernel.lastComm.opened).toEqual([{ type: 'list' }]);
@@ -353,8 +353,10 @@ describe('KernelRuns', () => {
     const { kernel, runs } = setup();
     await runs.connect();
     runs.dispose();
-    expect(kernel.targets.has(COMM_TARGET)).toBe(false);
     expect(kernel.lastComm.closedByFrontend).toBe(true);
+    hello(kernel); // no longer listening
+    await flush();
+    expect(kernel.comms).toHaveLength(1);
     expect(runs.isDisposed).toBe(true);
 
     const other = setup();
