@@ -36,6 +36,7 @@ from typing import Any
 from aiohttp import BodyPartReader, web
 
 MODEL_NAME = "fake-model"
+HOLD_TIMEOUT_S = 120.0  # a held answer goes out after this even if the test never releases it
 
 
 @dataclass
@@ -51,6 +52,10 @@ class Reply:
     raw_body: str | None = None
     # With `Reply.logprobs`: the next token's alternatives (token, log-probability), best first.
     top_logprobs: list[tuple[str, float]] | None = None
+    # An event the answer waits for, without holding up other requests (the responder itself
+    # runs on the server's event loop and must not block): answers held until a test has
+    # looked at the run while it is certainly in progress.
+    hold: threading.Event | None = None
 
     @classmethod
     def json(cls, value: Any) -> Reply:
@@ -201,6 +206,16 @@ class _FakeBatch:
     times: dict[str, int] = field(default_factory=dict)
 
 
+async def _held(event: threading.Event) -> None:
+    """Wait for a Reply's `hold` on the event loop.
+
+    A thread per held answer would exhaust the default executor's few threads on 2 cores.
+    """
+    deadline = time.monotonic() + HOLD_TIMEOUT_S
+    while not event.is_set() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+
+
 _FINAL_BATCH_STATES = ("completed", "expired", "cancelled", "failed")
 
 
@@ -337,6 +352,8 @@ class FakeOpenAIServer:
                 reply = Reply.json(reply)
             elif isinstance(reply, str):
                 reply = Reply.text(reply)
+            if reply.hold is not None:
+                await _held(reply.hold)
             if self.latency or reply.delay:
                 await asyncio.sleep(self.latency + reply.delay)
             if reply.status != 200:

@@ -21,6 +21,7 @@ import { IStatusBar } from '@jupyterlab/statusbar';
 import { CurrentNotebookRuns } from './currentRuns';
 import { apwaCellHighlighter } from './highlight/apwaCellExtension';
 import { apwaIcon } from './icons';
+import { untrackSubshellControlMessages } from './kernelStatus';
 import { insertApwaCell, revealCell } from './notebookActions';
 import { RunsPanel } from './runsPanel';
 import { RunsStatusItem } from './statusItem';
@@ -101,6 +102,15 @@ const runsPlugin: JupyterFrontEndPlugin<void> = {
   }
 };
 
+const kernelStatusPlugin: JupyterFrontEndPlugin<void> = {
+  id: `${PLUGIN_PREFIX}:kernel-status`,
+  description: "Keeps the kernel status Busy while a cell runs (kernel subshells' own statuses).",
+  autoStart: true,
+  activate: (): void => {
+    untrackSubshellControlMessages();
+  }
+};
+
 const highlightPlugin: JupyterFrontEndPlugin<void> = {
   id: `${PLUGIN_PREFIX}:highlight`,
   description: 'Highlights the body of %%apwa cells as a prompt with {name} references.',
@@ -158,6 +168,11 @@ const insertCellPlugin: JupyterFrontEndPlugin<void> = {
   }
 };
 
-const plugins: JupyterFrontEndPlugin<void>[] = [runsPlugin, highlightPlugin, insertCellPlugin];
+const plugins: JupyterFrontEndPlugin<void>[] = [
+  runsPlugin,
+  kernelStatusPlugin,
+  highlightPlugin,
+  insertCellPlugin
+];
 
 export default plugins;

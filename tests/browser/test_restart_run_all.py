@@ -42,10 +42,20 @@ def respond(body: dict[str, Any]) -> Reply:
     )
 
 
-def restart_and_run_all(page: Any) -> None:
-    """What Kernel > Restart Kernel and Run All Cells does, confirmed in its dialog."""
+def restart_and_run_all(page: Any, nb: NotebookPage) -> None:
+    """What Kernel > Restart Kernel and Run All Cells does, confirmed in its dialog.
+
+    Returns once the cells are queued: their outputs are cleared. Until then the previous Run
+    All's outputs are still on the page, and the second round once read those (then empty).
+    """
     page.evaluate("() => void window.jupyterapp.commands.execute('notebook:restart-run-all')")
     page.locator(".jp-Dialog .jp-mod-accept").click()
+    page.wait_for_function(
+        """(id) => [...document.querySelectorAll(`[id='${id}'] .jp-OutputArea`)]
+            .every(area => !area.textContent.includes('COUNTS'))""",
+        arg=nb.panel_id,
+        timeout=120_000,
+    )
 
 
 ROWS = 60  # 60 calls of 0.3 s, 4 at a time: a run of about 5 s to watch
@@ -97,7 +107,7 @@ def test_restart_and_run_all_waits_for_the_run_the_next_cell_reads(
         nb = NotebookPage(page).open(lab_server.url("lab/tree/run_all.ipynb"))
         panel = nb.open_runs_panel()
         for attempt in (1, 2):
-            restart_and_run_all(page)
+            restart_and_run_all(page, nb)
             counts = nb.cell(4).locator(".jp-OutputArea", has_text="COUNTS")
             if attempt == 1:  # (the notebook has no outputs yet: this widget is the new one)
                 # While the run works: the panel lists it and the status bar item shows it.
@@ -139,7 +149,7 @@ def test_restart_and_run_all_in_notebook_7_lists_the_run_in_the_panel(
         nb = Notebook7Page(page).open(notebook7_server.url("notebooks/run_all_nb7.ipynb"))
         panel = nb.open_runs_panel()
         for attempt in (1, 2):
-            restart_and_run_all(page)
+            restart_and_run_all(page, nb)
             counts = nb.cell(4).locator(".jp-OutputArea", has_text="COUNTS")
             if attempt == 1:
                 this_kernels_row(page, nb).wait_for(timeout=30_000)  # listed while it runs
