@@ -17,6 +17,7 @@ import {
 } from '@jupyterlab/codemirror';
 import { INotebookTracker, NotebookPanel } from '@jupyterlab/notebook';
 import { IStatusBar } from '@jupyterlab/statusbar';
+import { listIcon } from '@jupyterlab/ui-components';
 
 import { CurrentNotebookRuns } from './currentRuns';
 import { apwaCellHighlighter } from './highlight/apwaCellExtension';
@@ -86,6 +87,24 @@ const runsPlugin: JupyterFrontEndPlugin<void> = {
       execute: () => app.shell.activateById(panel.id)
     });
     palette?.addItem({ command: CommandIDs.openRunsPanel, category: PALETTE_CATEGORY });
+
+    // Notebook 7 hides its left sidebar and has no status bar: without this button the panel
+    // was only reachable through View > Left Sidebar > Show APWA runs.
+    app.docRegistry.addWidgetExtension('Notebook', {
+      createNew: (notebook: NotebookPanel) => {
+        const button = new ToolbarButton({
+          icon: listIcon,
+          label: 'Runs',
+          tooltip: 'Show the APWA runs of this kernel',
+          className: 'apwa-ShowRunsButton',
+          onClick: () => void app.commands.execute(CommandIDs.openRunsPanel)
+        });
+        if (!notebook.toolbar.insertAfter('cellType', 'apwa-show-runs', button)) {
+          notebook.toolbar.insertItem(10, 'apwa-show-runs', button);
+        }
+        return button;
+      }
+    });
 
     if (statusBar !== null) {
       const item = new RunsStatusItem(current, () => {

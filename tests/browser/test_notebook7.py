@@ -48,13 +48,11 @@ def test_quickstart_in_notebook_7(notebook7_server: LabServer, page: Any) -> Non
         assert [line.split()[0] for line in text.splitlines()[2:]] == ["r1", "r2", "r3", "r4"]
         assert text.count("negative") == 2 and text.count("positive") == 2
         nb.screenshot("notebook7-done")
-        # The runs panel lives in the left sidebar, which Notebook 7 hides until the user picks
-        # View > Left Sidebar > Show APWA runs (this command, with these arguments).
-        page.evaluate(
-            """() => window.jupyterapp.commands.execute('application:toggle-panel',
-                {side: 'left', id: 'apwa-runs-panel', title: 'Show APWA runs'})"""
-        )
+        # The runs panel lives in the left sidebar, which Notebook 7 hides; the notebook's
+        # toolbar has a Runs button that shows it (before, only View > Left Sidebar did).
         panel = page.locator("#apwa-runs-panel")
+        assert not panel.is_visible()
+        page.locator(".apwa-ShowRunsButton").click()
         panel.wait_for(state="visible", timeout=30_000)
         panel.get_by_text("done").first.wait_for(timeout=30_000)  # this run, listed
         nb.screenshot("notebook7-runs-panel")
