@@ -132,8 +132,17 @@ class InspectPanel:
     # -- drawing -----------------------------------------------------------------------------
     @property
     def busy(self) -> bool:
-        """Whether a preview is still planning or running (the widget keeps ticking)."""
-        return bool(self.previews) and self.previews[-1].state in ("planning", "running")
+        """Whether the latest preview has not ended (the widget keeps ticking).
+
+        Not "planning or running": a preview passes through awaiting_approval on its way from
+        planned to started, and a ticker that looked then stopped for good (no redraw until
+        the preview ended; CI saw the answers table stay empty for a minute).
+        """
+        return bool(self.previews) and self.previews[-1].state not in (
+            "done",
+            "failed",
+            "cancelled",
+        )
 
     def shown(self) -> Run | None:
         """The run whose answers are shown: the latest preview until the run itself starts."""
