@@ -22,6 +22,7 @@ import ipywidgets as W
 import pandas as pd
 
 from .errors import ApwaError
+from .runs import FINAL_STATES
 
 if TYPE_CHECKING:
     from .runs import Run
@@ -138,11 +139,7 @@ class InspectPanel:
         planned to started, and a ticker that looked then stopped for good (no redraw until
         the preview ended; CI saw the answers table stay empty for a minute).
         """
-        return bool(self.previews) and self.previews[-1].state not in (
-            "done",
-            "failed",
-            "cancelled",
-        )
+        return bool(self.previews) and self.previews[-1].state not in FINAL_STATES
 
     def shown(self) -> Run | None:
         """The run whose answers are shown: the latest preview until the run itself starts."""
@@ -170,7 +167,7 @@ class InspectPanel:
             self.title.value = self.answers.value = ""
             return
         self._draw_answers(shown)
-        if shown.state in ("done", "failed", "cancelled"):
+        if shown.state in FINAL_STATES:
             self._draw_comparison(shown)
             self._draw_evaluation(shown)
 

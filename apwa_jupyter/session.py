@@ -44,7 +44,7 @@ from .models.base import ChatModel, Usage
 from .models.pool import ModelPool
 from .plans import Plan, columns_read
 from .run_setup import RunOptions, RunSetup
-from .runs import Run
+from .runs import FINAL_STATES, Run
 from .sampling import Sample
 from .tables import DataTable, resolve_tables
 
@@ -742,7 +742,7 @@ class StoredRun:
         """A RunSummary from the stored record (see runs_comm.py)."""
         rows = self.record.get("rows") or 0
         missing = self.record.get("missing") or 0
-        ended = self.record.get("state") in FINAL
+        ended = self.record.get("state") in FINAL_STATES
         state = self.record.get("state") if ended else "failed"
         how = state if ended else "interrupted (rerun the cell: stored answers are reused)"
         prompt = str(self.record.get("prompt") or "").strip().splitlines()
@@ -773,7 +773,6 @@ class StoredRun:
         """An earlier kernel's run is over: nothing to cancel."""
 
 
-FINAL = ("done", "failed", "cancelled")
 _stores: dict[str, Any] = {}
 _stores_lock = threading.Lock()
 

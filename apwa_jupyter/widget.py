@@ -34,6 +34,7 @@ from .display import (
 from .errors import STOPPED_KINDS, ApwaError
 from .inspect_panel import InspectPanel
 from .plans import dependencies
+from .runs import FINAL_STATES
 
 if TYPE_CHECKING:
     from .runs import Run
@@ -404,9 +405,7 @@ class PlanWidget:
         editable = run.state == "awaiting_approval" and not getattr(run, "dry_run", False)
         self.run_button.disabled = not editable
         self.cancel_button.disabled = run.state not in ("planning", "running", "awaiting_approval")
-        self.retry_button.disabled = not (
-            run.state in ("done", "failed", "cancelled") and run.errors
-        )
+        self.retry_button.disabled = not (run.state in FINAL_STATES and run.errors)
         for control in _controls(self.stages):
             control.disabled = not editable
         self._draw_progress()
