@@ -10,7 +10,7 @@ import {
   JupyterFrontEnd,
   JupyterFrontEndPlugin
 } from '@jupyterlab/application';
-import { ICommandPalette, ToolbarButton } from '@jupyterlab/apputils';
+import { ICommandPalette, ToolbarButton, ToolbarButtonComponent } from '@jupyterlab/apputils';
 import {
   EditorExtensionRegistry,
   IEditorExtensionRegistry
@@ -39,6 +39,26 @@ const PALETTE_CATEGORY = 'APWA';
 /** Lab's shell, or Notebook 7's, both have a left area; other shells may not. */
 function hasLeftArea(app: JupyterFrontEnd, labShell: ILabShell | null): boolean {
   return labShell !== null || 'leftHandler' in app.shell;
+}
+
+/**
+ * A button in every notebook's toolbar, after the cell type selector (or near the start when a
+ * toolbar has none, as Notebook 7's may not).
+ */
+function addNotebookToolbarButton(
+  app: JupyterFrontEnd,
+  name: string,
+  options: (panel: NotebookPanel) => ToolbarButtonComponent.IProps
+): void {
+  app.docRegistry.addWidgetExtension('Notebook', {
+    createNew: (panel: NotebookPanel) => {
+      const button = new ToolbarButton(options(panel));
+      if (!panel.toolbar.insertAfter('cellType', name, button)) {
+        panel.toolbar.insertItem(10, name, button);
+      }
+      return button;
+    }
+  });
 }
 
 const runsPlugin: JupyterFrontEndPlugin<void> = {
@@ -90,21 +110,13 @@ const runsPlugin: JupyterFrontEndPlugin<void> = {
 
     // Notebook 7 hides its left sidebar and has no status bar: without this button the panel
     // was only reachable through View > Left Sidebar > Show APWA runs.
-    app.docRegistry.addWidgetExtension('Notebook', {
-      createNew: (notebook: NotebookPanel) => {
-        const button = new ToolbarButton({
-          icon: listIcon,
-          label: 'Runs',
-          tooltip: 'Show the APWA runs of this kernel',
-          className: 'apwa-ShowRunsButton',
-          onClick: () => void app.commands.execute(CommandIDs.openRunsPanel)
-        });
-        if (!notebook.toolbar.insertAfter('cellType', 'apwa-show-runs', button)) {
-          notebook.toolbar.insertItem(10, 'apwa-show-runs', button);
-        }
-        return button;
-      }
-    });
+    addNotebookToolbarButton(app, 'apwa-show-runs', () => ({
+      icon: listIcon,
+      label: 'Runs',
+      tooltip: 'Show the APWA runs of this kernel',
+      className: 'apwa-ShowRunsButton',
+      onClick: () => void app.commands.execute(CommandIDs.openRunsPanel)
+    }));
 
     if (statusBar !== null) {
       const item = new RunsStatusItem(current, () => {
@@ -170,20 +182,12 @@ const insertCellPlugin: JupyterFrontEndPlugin<void> = {
     });
     palette?.addItem({ command: CommandIDs.insertCell, category: PALETTE_CATEGORY });
 
-    app.docRegistry.addWidgetExtension('Notebook', {
-      createNew: (panel: NotebookPanel) => {
-        const button = new ToolbarButton({
-          icon: apwaIcon,
-          tooltip: 'Insert APWA cell',
-          className: 'apwa-InsertCellButton',
-          onClick: () => insertApwaCell(panel)
-        });
-        if (!panel.toolbar.insertAfter('cellType', 'apwa-insert-cell', button)) {
-          panel.toolbar.insertItem(10, 'apwa-insert-cell', button);
-        }
-        return button;
-      }
-    });
+    addNotebookToolbarButton(app, 'apwa-insert-cell', panel => ({
+      icon: apwaIcon,
+      tooltip: 'Insert APWA cell',
+      className: 'apwa-InsertCellButton',
+      onClick: () => insertApwaCell(panel)
+    }));
   }
 };
 

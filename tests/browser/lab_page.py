@@ -133,6 +133,16 @@ def plan_button(widget: Any, label: str) -> Any:
     return widget.locator("button").filter(has_text=re.compile(rf"^\s*{re.escape(label)}\s*$"))
 
 
+def wait_for_enabled_plan_button(page: Any, label: str, timeout: float = 120_000) -> None:
+    """Wait until a plan widget's button labelled exactly `label` is enabled (the plan is in)."""
+    page.wait_for_function(
+        """(label) => [...document.querySelectorAll('.apwa-plan-widget button')]
+            .some(b => b.textContent.trim() === label && !b.disabled)""",
+        arg=label,
+        timeout=timeout,
+    )
+
+
 def status_texts(samples: list[str]) -> list[str]:
     """Distinct status bar texts in order of appearance (for messages)."""
     seen: list[str] = []

@@ -14,7 +14,7 @@ import pytest
 from apwa_jupyter.testing import FakeOpenAIServer
 
 from .conftest import LabServer
-from .lab_page import Notebook7Page, plan_button, write_notebook
+from .lab_page import Notebook7Page, plan_button, wait_for_enabled_plan_button, write_notebook
 from .test_quickstart import quickstart_cells, respond
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
@@ -32,11 +32,7 @@ def test_quickstart_in_notebook_7(notebook7_server: LabServer, page: Any) -> Non
         nb.run_cell(3)
         widget = nb.cell(3).locator(".apwa-plan-widget")
         widget.wait_for(timeout=60_000)  # rendered by ipywidgets, not the text/plain fallback
-        page.wait_for_function(
-            """() => [...document.querySelectorAll('.apwa-plan-widget button')]
-                .some(b => b.textContent.trim() === 'Run' && !b.disabled)""",
-            timeout=120_000,
-        )
+        wait_for_enabled_plan_button(page, "Run")
         assert widget.locator(".apwa-dag .apwa-stage").count() == 1
         plan_button(widget, "Run").click()
         widget.locator(".apwa-state", has_text="done").wait_for(timeout=180_000)

@@ -18,7 +18,13 @@ from apwa_jupyter.testing import FakeOpenAIServer, Reply, worker_input
 from apwa_jupyter.testing.fake_server import is_manager_request
 
 from .conftest import LabServer
-from .lab_page import REPO, NotebookPage, plan_button, write_notebook
+from .lab_page import (
+    REPO,
+    NotebookPage,
+    plan_button,
+    wait_for_enabled_plan_button,
+    write_notebook,
+)
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
 
@@ -87,11 +93,7 @@ def test_quickstart_widget_run_and_result(lab_server: LabServer, page: Any) -> N
         widget.wait_for(timeout=60_000)  # rendered by ipywidgets, not the text/plain fallback
         assert nb.cell(3).locator(".widget-button").count() >= 3
         run_button = plan_button(widget, "Run")
-        page.wait_for_function(
-            """() => [...document.querySelectorAll('.apwa-plan-widget button')]
-                .some(b => b.textContent.trim() === 'Run' && !b.disabled)""",
-            timeout=120_000,
-        )
+        wait_for_enabled_plan_button(page, "Run")
         assert widget.locator(".apwa-dag .apwa-stage").count() == 1
         estimate = widget.inner_text()
         assert "4 calls" in estimate and "budget $0.01" in estimate, estimate
