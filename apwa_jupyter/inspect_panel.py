@@ -63,6 +63,7 @@ class InspectPanel:
         self.answers = W.HTML()
         self.row_picker = W.Dropdown(description="explain", options=[], value=None)
         self.row_picker.observe(lambda change: self.explain(change["new"]), names="value")
+        self.row_picker.layout.display = "none"  # an empty "explain" box says nothing
         self.explanation = W.HTML()
         self.comparison = W.HTML()
         self.evaluation = W.HTML()
@@ -165,6 +166,7 @@ class InspectPanel:
         shown = self.shown()
         if shown is None:
             self.title.value = self.answers.value = ""
+            self.row_picker.layout.display = "none"
             return
         self._draw_answers(shown)
         if shown.state in FINAL_STATES:
@@ -182,6 +184,7 @@ class InspectPanel:
         )
         self.answers.value = answers_html(frame)
         labels = [] if frame is None else list(frame.index)
+        self.row_picker.layout.display = "" if labels else "none"
         if shown is not self._picked_from or list(self.row_picker.options) != labels:
             keep = self.row_picker.value if shown is self._picked_from else None
             self._picked_from = shown

@@ -39,6 +39,7 @@ def test_preview_shows_the_sample_and_explains_a_picked_row(fake_server, registr
     run = session.plan("Label {reviews}", {"reviews": reviews(40)}).wait()
     widget = PlanWidget(run)
     assert not widget.inspect.preview_button.disabled
+    assert widget.inspect.row_picker.layout.display == "none"  # nothing to explain yet
     tried = widget.inspect.preview(10)
     assert tried is not None
     tried.wait(60)
@@ -49,6 +50,7 @@ def test_preview_shows_the_sample_and_explains_a_picked_row(fake_server, registr
     assert f"preview {tried.id}" in widget.inspect.title.value
     labels = list(widget.inspect.row_picker.options)
     assert labels == list(tried.result.index)
+    assert widget.inspect.row_picker.layout.display != "none"
     widget.inspect.row_picker.value = labels[3]  # "click" a row
     shown = widget.inspect.explanation.value
     assert f"row &#x27;{labels[3]}&#x27;" in shown
