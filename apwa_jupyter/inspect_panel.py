@@ -64,6 +64,7 @@ class InspectPanel:
         self.row_picker = W.Dropdown(description="explain", options=[], value=None)
         self.row_picker.observe(lambda change: self.explain(change["new"]), names="value")
         self.row_picker.layout.display = "none"  # an empty "explain" box says nothing
+        self.row_picker.add_class("apwa-explain-picker")
         self.explanation = W.HTML()
         self.comparison = W.HTML()
         self.evaluation = W.HTML()
@@ -208,18 +209,24 @@ class InspectPanel:
             self.comparison.value = ""
             return
         try:
-            differ = shown.compare(other)
+            differ = other.compare(shown)  # before -> now: "-" lines are the earlier plan
         except (ApwaError, KeyError, ValueError) as exc:
             self.comparison.value = f"<small>no comparison: {html.escape(str(exc))}</small>"
             return
-        self.comparison.value = comparison_html(shown.id, other.id, differ)
+        self.comparison.value = comparison_html(other.id, shown.id, differ)
 
     def _previous_of(self, shown: Run) -> Run | None:
-        """The preview before this one, else the previous finished run of the same cell."""
+        """The preview before this one, else the previous finished run of the same cell.
+
+        The whole run that follows previews is compared with the latest of them (it was
+        planned before them, so "earlier" by creation time would skip them).
+        """
         if shown in self.previews:
             at = self.previews.index(shown)
             if at:
                 return self.previews[at - 1]
+        elif self.previews and shown is self._run():
+            return self.previews[-1]
         runs = getattr(shown.setup.follow_ups, "runs", [])
         cell = shown.setup.cell_id
         earlier = [
@@ -264,8 +271,8 @@ def answers_html(frame: pd.DataFrame | None) -> str:
     )
 
 
-def comparison_html(mine: str, theirs: str, differ: pd.DataFrame) -> str:
-    """How this run's answers differ from another's: counts, the instruction diff, some rows."""
+def comparison_html(before: str, now: str, differ: pd.DataFrame) -> str:
+    """How run `now` differs from `before` (`before.compare(now)`): counts, diff, some rows."""
     counts = differ.attrs.get("differ", {})
     rows = differ.attrs.get("rows", 0)
     summary = ", ".join(f"{name}: {n:,} of {rows:,} rows differ" for name, n in counts.items())
@@ -273,16 +280,20 @@ def comparison_html(mine: str, theirs: str, differ: pd.DataFrame) -> str:
     diff_html = (
         f'<pre style="font-size:85%">{html.escape(diff)}</pre>'
         if diff
-        else "<small>same plan</small>"
+        else "<div><small>same plan</small></div>"
     )
+    shown = differ.head(DIFFERING_SHOWN).copy()
+    shown.columns = [" · ".join(map(str, c)) for c in shown.columns]  # "mood · 1a2b3c4d"
     confusion = "".join(
-        f"<small>{html.escape(name)}</small>{table.to_html(classes='apwa-confusion')}"
+        f"<div><small><b>{html.escape(name)}</b>: rows {html.escape(before)} (before), "
+        f"columns {html.escape(now)} (now)</small></div>"
+        + table.rename_axis(index=None, columns=None).to_html(classes="apwa-confusion")
         for name, table in differ.attrs.get("confusion", {}).items()
     )
     return (
-        f'<details class="apwa-compare" open><summary>compared with {html.escape(theirs)}: '
+        f'<details class="apwa-compare" open><summary>compared with {html.escape(before)}: '
         f"{html.escape(summary or 'no answers to compare')}</summary>{diff_html}"
-        f"{answers_html(differ.head(DIFFERING_SHOWN))}{confusion}</details>"
+        f"{answers_html(shown)}{confusion}</details>"
     )
 
 

@@ -442,6 +442,7 @@ class PlanWidget:
                 layout=W.Layout(width="98%", height="70px"),
                 continuous_update=False,
             )
+            text.add_class("apwa-instruction")
             text.observe(
                 lambda change, sid=stage_id: self.edit_instruction(sid, change["new"]),
                 names="value",

@@ -59,6 +59,8 @@ def test_preview_shows_the_sample_and_explains_a_picked_row(fake_server, registr
     widget.approve()  # Run: the whole table; the previewed rows come from the store
     run.wait(60)
     assert counting.workers == 40 and run.from_store == 10
+    widget.refresh()  # the whole run is compared with the preview before it
+    assert f"compared with {tried.id}" in widget.inspect.comparison.value
 
 
 def test_edit_then_preview_reruns_only_that_stage_and_compares(fake_server, registry, tmp_path):
@@ -76,7 +78,8 @@ def test_edit_then_preview_reruns_only_that_stage_and_compares(fake_server, regi
     assert counted.calls == {"mood": 10, "why": 20, "manager": 1}  # only the edited stage
     compared = widget.inspect.comparison.value
     assert f"compared with {widget.inspect.previews[0].id}" in compared
-    assert "five words" in compared  # the instruction diff
+    assert "+[why map] Say in five words" in compared  # the diff reads before -> now
+    assert "('mood'," not in compared  # columns read "mood · <run>", not a tuple
 
 
 def test_latest_answers_show_while_a_preview_works(fake_server, registry, tmp_path):
