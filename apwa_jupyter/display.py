@@ -52,6 +52,16 @@ def plan_text(run: Run) -> str:
         after = f"   after {', '.join(deps)}" if deps else ""
         lines.append(f"  {stage_line(stage, counts.get(stage_id, 0))}{after}")
         lines.append(f"      {(stage.instruction.strip().splitlines() or [''])[0][:100]}")
+        if run.setup.models:  # with a roster, which model does what
+            cascade = run.cascade_of(stage_id)
+            lines.append(
+                f"      model: {run.stage_model(stage_id)}"
+                + (
+                    f"; cascade {cascade.cheap} -> {cascade.strong}, target {cascade.target}"
+                    if cascade
+                    else ""
+                )
+            )
     lines.append(f"  estimate: {estimate_line(run)}")
     origin = plan_origin_line(run)
     if origin:

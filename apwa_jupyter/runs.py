@@ -46,6 +46,8 @@ from .execution import (
     typical_latency,
 )
 from .execution.batch import batched_stage_ids
+from .execution.cascade import Cascade
+from .execution.cascade import eligible as cascade_eligible
 from .execution.keys import endpoint_id, plan_key
 from .execution.live import LiveRows
 from .execution.stages.filter import prefilter_problems
@@ -114,6 +116,9 @@ class Run(RunResults):
         self.planning_seconds: float | None = None
         self.startup_seconds: float | None = None
         self.outcomes: dict[str, StageOutcome] = {}
+        # Per-stage cascade choices made before Run (`edit_stage(cascade=)`); the other eligible
+        # stages follow the run's own `--cascade` (`cascade_of`).
+        self.cascade_choices: dict[str, Cascade | None] = {}
         self._live: dict[str, LiveRows] = {}  # row stages running now, read by `partial`
         self._results: dict[str, SubtaskResult] = {}
         self.plan_origin: PlanOrigin = "manager"
@@ -305,12 +310,15 @@ class Run(RunResults):
         remove: bool = False,
         outputs: list[dict[str, Any]] | None = None,
         model: str | None = "",
+        cascade: str | Cascade | None = "",
     ) -> None:
         """Change a stage before running, or remove it; the plan is re-validated.
 
         `instruction` and `outputs` (a list of {"name", "type", "description", "choices"}, e.g.
         without an output the plan added) replace the stage's; `model` names the roster model it
-        runs on (None: the default model; left out: unchanged).
+        runs on (None: the default model; left out: unchanged); `cascade` runs it cheap model
+        first ("fast,strong", or a `Cascade` for another target; None: no cascade; left out:
+        unchanged).
         """
         if self.state != "awaiting_approval" or self.plan is None:
             raise UserInputError(
@@ -338,6 +346,8 @@ class Run(RunResults):
                         stage["model"] = model
         if not data["stages"]:
             raise UserInputError("a plan needs at least one stage; cancel the run instead")
+        if cascade != "" and not remove:
+            self.cascade_choices[stage_id] = self._checked_cascade(stage_id, cascade)
         try:
             self.plan = Plan.model_validate(data)
         except UserInputError as exc:
@@ -498,7 +508,11 @@ class Run(RunResults):
             meter=self.meter,
             models=dict(self.setup.models),
             model_ids={name: endpoint_id(e) for name, e in self.setup.models.items()},
-            cascade=self.setup.cascade,
+            cascades={
+                stage.id: found
+                for stage in self.plan.stages
+                if (found := self.cascade_of(stage.id)) is not None
+            },
             batch=self.setup.batch,
         )
 
@@ -696,6 +710,31 @@ class Run(RunResults):
         columns = {name: table.column_names for name, table in self.tables.items()}
         problems = validate_plan(plan, columns, self.registry.names(), self.setup.models)
         return problems or prefilter_problems(plan, self.tables)
+
+    def _checked_cascade(self, stage_id: str, cascade: str | Cascade | None) -> Cascade | None:
+        """A stage's cascade choice, checked: its models are known, the stage can take one."""
+        if cascade is None:
+            return None
+        if isinstance(cascade, str):
+            run_wide = self.setup.cascade
+            cascade = Cascade.parse(cascade, run_wide.target if run_wide else Cascade.target)
+        cascade.check(self.setup.models)
+        assert self.plan is not None
+        if not cascade_eligible(self.plan.stage(stage_id)):
+            raise UserInputError(
+                f"stage {stage_id!r} cannot run as a cascade: only a map of one row per call "
+                "whose every output is a choice, a boolean or an integer can (set batch_size 1 "
+                "and give its outputs choices)"
+            )
+        return cascade
+
+    def cascade_of(self, stage_id: str) -> Cascade | None:
+        """The cascade a stage runs as: the choice made for it, else the run's `--cascade`."""
+        if stage_id in self.cascade_choices:
+            return self.cascade_choices[stage_id]
+        stage = self.plan.stage(stage_id) if self.plan is not None else None
+        run_wide = self.setup.cascade
+        return run_wide if run_wide is not None and cascade_eligible(stage) else None
 
     def _stage_model_names(self) -> dict[str, str | None]:
         """Per stage that names a roster model, the model name at its endpoint (for prices)."""

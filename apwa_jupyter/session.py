@@ -509,7 +509,9 @@ class Session:
             sample=sample,
             parent=run.id,
             batch=setup.batch or False,
+            cascade=setup.cascade,
         )
+        follow.cascade_choices = dict(run.cascade_choices)
         return follow.approve_when_planned()
 
     def judge(

@@ -32,6 +32,8 @@ from .display import (
     store_line,
 )
 from .errors import STOPPED_KINDS, ApwaError
+from .execution.cascade import DEFAULT as DEFAULT_MODEL
+from .execution.cascade import eligible as cascade_eligible
 from .inspect_panel import InspectPanel
 from .plans import dependencies
 from .runs import FINAL_STATES
@@ -344,6 +346,46 @@ class PlanWidget:
         outputs.append({"name": name, "type": type_, "description": "", "choices": []})
         self.edit_outputs(stage_id, outputs)
 
+    def set_model(self, stage_id: str, model: str | None) -> None:
+        """Run a stage on a roster model (None: the default) (`Run.edit_stage(model=...)`)."""
+        self._act(lambda: self.run.edit_stage(stage_id, model=model))
+
+    def set_cascade(self, stage_id: str, cascade: str | None) -> None:
+        """Run a stage cheap model first ("fast,strong"; None: no cascade)."""
+        self._act(lambda: self.run.edit_stage(stage_id, cascade=cascade))
+
+    def _model_controls(self, stage: Any) -> list[W.Widget]:
+        """A stage's model box, and its cascade box when the stage can run as one.
+
+        Shown only with a roster (`%apwa config endpoint=NAME ...`): with one model there is
+        nothing to choose.
+        """
+        roster = list(self.run.setup.models)
+        if not roster:
+            return []
+        model = W.Dropdown(
+            description="model",
+            options=[("default", None), *[(name, name) for name in roster]],
+            value=stage.model if stage.model in roster else None,
+            layout=W.Layout(width="auto"),
+        )
+        model.add_class("apwa-stage-model")
+        model.observe(lambda c, sid=stage.id: self.set_model(sid, c["new"]), names="value")
+        if not cascade_eligible(stage):
+            return [model]
+        names = [DEFAULT_MODEL, *roster]
+        pairs = [f"{a},{b}" for a in names for b in names if a != b]
+        chosen = self.run.cascade_of(stage.id)
+        cascade = W.Dropdown(
+            description="cascade",
+            options=[("off", None), *[(p.replace(",", " → "), p) for p in pairs]],
+            value=f"{chosen.cheap},{chosen.strong}" if chosen else None,
+            layout=W.Layout(width="auto"),
+        )
+        cascade.add_class("apwa-stage-cascade")
+        cascade.observe(lambda c, sid=stage.id: self.set_cascade(sid, c["new"]), names="value")
+        return [W.HBox([model, cascade])]
+
     def _outputs(self, stage_id: str) -> list[dict[str, Any]]:
         plan = self.run.plan
         if plan is None:
@@ -454,7 +496,16 @@ class PlanWidget:
             editor = OutputEditor(self, stage)
             self.output_editors[stage_id] = editor
             panels.append(
-                W.VBox([meta, text, W.HTML("<small>outputs</small>"), editor.view, remove])
+                W.VBox(
+                    [
+                        meta,
+                        *self._model_controls(stage),
+                        text,
+                        W.HTML("<small>outputs</small>"),
+                        editor.view,
+                        remove,
+                    ]
+                )
             )
             titles.append(f"{stage_id} · {stage.kind} · {counts.get(stage_id, 0):,} subtasks")
         self.stages.children = panels

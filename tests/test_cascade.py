@@ -116,3 +116,72 @@ def test_a_cascade_routes_unsure_rows_to_the_strong_model(fake_server, tmp_path,
     calls = (cheap_model.calls, strong_model.calls)
     session.run("Colour of {items}", {"items": frame}, cascade="default,strong", target=0.90)
     assert (cheap_model.calls, strong_model.calls) == calls  # a re-run bills nothing
+
+
+def test_a_cascade_chosen_for_one_stage_before_run_and_kept_by_preview_and_run_all(
+    fake_server, tmp_path
+):
+    """`edit_stage(cascade=)` in Python (the widget's cascade box calls it): counted per model."""
+    cheap_model, strong_model = ColourModel("informative"), ColourModel("strong")
+    cheap, strong = fake_server(cheap_model), fake_server(strong_model)
+    session = session_of(cheap, strong, tmp_path)
+    frame = items(600)
+    run = session.plan("Colour of {items}", {"items": frame}).wait()
+    assert run.cascade_of("label") is None  # no --cascade: one model
+    with pytest.raises(UserInputError, match="not a configured model"):
+        run.edit_stage("label", cascade="default,huge")
+    run.edit_stage("label", cascade="default,strong")
+    assert run.cascade_of("label") == Cascade("default", "strong")
+    assert "cascade default -> strong, target 0.95" in run_text(run)  # the text view says so
+    tried = run.try_sample(50).wait(60)
+    assert tried.cascade() is not None  # the preview is a cascade too
+    assert cheap_model.calls == 3 * 50 and strong_model.calls == 50  # calibration: every row
+    run.start().wait(120)
+    assert run.state == "done", run.status
+    report = run.cascade()
+    assert report is not None and report["calibration_rows"] == 500
+    assert strong_model.calls == len(strong_model.rows) < 600  # never bought twice
+    assert cheap_model.calls == 3 * 600  # the preview's 50 rows came from the store
+
+
+def test_a_stage_taken_out_of_a_run_wide_cascade_runs_on_the_default_model(fake_server, tmp_path):
+    cheap_model, strong_model = ColourModel("informative"), ColourModel("strong")
+    session = session_of(fake_server(cheap_model), fake_server(strong_model), tmp_path)
+    run = session.plan(
+        "Colour of {items}", {"items": items(40)}, cascade="default,strong", target=0.9
+    ).wait()
+    assert run.cascade_of("label") == Cascade("default", "strong", 0.9)
+    run.edit_stage("label", cascade=None)
+    run.start().wait(60)
+    assert run.cascade() is None and (cheap_model.calls, strong_model.calls) == (40, 0)
+
+
+def test_the_widget_sets_a_stage_model_and_cascade_from_the_roster(fake_server, tmp_path):
+    from apwa_jupyter.widget import PlanWidget
+
+    cheap_model, strong_model = ColourModel("informative"), ColourModel("strong")
+    session = session_of(fake_server(cheap_model), fake_server(strong_model), tmp_path)
+    run = session.plan("Colour of {items}", {"items": items(30)}).wait()
+    widget = PlanWidget(run)
+
+    def box(css: str) -> Any:
+        found = [w for w in _all(widget.stages) if css in getattr(w, "_dom_classes", ())]
+        assert len(found) == 1, css
+        return found[0]
+
+    cascade = box("apwa-stage-cascade")
+    assert cascade.value is None and "default,strong" in [v for _, v in cascade.options]
+    cascade.value = "default,strong"  # what picking "default → strong" does
+    assert run.cascade_of("label") == Cascade("default", "strong")
+    box("apwa-stage-model").value = "strong"  # the whole stage on the strong model
+    assert run.plan.stage("label").model == "strong"
+    assert box("apwa-stage-model").value == "strong"  # the redrawn plan shows the choice
+    assert box("apwa-stage-cascade").value == "default,strong"
+    box("apwa-stage-cascade").value = None
+    run.start().wait(60)
+    assert (cheap_model.calls, strong_model.calls) == (0, 30)
+
+
+def _all(widget: Any) -> list[Any]:
+    children = getattr(widget, "children", ())
+    return [widget, *[w for child in children for w in _all(child)]]

@@ -106,7 +106,7 @@ async def _run_stage(runner: StageRunner, stage: Any) -> StageOutcome:
     """Run one stage by its kind, with its start and end times on the progress counters."""
     progress = runner.sink.stage(stage.id)
     progress.started_at = progress.started_at or time.time()
-    cascade = runner.spec.cascade
+    cascade = runner.spec.cascades.get(stage.id)
     if cascade is not None and eligible(stage):  # a cheap model first, then a strong one
         outcome = await run_cascade(runner, stage, cascade)
     elif batched(runner.spec, stage):  # the provider's Batch API instead of live calls

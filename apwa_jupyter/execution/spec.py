@@ -50,8 +50,8 @@ class ExecutionSpec:
     # The roster: named models a stage may run on (`Stage.model`), and their store identities.
     models: Mapping[str, EndpointConfig | ChatModel] = field(default_factory=dict)
     model_ids: Mapping[str, str] = field(default_factory=dict)
-    # Run the eligible map stages as a cascade (cascade.py): a cheap model, then a strong one.
-    cascade: Cascade | None = None
+    # The map stages that run as a cascade (cascade.py: a cheap model, then a strong one), by id.
+    cascades: Mapping[str, Cascade] = field(default_factory=dict)
     # Send the map stages without tools to the provider's Batch API (batch.py); None: live.
     batch: BatchSettings | None = None
 

@@ -31,7 +31,7 @@ def stored_subtasks(spec: ExecutionSpec) -> dict[str, int]:
     runner = StageRunner(spec, None, ProgressSink(spec.run_id, []), StopSignal(), {}, None)
     found: dict[str, int] = {}
     for stage in spec.plan.stages:
-        if spec.cascade is not None and eligible(stage):
+        if stage.id in spec.cascades and eligible(stage):
             continue  # a cascade's phases are keyed per model and phase
         work = stage_kind(stage).planned_work(runner, stage)
         if work is None or not work.count or work.count > COUNTED_UP_TO:
