@@ -68,6 +68,13 @@ class EndpointConfig(BaseModel):
         "where it raised sentiment accuracy from 0.60 to 0.98 (bench/embedded_accuracy.py).",
     )
 
+    logprobs: bool = Field(
+        default=False,
+        description="The endpoint returns token log-probabilities on chat completions (OpenAI "
+        "and llama.cpp do): a cascade reads the cheap model's confidence from the one call that "
+        "answered a row instead of sampling it three times.",
+    )
+
     @field_validator("base_url")
     @classmethod
     def _looks_like_url(cls, value: str) -> str:
@@ -200,6 +207,8 @@ def _secret(key: str | None) -> SecretStr:
 # -- run settings the magic, the session and Python callers share (one check each) -------------
 # Limits of an endpoint: requests in flight, requests and tokens per minute.
 ENDPOINT_LIMITS = ("max_concurrency", "rpm", "tpm")
+# What `%apwa config` may set on an endpoint besides its address, model and key.
+ENDPOINT_SETTINGS = (*ENDPOINT_LIMITS, "logprobs")
 
 
 def parse_tool_list(value: str | list[str] | None) -> list[str]:

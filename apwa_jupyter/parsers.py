@@ -317,7 +317,7 @@ class ConfigArgs(_LineArgs):
     """`%apwa config [api_key] [key=value ...]`: typed settings, and whether to ask for the key."""
 
     usage = "%apwa config [key=value ...]"
-    summary = "show settings, or set them: %apwa config model=NAME base_url=URL address=HOST:PORT concurrency=N executor=ray|local max_concurrency=N rpm=N tpm=N tools=a,b (granted to every cell; side-effect tools still need --tools); `%apwa config api_key` asks for a key without echo"
+    summary = "show settings, or set them: %apwa config model=NAME base_url=URL address=HOST:PORT concurrency=N executor=ray|local max_concurrency=N rpm=N tpm=N logprobs=true|false tools=a,b (granted to every cell; side-effect tools still need --tools); `%apwa config api_key` asks for a key without echo"
     takes_settings = True
 
     settings: dict[str, Any] = field(default_factory=dict)
@@ -603,6 +603,16 @@ def _positive_int(key: str, value: str) -> int:
     return number
 
 
+def _switch(key: str, value: str) -> bool:
+    """`true` / `false` (also 1/0, yes/no, on/off)."""
+    word = value.strip().lower()
+    if word in ("true", "1", "yes", "on"):
+        return True
+    if word in ("false", "0", "no", "off"):
+        return False
+    raise UserInputError(f"{key}={value!r}: say true or false")
+
+
 def _choice(*choices: str) -> Callable[[str, str], str]:
     def check(key: str, value: str) -> str:
         if value not in choices:
@@ -619,6 +629,7 @@ CONFIG_TYPES: dict[str, Callable[[str, str], Any]] = {
     "concurrency": _positive_int,
     "executor": _choice("ray", "local"),
     **dict.fromkeys(ENDPOINT_LIMITS, _positive_int),
+    "logprobs": _switch,
 }
 
 CONFIG_KEYS = frozenset(

@@ -70,6 +70,8 @@ class StageContext:
     temperature: float = 0.0
     keep_steps: bool = True
     max_input_chars: int = MAX_INPUT_CHARS
+    # Each answer also carries the model's confidence in it (confidence.py): a cascade's cheap step.
+    confidence: bool = False
 
     # Built once per stage per worker process, not per subtask: pydantic's create_model alone
     # cost ~1.2 ms a call, most of a worker's CPU (cached_property writes the instance __dict__,

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from .confidence import CONFIDENCE_COLUMN, answer_confidence, scored_confidence
 from .errors import (
     EndpointError,
     ErrorKind,
@@ -94,6 +95,8 @@ async def run_subtask(
             outputs = await _answer_by_scores(ctx, subtask, model, rows, task, scored, steps)
         else:
             outputs = await _loop(ctx, subtask, model, steps)
+        if ctx.confidence:
+            outputs = _with_confidence(ctx, outputs, steps)
         steps.append(FinalStep(outputs))
         answered: list[dict[str, Any] | None] = list(outputs)
         result.outputs = answered
@@ -119,6 +122,40 @@ async def run_subtask(
     result.steps = steps if (ctx.keep_steps or not result.ok) else []
     result.elapsed_s = time.perf_counter() - started
     return result
+
+
+def _with_confidence(
+    ctx: StageContext, outputs: list[dict[str, Any]], steps: list[Step]
+) -> list[dict[str, Any]]:
+    """The answer of a one-row subtask with the model's confidence in it (confidence.py).
+
+    From the scores of scored choices, else from the token log-probabilities of the call that
+    gave the answer (the last one); None when neither is there (a cascade then asks the strong
+    model about the row).
+    """
+    if len(outputs) != 1:
+        return outputs
+    scores = [s for s in steps if isinstance(s, ScoreStep)]
+    if scores:
+        found: float | None = min(
+            scored_confidence(
+                {c: v - (s.adjustment or {}).get(c, 0.0) for c, v in s.scores.items()}, s.choice
+            )
+            for s in scores
+        )
+    else:
+        last = next((s for s in reversed(steps) if isinstance(s, ModelStep)), None)
+        found = (
+            answer_confidence(
+                last.response.content,
+                last.response.token_logprobs,
+                outputs[0],
+                [o.name for o in ctx.outputs],
+            )
+            if last is not None
+            else None
+        )
+    return [{**outputs[0], CONFIDENCE_COLUMN: found}]
 
 
 def _last_rate_headers(steps: list[Step]) -> dict[str, str] | None:
@@ -160,6 +197,7 @@ async def _loop(
             max_tokens=ctx.max_tokens * (corrections + 1),
             temperature=ctx.temperature,
             seed=subtask.replica or None,
+            logprobs=ctx.confidence,
         )
         response = await model.chat(request)
         steps.append(ModelStep(response))

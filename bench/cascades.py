@@ -7,7 +7,10 @@ Two OpenAI-compatible test servers on 127.0.0.1 play the models (scripted per ro
 truth, as in tests/test_cascade.py): the strong model is always right; the cheap one is right on
 85 % of rows and, when wrong, either guesses per sample ("informative": its samples disagree, so
 its confidence says something) or repeats one wrong answer ("useless": its confidence is 1 on
-every row). The runs go through `Session.run` with `cascade="default,strong"` and the local
+every row). Each is played twice: with the cheap endpoint's token log-probabilities (one call a
+row; its confidence is the probability it gave the answer's tokens: 0.75-1 when right, 0.3-0.7
+when wrong for "informative", 0.99 always for "useless") and with the agreement of 3 samples
+(three calls a row). The runs go through `Session.run` with `cascade="default,strong"` and the local
 executor. Money is priced with two real price-table entries (the cheap model as gpt-4o-mini, the
 strong as gpt-4o); the servers count tokens as characters / 4 of the messages. Writes
 bench/results/cascades.json as {"cases": [{"cheap", "target", "achieved", "strong_share",
@@ -37,12 +40,14 @@ from apwa_jupyter.testing.fake_server import FakeOpenAIServer
 RESULTS = Path(__file__).parent / "results" / "cascades.json"
 
 
-def case(kind: str, target: float, rows: int) -> dict[str, Any]:
+def case(kind: str, target: float, rows: int, confidence: str) -> dict[str, Any]:
     """One cascade run against fresh servers and a fresh store."""
     cheap_model, strong_model = ColourModel(kind, seed=5), ColourModel("strong", seed=5)
     with FakeOpenAIServer(cheap_model) as cheap, FakeOpenAIServer(strong_model) as strong:
         session = Session(
-            endpoint=EndpointConfig(base_url=cheap.base_url, model="gpt-4o-mini"),
+            endpoint=EndpointConfig(
+                base_url=cheap.base_url, model="gpt-4o-mini", logprobs=confidence == "logprobs"
+            ),
             endpoints={"strong": EndpointConfig(base_url=strong.base_url, model="gpt-4o")},
             executor=LocalExecutor(concurrency=64),
             cache_dir=tempfile.mkdtemp(prefix="apwa-cascade-bench-"),
@@ -58,6 +63,7 @@ def case(kind: str, target: float, rows: int) -> dict[str, Any]:
         session.shutdown()
     return {
         "cheap": kind,
+        "confidence": report["confidence"],
         "target": target,
         "achieved": round(achieved, 4),
         "strong_share": round(report["strong_share"], 4),
@@ -80,11 +86,16 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4000)
     args = parser.parse_args()
     cases = [
-        case(kind, target, args.rows)
+        case(kind, target, args.rows, confidence)
+        for confidence in ("logprobs", "agreement")
         for kind in ("informative", "useless")
         for target in (0.90, 0.95)
     ]
-    informative = next(c for c in cases if c["cheap"] == "informative" and c["target"] == 0.95)
+    informative = next(
+        c
+        for c in cases
+        if c["cheap"] == "informative" and c["target"] == 0.95 and c["confidence"] == "logprobs"
+    )
     per_row_strong = informative["all_strong_usd"] / informative["rows"]
     million = {
         "rows": 1_000_000,
@@ -94,11 +105,13 @@ def main() -> None:
         "server counts them (characters / 4 of the messages)",
     }
     RESULTS.write_text(json.dumps({"cases": cases, "million_rows": million}, indent=1))
-    print(f"{'cheap':<12} {'target':>6} {'achieved':>8} {'strong':>7} {'cost':>6}")
+    print(
+        f"{'confidence':<10} {'cheap':<12} {'target':>6} {'achieved':>8} {'strong':>7} {'cost':>6}"
+    )
     for c in cases:
         print(
-            f"{c['cheap']:<12} {c['target']:>6} {c['achieved']:>8.3f} {c['strong_share']:>7.1%} "
-            f"{c['cost_ratio']:>6.1%}"
+            f"{c['confidence']:<10} {c['cheap']:<12} {c['target']:>6} {c['achieved']:>8.3f} "
+            f"{c['strong_share']:>7.1%} {c['cost_ratio']:>6.1%}"
         )
     print(json.dumps(million))
 

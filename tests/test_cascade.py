@@ -69,6 +69,11 @@ def test_cascade_options_are_checked():
         Cascade.parse("fast,strong", target=1.2)
     with pytest.raises(UserInputError, match="not a configured model"):
         Cascade.parse("fast,strong").check({"fast": object()})
+    from apwa_jupyter.parsers import parse_config_settings
+
+    assert parse_config_settings({"logprobs": "true"}) == {"logprobs": True}
+    with pytest.raises(UserInputError, match="say true or false"):
+        parse_config_settings({"logprobs": "maybe"})
 
 
 # -- end to end, counted at the servers ---------------------------------------------------------
@@ -78,9 +83,9 @@ def items(n: int) -> pd.DataFrame:
     )
 
 
-def session_of(cheap: Any, strong: Any, tmp_path: Any) -> Session:
+def session_of(cheap: Any, strong: Any, tmp_path: Any, logprobs: bool = False) -> Session:
     return Session(
-        endpoint=EndpointConfig(base_url=cheap.base_url, model="gpt-4o-mini"),
+        endpoint=EndpointConfig(base_url=cheap.base_url, model="gpt-4o-mini", logprobs=logprobs),
         endpoints={"strong": EndpointConfig(base_url=strong.base_url, model="gpt-4o")},
         executor=LocalExecutor(concurrency=32, retry=FAST_RETRY),
         cache_dir=str(tmp_path),
@@ -185,3 +190,47 @@ def test_the_widget_sets_a_stage_model_and_cascade_from_the_roster(fake_server, 
 def _all(widget: Any) -> list[Any]:
     children = getattr(widget, "children", ())
     return [widget, *[w for child in children for w in _all(child)]]
+
+
+@pytest.mark.parametrize("kind", ["informative", "useless"])
+def test_token_logprobs_give_the_confidence_from_one_cheap_call_a_row(fake_server, tmp_path, kind):
+    """An endpoint that returns log-probabilities: a third of the cheap calls, same guarantees."""
+    cheap_model, strong_model = ColourModel(kind), ColourModel("strong")
+    cheap, strong = fake_server(cheap_model), fake_server(strong_model)
+    session = session_of(cheap, strong, tmp_path, logprobs=True)
+    frame = items(1200)
+    run = session.run("Colour of {items}", {"items": frame}, cascade="default,strong", target=0.90)
+    assert run.state == "done", run.status
+    report = run.cascade()
+    assert report["confidence"] == "logprobs"
+    assert "confidence from token log-probabilities" in run_text(run)
+    assert cheap_model.calls == 1200 == report["cheap_calls"]  # one call a row, no samples
+    assert strong_model.calls == len(strong_model.rows) == report["strong_calls"]
+    agreement = float((run.result["colour"] == frame["text"].map(truth)).mean())
+    assert agreement >= 0.90
+    assert "_apwa_confidence" not in run.result.columns  # the confidence is the cascade's own
+    if kind == "informative":
+        assert report["informative"] and 0.1 < report["strong_share"] < 0.6
+    else:
+        assert not report["informative"] and report["strong_share"] == 1.0
+    calls = (cheap_model.calls, strong_model.calls)
+    session.run("Colour of {items}", {"items": frame}, cascade="default,strong", target=0.90)
+    assert (cheap_model.calls, strong_model.calls) == calls  # a re-run bills nothing
+
+
+def test_an_endpoint_that_sends_no_logprobs_sends_every_row_to_the_strong_model(
+    fake_server, tmp_path
+):
+    """Configured `logprobs=True`, but the server sends none: no confidence, no guessing."""
+
+    def plain(body: dict[str, Any]) -> Any:
+        reply = cheap_model(body)
+        reply.token_logprobs = None
+        return reply
+
+    cheap_model, strong_model = ColourModel("informative"), ColourModel("strong")
+    session = session_of(fake_server(plain), fake_server(strong_model), tmp_path, logprobs=True)
+    run = session.run("Colour of {items}", {"items": items(100)}, cascade="default,strong")
+    report = run.cascade()
+    assert not report["informative"] and report["strong_share"] == 1.0
+    assert strong_model.calls == 100

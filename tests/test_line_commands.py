@@ -154,5 +154,5 @@ def test_unknown_config_setting_lists_the_known_ones():
         parse_line("config nope=1")
     assert str(caught.value) == (
         "unknown setting(s) ['nope']; known: ['address', 'api_key', 'base_url', 'concurrency', 'endpoint', "
-        "'executor', 'max_concurrency', 'model', 'rpm', 'tools', 'tpm']"
+        "'executor', 'logprobs', 'max_concurrency', 'model', 'rpm', 'tools', 'tpm']"
     )

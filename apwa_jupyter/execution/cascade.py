@@ -153,6 +153,13 @@ def cascade_line(report: dict[str, Any]) -> str:
             f"{report['calibration_rows']} calibration rows (>= {report['agreement_bound']:.3f} "
             f"with {1 - report['delta']:.0%} confidence; target {report['target']})"
         )
+    source = report.get("confidence")
+    if source:
+        head += (
+            "; confidence from token log-probabilities"
+            if source == "logprobs"
+            else "; confidence from the agreement of samples"
+        )
     if report["cost_usd"] is not None and report["all_strong_usd"]:
         head += (
             f"; ${report['cost_usd']:.4g} against ${report['all_strong_usd']:.4g} all-strong "

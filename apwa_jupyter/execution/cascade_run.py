@@ -1,6 +1,8 @@
 """Running a map stage as a cascade: the three steps of `cascade.py`, on the stage kinds.
 
-The cheap step is a replicate stage (samples and their agreement), the strong steps are map
+The cheap step is one map call per row whose answer carries the model's own confidence when the
+cheap endpoint gives token log-probabilities (`EndpointConfig.logprobs`, or scored choices:
+confidence.py), else a replicate stage (samples and their agreement). The strong steps are map
 stages over subsets of the source rows (the calibration sample, then the rows under the
 threshold). Every step goes through the one drive loop, so the result store, budgets, cancel and
 record/replay hold for each: a re-run bills nothing.
@@ -14,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ..confidence import CONFIDENCE_COLUMN
 from ..costs import price_of
 from ..models.base import Usage
 from ..plans import MapStage, ReplicateStage
@@ -30,19 +33,13 @@ from .stages.replicate import AGREEMENT_COLUMN
 async def run_cascade(runner: StageRunner, stage: MapStage, cascade: Cascade) -> StageOutcome:
     """Run one map stage as a cascade (see the module docstring) and assemble its outcome."""
     src = runner.source(stage.source)
-    child = StageRunner(
-        runner.spec, runner.executor, runner.sink, runner.stop, runner.outcomes, None
-    )
-    cheap = await stage_kind("replicate").run(child, _cheap_stage(stage, cascade))
-    confidence = np.nan_to_num(
-        cheap.frame[AGREEMENT_COLUMN].to_numpy(dtype=float, na_value=np.nan), nan=0.0
-    )
-    confidence[~cheap.answers.mask] = 0.0
+    cheap, confidence = await _cheap_step(runner, stage, cascade)
     usable = np.flatnonzero(src.ok)
     calib = usable[Sample(cascade.calibration).positions(len(usable))]
     calibrated = await _strong_on(runner, stage, src, calib, cascade)
     agrees = np.array(
-        [_same(cheap.answers, p, calibrated.answers, k) for k, p in enumerate(calib)], dtype=bool
+        [_same(stage, cheap.answers, p, calibrated.answers, k) for k, p in enumerate(calib)],
+        dtype=bool,
     )
     threshold, errors = choose_threshold(confidence[calib], agrees, cascade.target, cascade.delta)
     sure = confidence >= (threshold if threshold is not None else math.inf)
@@ -60,6 +57,38 @@ async def run_cascade(runner: StageRunner, stage: MapStage, cascade: Cascade) ->
         sure,
         (threshold, errors),
     )
+
+
+def confidence_source(spec: Any, cascade: Cascade) -> str:
+    """Where the cheap model's confidence comes from: "logprobs" or "agreement" (of samples)."""
+    model = spec.worker_model if cascade.cheap == DEFAULT else spec.models.get(cascade.cheap)
+    if getattr(model, "logprobs", False) or getattr(model, "choice_scoring", "") == "logprobs":
+        return "logprobs"
+    return "agreement"
+
+
+async def _cheap_step(
+    runner: StageRunner, stage: MapStage, cascade: Cascade
+) -> tuple[StageOutcome, np.ndarray]:
+    """The cheap model on every row, and its confidence per row (0: no answer, no confidence)."""
+    if confidence_source(runner.spec, cascade) == "logprobs":
+        spec = dataclasses.replace(runner.spec, confidence_stages=frozenset({stage.id}))
+        child = StageRunner(spec, runner.executor, runner.sink, runner.stop, runner.outcomes, None)
+        cheap_stage = stage.model_copy(
+            update={"model": None if cascade.cheap == DEFAULT else cascade.cheap}
+        )
+        cheap = await stage_kind("map").run(child, cheap_stage)
+        values = cheap.answers.columns.get(CONFIDENCE_COLUMN, [])
+        confidence = np.array([v if v is not None else np.nan for v in values], dtype=float)
+    else:
+        child = StageRunner(
+            runner.spec, runner.executor, runner.sink, runner.stop, runner.outcomes, None
+        )
+        cheap = await stage_kind("replicate").run(child, _cheap_stage(stage, cascade))
+        confidence = cheap.frame[AGREEMENT_COLUMN].to_numpy(dtype=float, na_value=np.nan)
+    confidence = np.nan_to_num(confidence, nan=0.0)
+    confidence[~cheap.answers.mask] = 0.0
+    return cheap, confidence
 
 
 def _cheap_stage(stage: MapStage, cascade: Cascade) -> ReplicateStage:
@@ -96,8 +125,11 @@ async def _strong_on(
     return await stage_kind("map").run(child, strong)
 
 
-def _same(a: Answers, i: int, b: Answers, j: int) -> bool:
-    return i in a and j in b and a[i] == b[j]
+def _same(stage: MapStage, a: Answers, i: int, b: Answers, j: int) -> bool:
+    """Whether two answers agree on the stage's outputs (not on a confidence beside them)."""
+    if i not in a or j not in b:
+        return False
+    return all(a.columns[o.name][i] == b.columns[o.name][j] for o in stage.outputs)
 
 
 def _assemble(
@@ -167,6 +199,9 @@ def _report(
     return {
         "cheap": cascade.cheap,
         "strong": cascade.strong,
+        "confidence": confidence_source(runner.spec, cascade),
+        "cheap_calls": phases[0].spent.requests,
+        "strong_calls": phases[1].spent.requests + phases[2].spent.requests,
         "target": cascade.target,
         "delta": cascade.delta,
         "threshold": threshold,

@@ -192,5 +192,7 @@ def stage_template_key(ctx: StageContext, batch_size: int) -> str:
             "worker_prompt": WORKER_SYSTEM,
             # The tables a lookup may read (empty without lookups).
             **lookup_fingerprints(ctx.tools),
+            # Answers that carry a confidence are other answers (absent: keys stay as they were).
+            **({"confidence": True} if ctx.confidence else {}),
         },
     )

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from ..confidence import CONFIDENCE_COLUMN
 from ..events import ProgressSink
 from ..executors.base import Executor, StopSignal
 from ..plans import columns_read
@@ -149,12 +150,16 @@ class StageRunner:
             temperature=temperature,
             keep_steps=self.spec.keep_transcripts,
             max_input_chars=self.spec.max_input_chars,
+            confidence=stage.id in self.spec.confidence_stages,
         )
 
     def kept_answers(self, stage: Any, rows: int) -> Answers:
         """Rows answered by an earlier execution (a retry keeps them)."""
         old = self.previous.answers if self.previous is not None else None
-        return Answers.kept(old, [f.name for f in stage.outputs], rows)
+        fields = [f.name for f in stage.outputs]
+        if stage.id in self.spec.confidence_stages:
+            fields.append(CONFIDENCE_COLUMN)
+        return Answers.kept(old, fields, rows)
 
     def kept_sources(self, rows: int) -> Sources:
         """Which run computed each kept row."""

@@ -52,6 +52,8 @@ class ExecutionSpec:
     model_ids: Mapping[str, str] = field(default_factory=dict)
     # The map stages that run as a cascade (cascade.py: a cheap model, then a strong one), by id.
     cascades: Mapping[str, Cascade] = field(default_factory=dict)
+    # Stages whose answers carry the model's confidence (a cascade's cheap step, by stage id).
+    confidence_stages: frozenset[str] = frozenset()
     # Send the map stages without tools to the provider's Batch API (batch.py); None: live.
     batch: BatchSettings | None = None
 

@@ -56,6 +56,8 @@ class ChatRequest:
     max_tokens: int = 1024
     temperature: float = 0.0
     seed: int | None = None
+    # Ask for the answer's token log-probabilities (a cascade's cheap step reads its confidence).
+    logprobs: bool = False
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,8 @@ class ChatResponse:
     usage: Usage = field(default_factory=Usage)
     # The server's rate-limit headers (x-ratelimit-*, retry-after), for the endpoint's limiter.
     rate_headers: dict[str, str] | None = None
+    # With `ChatRequest.logprobs`: each generated token and its log-probability, in order.
+    token_logprobs: tuple[tuple[str, float], ...] | None = None
 
 
 @runtime_checkable

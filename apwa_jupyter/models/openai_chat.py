@@ -84,6 +84,8 @@ class OpenAIChatModel:
         }
         if request.seed is not None:
             body["seed"] = request.seed
+        if request.logprobs:
+            body["logprobs"] = True
         if request.tools:
             body["tools"] = request.tools
         if request.response_schema is not None and self.endpoint.dialect == "llama.cpp":
@@ -266,7 +268,19 @@ def _to_response(data: dict[str, Any]) -> ChatResponse:
         tool_calls=calls,
         finish_reason=choice.get("finish_reason") or "stop",
         usage=_usage(data),
+        token_logprobs=_token_logprobs(choice),
     )
+
+
+def _token_logprobs(choice: dict[str, Any]) -> tuple[tuple[str, float], ...] | None:
+    """The generated tokens and their log-probabilities (`logprobs.content`), if sent."""
+    content = (choice.get("logprobs") or {}).get("content")
+    if not isinstance(content, list):
+        return None
+    try:
+        return tuple((str(t["token"]), float(t["logprob"])) for t in content)
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _usage(data: dict[str, Any]) -> Usage:

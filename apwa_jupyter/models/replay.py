@@ -58,7 +58,7 @@ class ReplayMiss(EndpointError):
 
 def request_record(request: ChatRequest) -> dict[str, Any]:
     """The request as sent, as JSON-able data (the fields that decide the model's answer)."""
-    return {
+    record = {
         "messages": request.messages,
         "response_schema": request.response_schema,
         "schema_name": request.schema_name,
@@ -67,6 +67,9 @@ def request_record(request: ChatRequest) -> dict[str, Any]:
         "temperature": float(request.temperature),
         "seed": request.seed,
     }
+    if request.logprobs:  # only when asked: earlier recordings keep their keys
+        record["logprobs"] = True
+    return record
 
 
 def request_key(request: ChatRequest | dict[str, Any]) -> str:
@@ -80,7 +83,7 @@ def request_key(request: ChatRequest | dict[str, Any]) -> str:
 
 def response_record(response: ChatResponse) -> dict[str, Any]:
     """A response as JSON-able data."""
-    return {
+    record: dict[str, Any] = {
         "content": response.content,
         "tool_calls": [
             {"id": call.id, "name": call.name, "arguments": call.arguments}
@@ -93,6 +96,9 @@ def response_record(response: ChatResponse) -> dict[str, Any]:
             "requests": response.usage.requests,
         },
     }
+    if response.token_logprobs is not None:  # a cascade's confidence replays with the answer
+        record["token_logprobs"] = [list(pair) for pair in response.token_logprobs]
+    return record
 
 
 def response_from_record(data: dict[str, Any]) -> ChatResponse:
@@ -108,6 +114,11 @@ def response_from_record(data: dict[str, Any]) -> ChatResponse:
             prompt_tokens=int(usage.get("prompt_tokens", 0)),
             completion_tokens=int(usage.get("completion_tokens", 0)),
             requests=int(usage.get("requests", 1)),
+        ),
+        token_logprobs=(
+            tuple((str(t), float(lp)) for t, lp in data["token_logprobs"])
+            if data.get("token_logprobs") is not None
+            else None
         ),
     )
 

@@ -9,6 +9,8 @@ something) or repeats one wrong colour ("useless": its confidence is 1 on every 
 
 from __future__ import annotations
 
+import json
+import math
 import random
 import threading
 import zlib
@@ -59,7 +61,27 @@ class ColourModel:
             self.rows.add(text)
             guess = self.random.choice(CHOICES)
         if self.kind == "strong" or cheap_right(text):
-            return Reply.json({"colour": truth(text)})
-        if self.kind == "useless":
-            return Reply.json({"colour": CHOICES[(CHOICES.index(truth(text)) + 1) % 3]})
-        return Reply.json({"colour": guess})
+            colour, sure = truth(text), 0.75 + 0.25 * _unit(text)
+        elif self.kind == "useless":
+            colour, sure = CHOICES[(CHOICES.index(truth(text)) + 1) % 3], 0.75 + 0.25 * _unit(text)
+        else:
+            colour, sure = guess, 0.3 + 0.4 * _unit(text)
+        return with_token_logprobs(colour, 0.99 if self.kind == "useless" else sure)
+
+
+def with_token_logprobs(colour: str, sure: float) -> Reply:
+    """`{"colour": ...}` with the tokens a server would send: the colour's at log(sure).
+
+    The tokens are sent only when the request asks for `logprobs` (the server's rule), so the
+    same answer serves sampling cascades too. "informative": sure 0.75-1 when right, 0.3-0.7
+    when wrong; "useless": 0.99 on every row, right or wrong.
+    """
+    content = json.dumps({"colour": colour})
+    head = content[: content.index(colour)]
+    tokens = [(head, 0.0), (colour, math.log(sure)), (content[len(head) + len(colour) :], 0.0)]
+    return Reply(content=content, token_logprobs=tokens)
+
+
+def _unit(text: str) -> float:
+    """A number in [0, 1) fixed by the row's text."""
+    return (zlib.crc32(b"sure" + text.encode()) % 1000) / 1000

@@ -52,6 +52,9 @@ class Reply:
     raw_body: str | None = None
     # With `Reply.logprobs`: the next token's alternatives (token, log-probability), best first.
     top_logprobs: list[tuple[str, float]] | None = None
+    # The answer's tokens and their log-probabilities, sent when the request asks `logprobs`
+    # (their texts must spell `content`, as a real server's do).
+    token_logprobs: list[tuple[str, float]] | None = None
     # An event the answer waits for, without holding up other requests (the responder itself
     # runs on the server's event loop and must not block): answers held until a test has
     # looked at the run while it is certainly in progress.
@@ -379,6 +382,13 @@ class FakeOpenAIServer:
         }
         if reply.top_logprobs is not None:
             choice["logprobs"] = _logprobs_body(reply.top_logprobs)
+        elif reply.token_logprobs is not None and body.get("logprobs"):
+            choice["logprobs"] = {
+                "content": [
+                    {"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
+                    for t, lp in reply.token_logprobs
+                ]
+            }
         return {
             "id": f"chatcmpl-{self.count}",
             "object": "chat.completion",
