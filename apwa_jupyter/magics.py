@@ -185,7 +185,7 @@ class ApwaMagics(Magics):
             cell_id=self._cell_id(),
             dry_run=options.dry_run,
             sample=options.sample,
-            cascade=options.cascade,
+            cascade=cascade_of(options),
             target=options.target,
             batch=options.batch,
         )
@@ -580,6 +580,21 @@ class ApwaMagics(Magics):
         self._wait(run, None)
         if run.id in self._widgets:  # the widget lives in its own cell: say how it ended here
             print(state_line(run))
+
+
+def cascade_of(options: Any) -> Any:
+    """The cell's `--cascade` (a string the session parses, or a Cascade with `--calibration`)."""
+    if options.calibration is None or options.cascade is None:
+        if options.calibration is not None:
+            raise UserInputError("--calibration goes with --cascade CHEAP,STRONG")
+        return options.cascade
+    if options.calibration < 30:
+        raise UserInputError(
+            f"--calibration {options.calibration}: at least 30 rows, or no threshold can be proved"
+        )
+    from .execution.cascade import Cascade
+
+    return Cascade.parse(options.cascade, options.target, calibration=options.calibration)
 
 
 def _unhandled(args: NoReturn) -> NoReturn:

@@ -148,6 +148,14 @@ def _add_control_options(parser: _Parser) -> None:
         help="with --cascade: the share of rows whose answers agree with STRONG's (default 0.95)",
     )
     parser.add_argument(
+        "--calibration",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --cascade: rows STRONG also answers to choose the threshold (default 500; "
+        "fewer rows, a looser bound and a lower threshold can be proved)",
+    )
+    parser.add_argument(
         "--batch",
         action="store_true",
         help="send map stages without tools to the provider's Batch API (batch prices, answers "
@@ -197,6 +205,7 @@ class CellOptions:
     labels: str | None = None
     cascade: str | None = None
     target: float = 0.95
+    calibration: int | None = None
     batch: bool = False
     record: str | None = None
     replay: str | None = None

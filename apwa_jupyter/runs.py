@@ -46,7 +46,7 @@ from .execution import (
     typical_latency,
 )
 from .execution.batch import batched_stage_ids
-from .execution.cascade import Cascade
+from .execution.cascade import Cascade, not_eligible_because
 from .execution.cascade import eligible as cascade_eligible
 from .execution.keys import endpoint_id, plan_key
 from .execution.live import LiveRows
@@ -447,6 +447,7 @@ class Run(RunResults):
             self.plan_lookups = list(lookups or [])  # what the manager looked up (wide tables)
             self.plan_origin = origin
             self.plan_reused_from = "store" if origin == "reused" else None
+            self.notices.extend(self._cascade_notices())
             self._set_state("awaiting_approval")
             if self._may_auto_start():
                 self.start()
@@ -722,11 +723,21 @@ class Run(RunResults):
         assert self.plan is not None
         if not cascade_eligible(self.plan.stage(stage_id)):
             raise UserInputError(
-                f"stage {stage_id!r} cannot run as a cascade: only a map of one row per call "
-                "whose every output is a choice, a boolean or an integer can (set batch_size 1 "
-                "and give its outputs choices)"
+                f"stage {stage_id!r} cannot run as a cascade: "
+                f"{not_eligible_because(self.plan.stage(stage_id))}"
             )
         return cascade
+
+    def _cascade_notices(self) -> list[str]:
+        """With --cascade, the map stages of the plan that run on one model only, and why."""
+        if self.setup.cascade is None or self.plan is None:
+            return []
+        found = []
+        for stage in self.plan.stages:
+            why = not_eligible_because(stage) if stage.kind == "map" else None
+            if why:
+                found.append(f"--cascade: stage {stage.id!r} runs on one model only: {why}")
+        return found
 
     def cascade_of(self, stage_id: str) -> Cascade | None:
         """The cascade a stage runs as: the choice made for it, else the run's `--cascade`."""

@@ -3,6 +3,7 @@ per model at two test servers, calibration answers are never bought twice."""
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -234,3 +235,25 @@ def test_an_endpoint_that_sends_no_logprobs_sends_every_row_to_the_strong_model(
     report = run.cascade()
     assert not report["informative"] and report["strong_share"] == 1.0
     assert strong_model.calls == 100
+
+
+def test_a_stage_that_cannot_run_as_a_cascade_says_why_and_what_to_change(fake_server, tmp_path):
+    from apwa_jupyter.testing import Reply
+    from apwa_jupyter.testing.cascade_models import PLAN
+    from apwa_jupyter.testing.fake_server import is_manager_request
+
+    with_free_text = json.loads(json.dumps(PLAN))
+    with_free_text["stages"][0]["outputs"].append({"name": "why", "type": "string"})
+    strong_model = ColourModel("strong")
+
+    def cheap(body: dict[str, Any]) -> Any:
+        return Reply.json(with_free_text) if is_manager_request(body) else strong_model(body)
+
+    session = session_of(fake_server(cheap), fake_server(ColourModel("strong")), tmp_path)
+    run = session.plan("Colour of {items}", {"items": items(10)}, cascade="default,strong").wait()
+    assert run.cascade_of("label") is None
+    said = "--cascade: stage 'label' runs on one model only: its output(s) ['why'] are free text"
+    assert any(n.startswith(said) for n in run.notices), run.notices
+    assert said in run_text(run)
+    with pytest.raises(UserInputError, match=r"free text; give them choices or remove them"):
+        run.edit_stage("label", cascade="default,strong")

@@ -77,12 +77,24 @@ class Cascade:
 
 def eligible(stage: Any) -> bool:
     """A cascade applies to a one-row-a-call map whose every output is a choice, bool or int."""
-    return (
-        isinstance(stage, MapStage)
-        and stage.batch_size == 1
-        and not stage.tools
-        and all(o.choices or o.type in ("boolean", "integer") for o in stage.outputs)
-    )
+    return isinstance(stage, MapStage) and not_eligible_because(stage) is None
+
+
+def not_eligible_because(stage: Any) -> str | None:
+    """Why a map stage cannot run as a cascade, in words that say what to change (None: it can)."""
+    if not isinstance(stage, MapStage):
+        return f"it is a {stage.kind} stage, and only maps run as cascades"
+    if stage.batch_size != 1:
+        return f"it sends {stage.batch_size} rows a call; set batch_size to 1"
+    if stage.tools:
+        return "it calls tools"
+    free = [o.name for o in stage.outputs if not (o.choices or o.type in ("boolean", "integer"))]
+    if free:
+        return (
+            f"its output(s) {free} are free text; give them choices or remove them "
+            f"(_apwa.edit_stage({stage.id!r}, outputs=[...]))"
+        )
+    return None
 
 
 # -- the threshold ---------------------------------------------------------------------------------
