@@ -21,6 +21,7 @@ down): finished rows are kept and `retry_failed()` runs only what is missing.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 import uuid
@@ -99,7 +100,7 @@ class Run(RunResults):
         self._plan: Plan | None = None
         self.plan_attempts = 0
         self.plan_fixes: list[str] = []
-        self.notices: list[str] = []  # limits that apply to this run, said once
+        self._notices: list[str] = []  # limits that apply to this run, said once
         self.manager_usage = Usage()
         self.worker_usage = Usage()
         # Who answers, known once planning has chosen the endpoint (`endpoint_chosen`);
@@ -416,7 +417,7 @@ class Run(RunResults):
         with self._lock:
             self.worker_model, self.endpoint_description = model, description
             self.endpoint_id = endpoint_id
-            self.notices.extend(notices or [])
+            self._notices.extend(notices or [])
 
     def plan_ready(
         self,
@@ -447,7 +448,6 @@ class Run(RunResults):
             self.plan_lookups = list(lookups or [])  # what the manager looked up (wide tables)
             self.plan_origin = origin
             self.plan_reused_from = "store" if origin == "reused" else None
-            self.notices.extend(self._cascade_notices())
             self._set_state("awaiting_approval")
             if self._may_auto_start():
                 self.start()
@@ -716,9 +716,14 @@ class Run(RunResults):
         """A stage's cascade choice, checked: its models are known, the stage can take one."""
         if cascade is None:
             return None
-        if isinstance(cascade, str):
+        if isinstance(cascade, str):  # the run's --target and --calibration, other models
             run_wide = self.setup.cascade
-            cascade = Cascade.parse(cascade, run_wide.target if run_wide else Cascade.target)
+            named = Cascade.parse(cascade, run_wide.target if run_wide else Cascade.target)
+            cascade = (
+                dataclasses.replace(run_wide, cheap=named.cheap, strong=named.strong)
+                if run_wide
+                else named
+            )
         cascade.check(self.setup.models)
         assert self.plan is not None
         if not cascade_eligible(self.plan.stage(stage_id)):
@@ -727,6 +732,15 @@ class Run(RunResults):
                 f"{not_eligible_because(self.plan.stage(stage_id))}"
             )
         return cascade
+
+    @property
+    def notices(self) -> list[str]:
+        """Limits that apply to this run, and (with --cascade) the stages that run on one model.
+
+        The cascade ones are read from the plan as it stands, so an edit that makes a stage
+        eligible (removing its free-text output) also removes the notice.
+        """
+        return [*self._notices, *self._cascade_notices()]
 
     def _cascade_notices(self) -> list[str]:
         """With --cascade, the map stages of the plan that run on one model only, and why."""

@@ -257,3 +257,26 @@ def test_a_stage_that_cannot_run_as_a_cascade_says_why_and_what_to_change(fake_s
     assert said in run_text(run)
     with pytest.raises(UserInputError, match=r"free text; give them choices or remove them"):
         run.edit_stage("label", cascade="default,strong")
+
+
+def test_removing_the_free_text_output_puts_the_stage_under_the_runs_cascade(fake_server, tmp_path):
+    from apwa_jupyter.testing import Reply
+    from apwa_jupyter.testing.cascade_models import PLAN
+    from apwa_jupyter.testing.fake_server import is_manager_request
+
+    with_free_text = json.loads(json.dumps(PLAN))
+    with_free_text["stages"][0]["outputs"].append({"name": "why", "type": "string"})
+    cheap_model = ColourModel("informative")
+
+    def cheap(body: dict[str, Any]) -> Any:
+        return Reply.json(with_free_text) if is_manager_request(body) else cheap_model(body)
+
+    session = session_of(fake_server(cheap), fake_server(ColourModel("strong")), tmp_path)
+    wide = Cascade("default", "strong", target=0.9, calibration=40)
+    run = session.plan("Colour of {items}", {"items": items(100)}, cascade=wide).wait()
+    assert run.notices
+    kept = [o.model_dump() for o in run.plan.stage("label").outputs if o.choices]
+    run.edit_stage("label", outputs=kept)
+    assert run.notices == [] and run.cascade_of("label") == wide  # the notice went with it
+    run.edit_stage("label", cascade="strong,default")  # other models, the run's calibration
+    assert run.cascade_of("label") == Cascade("strong", "default", target=0.9, calibration=40)

@@ -53,3 +53,14 @@ def test_schema_extraction_reports_field_accuracy(tmp_path, monkeypatch):
     assert report["state"].startswith("done")
     assert report["rows"] == 8  # one result row per document, whatever the plan batched
     assert report["subtasks"] >= 1
+
+
+def test_cascade_notebook_sends_the_unsure_rows_to_the_strong_model(tmp_path, monkeypatch):
+    """The embedded model as `default`, a test server that knows the labels as `strong`."""
+    report, texts = run_notebook("cascade.ipynb", tmp_path, monkeypatch)
+    assert "--cascade: stage" in "\n".join(texts)  # the manager's free text, said before Run
+    assert report["rows"] == 160 and report["confidence"] == "logprobs"  # scored choices
+    assert report["calibration_rows"] == 60
+    assert report["strong_rows"] == report["strong_calls"]  # calibration answers reused
+    assert report["strong_share"] == round(report["strong_rows"] / 160, 3)
+    assert report["accuracy"] >= 0.9  # the target, on labels the strong model knows
