@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import threading
 import time
+import types
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -47,8 +48,10 @@ from .execution import (
     typical_latency,
 )
 from .execution.batch import batched_stage_ids
+from .execution.cascade import DEFAULT as DEFAULT_MODEL
 from .execution.cascade import Cascade, not_eligible_because
 from .execution.cascade import eligible as cascade_eligible
+from .execution.cascade_run import cascade_bounds, cascade_loads
 from .execution.keys import endpoint_id, plan_key
 from .execution.live import LiveRows
 from .execution.stages.filter import prefilter_problems
@@ -287,9 +290,14 @@ class Run(RunResults):
             stored = self.stored_subtasks()
             calls = {k: n - stored.get(k, 0) for k, n in self.stage_subtasks().items()}
             loads = stage_loads(self.plan, calls, samples, models=models)
+            cascades = {s.id: c for s in self.plan.stages if (c := self.cascade_of(s.id))}
+            if cascades:  # each as its cheap and strong parts, on their own models
+                roster = {**models, DEFAULT_MODEL: self.model_name}
+                loads = cascade_loads(loads, cascades, self._models_view(), roster)
             found = estimate(
                 EstimateInput(self.model_name, loads, max_tokens=self.options.max_tokens)
             )
+            found = cascade_bounds(found, cascades) if cascades else found
             if self.setup.batch is not None:  # --batch: those stages cost the batch price
                 batched = batched_stage_ids(
                     self.plan, self.registry, self.worker_model, self.setup.models
@@ -741,6 +749,10 @@ class Run(RunResults):
         eligible (removing its free-text output) also removes the notice.
         """
         return [*self._notices, *self._cascade_notices()]
+
+    def _models_view(self) -> Any:
+        """The run's default and roster models, as `cascade_run.confidence_source` reads them."""
+        return types.SimpleNamespace(worker_model=self.worker_model, models=self.setup.models)
 
     def _cascade_notices(self) -> list[str]:
         """With --cascade, the map stages of the plan that run on one model only, and why."""

@@ -280,3 +280,25 @@ def test_removing_the_free_text_output_puts_the_stage_under_the_runs_cascade(fak
     assert run.notices == [] and run.cascade_of("label") == wide  # the notice went with it
     run.edit_stage("label", cascade="strong,default")  # other models, the run's calibration
     assert run.cascade_of("label") == Cascade("strong", "default", target=0.9, calibration=40)
+
+
+@pytest.mark.parametrize("logprobs", [True, False])
+def test_the_estimate_prices_a_cascade_as_its_cheap_and_strong_parts(
+    fake_server, tmp_path, logprobs
+):
+    cheap_model, strong_model = ColourModel("informative"), ColourModel("strong")
+    session = session_of(fake_server(cheap_model), fake_server(strong_model), tmp_path, logprobs)
+    frame = items(2000)
+    plain = session.plan("Colour of {items}", {"items": frame}).wait().cost_estimate()
+    run = session.plan("Colour of {items}", {"items": frame}, cascade="default,strong").wait()
+    found = run.cost_estimate()
+    parts = {s.stage_id: s for s in found.stages}
+    assert set(parts) == {"label", "label (strong part)"}
+    assert parts["label"].calls == 2000 * (1 if logprobs else 3)
+    assert (parts["label"].model, parts["label (strong part)"].model) == ("gpt-4o-mini", "gpt-4o")
+    requests = parts["label (strong part)"].requests
+    assert requests.low == 500 and requests.high >= 2000  # the calibration rows .. every row
+    strong = parts["label (strong part)"].money
+    assert 0 < strong.low < strong.high / 3
+    assert strong.high > 10 * plain.money.high  # gpt-4o on every row, at most
+    assert (cheap_model.calls, strong_model.calls) == (0, 0)  # an estimate calls nobody

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from ..confidence import CONFIDENCE_COLUMN
-from ..costs import price_of
+from ..costs import Estimate, Range, price_of
 from ..models.base import Usage
 from ..plans import MapStage, ReplicateStage
 from ..sampling import Sample
@@ -26,7 +27,7 @@ from .cascade import DEFAULT, Cascade, agreement_bound, choose_threshold
 from .columns import Answers, SourceList, Sources
 from .outcomes import Failure, StageOutcome, with_outputs
 from .runner import StageInput, StageRunner
-from .stages import stage_kind
+from .stages import StageLoad, stage_kind
 from .stages.replicate import AGREEMENT_COLUMN
 
 
@@ -60,11 +61,74 @@ async def run_cascade(runner: StageRunner, stage: MapStage, cascade: Cascade) ->
 
 
 def confidence_source(spec: Any, cascade: Cascade) -> str:
-    """Where the cheap model's confidence comes from: "logprobs" or "agreement" (of samples)."""
+    """Where the cheap model's confidence comes from: "logprobs" or "agreement" (of samples).
+
+    `spec` is anything with the run's `worker_model` and its roster `models`.
+    """
     model = spec.worker_model if cascade.cheap == DEFAULT else spec.models.get(cascade.cheap)
     if getattr(model, "logprobs", False) or getattr(model, "choice_scoring", "") == "logprobs":
         return "logprobs"
     return "agreement"
+
+
+def cascade_loads(
+    loads: list[StageLoad],
+    cascades: dict[str, Cascade],
+    spec: Any,
+    models: Mapping[str, str | None],
+) -> list[StageLoad]:
+    """The estimate's loads with each cascade stage as its two parts, each on its own model.
+
+    The cheap part calls every row once (log-probabilities) or `samples` times; the strong part
+    is priced as if every row went to it (`cascade_bounds` narrows its low end to the
+    calibration rows): before calibration nobody knows how many rows it will get.
+    """
+    out: list[StageLoad] = []
+    for load in loads:
+        cascade = cascades.get(load.stage_id)
+        if cascade is None:
+            out.append(load)
+            continue
+        calls = 1 if confidence_source(spec, cascade) == "logprobs" else cascade.samples
+        out.append(
+            dataclasses.replace(load, calls=load.calls * calls, model=models.get(cascade.cheap))
+        )
+        out.append(
+            dataclasses.replace(
+                load, stage_id=strong_part(load.stage_id), model=models.get(cascade.strong)
+            )
+        )
+    return out
+
+
+def strong_part(stage_id: str) -> str:
+    """The estimate's name for a cascade stage's strong part."""
+    return f"{stage_id} (strong part)"
+
+
+def cascade_bounds(found: Estimate, cascades: dict[str, Cascade]) -> Estimate:
+    """The strong parts' low ends at the calibration rows (their high: every row)."""
+    stages = []
+    for part in found.stages:
+        owner = next((c for s, c in cascades.items() if strong_part(s) == part.stage_id), None)
+        if owner is None or not part.calls:
+            stages.append(part)
+            continue
+        least = min(owner.calibration, part.calls) / part.calls
+        stages.append(
+            dataclasses.replace(
+                part,
+                requests=_low_at(part.requests, least),
+                input_tokens=_low_at(part.input_tokens, least),
+                output_tokens=_low_at(part.output_tokens, least),
+                message_tokens=_low_at(part.message_tokens, least),
+            )
+        )
+    return dataclasses.replace(found, stages=stages)
+
+
+def _low_at(figure: Range, share: float) -> Range:
+    return Range(figure.low * share, figure.high, figure.high)
 
 
 async def _cheap_step(
