@@ -118,11 +118,14 @@ class StageCounts:
     retried: int = 0
     retried_done: int = 0
     rerunning: bool = False  # this retry runs the stage now: its old failures are stale
+    phase: str = ""  # the step a stage that runs in steps is in (a cascade's)
 
     @property
     def label(self) -> str:
-        """`35/50 done` or `30/50 done (10 earlier, 20/40 retried)`."""
+        """`35/50 done`, `30/50 done (10 earlier, 20/40 retried)`, `cheap model: 35/50 done`."""
         text = f"{self.done:,}/{self.total:,} done"
+        if self.phase:
+            text = f"{self.phase}: {text}"
         if self.retried:
             text += f" ({self.earlier:,} earlier, {self.retried_done:,}/{self.retried:,} retried)"
         return text
@@ -138,6 +141,8 @@ def stage_counts(run: Run, stage_id: str, p: StageProgress) -> StageCounts:
     is used as is.
     """
     running = max(p.running, 0)
+    if p.phase:  # a step of the stage (its counters restarted with it)
+        return StageCounts(p.total, p.done, p.failed, p.skipped, running, p.retries, phase=p.phase)
     plain = StageCounts(p.total, p.done, p.failed, p.skipped, running, p.retries)
     began = run.started_at
     if began is None or p.started_at is None or p.started_at >= began:

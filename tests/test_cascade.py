@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -302,3 +303,35 @@ def test_the_estimate_prices_a_cascade_as_its_cheap_and_strong_parts(
     assert 0 < strong.low < strong.high / 3
     assert strong.high > 10 * plain.money.high  # gpt-4o on every row, at most
     assert (cheap_model.calls, strong_model.calls) == (0, 0)  # an estimate calls nobody
+
+
+def test_a_cascade_in_progress_says_which_step_it_is_in_with_that_steps_counts(
+    fake_server, tmp_path
+):
+    import threading
+
+    from apwa_jupyter.display import progress_text
+
+    cheap_model, strong_model = ColourModel("informative"), ColourModel("strong")
+    release = threading.Event()
+
+    def held_strong(body: dict[str, Any]) -> Any:
+        reply = strong_model(body)
+        reply.hold = release
+        return reply
+
+    session = session_of(fake_server(cheap_model), fake_server(held_strong), tmp_path, True)
+    wide = Cascade("default", "strong", target=0.9, calibration=60)
+    run = session.plan("Colour of {items}", {"items": items(300)}, cascade=wide).wait()
+    run.start()
+    try:
+        deadline = time.monotonic() + 60
+        while "calibration on strong: 0/60 done" not in progress_text(run):
+            assert time.monotonic() < deadline, progress_text(run)
+            time.sleep(0.05)
+        assert cheap_model.calls == 300  # the cheap step is over: its own counts are gone
+    finally:
+        release.set()
+    run.wait(60)
+    assert run.state == "done"
+    assert progress_text(run).startswith("  label: 300/300 done")  # the stage as a whole
