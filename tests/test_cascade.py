@@ -238,29 +238,8 @@ def test_an_endpoint_that_sends_no_logprobs_sends_every_row_to_the_strong_model(
     assert strong_model.calls == 100
 
 
-def test_a_stage_that_cannot_run_as_a_cascade_says_why_and_what_to_change(fake_server, tmp_path):
-    from apwa_jupyter.testing import Reply
-    from apwa_jupyter.testing.cascade_models import PLAN
-    from apwa_jupyter.testing.fake_server import is_manager_request
-
-    with_free_text = json.loads(json.dumps(PLAN))
-    with_free_text["stages"][0]["outputs"].append({"name": "why", "type": "string"})
-    strong_model = ColourModel("strong")
-
-    def cheap(body: dict[str, Any]) -> Any:
-        return Reply.json(with_free_text) if is_manager_request(body) else strong_model(body)
-
-    session = session_of(fake_server(cheap), fake_server(ColourModel("strong")), tmp_path)
-    run = session.plan("Colour of {items}", {"items": items(10)}, cascade="default,strong").wait()
-    assert run.cascade_of("label") is None
-    said = "--cascade: stage 'label' runs on one model only: its output(s) ['why'] are free text"
-    assert any(n.startswith(said) for n in run.notices), run.notices
-    assert said in run_text(run)
-    with pytest.raises(UserInputError, match=r"free text; give them choices or remove them"):
-        run.edit_stage("label", cascade="default,strong")
-
-
-def test_removing_the_free_text_output_puts_the_stage_under_the_runs_cascade(fake_server, tmp_path):
+def planning_a_free_text_output(fake_server: Any, tmp_path: Any) -> Session:
+    """A session whose manager adds a free-text `why` to the colour stage (no cascade for it)."""
     from apwa_jupyter.testing import Reply
     from apwa_jupyter.testing.cascade_models import PLAN
     from apwa_jupyter.testing.fake_server import is_manager_request
@@ -272,7 +251,22 @@ def test_removing_the_free_text_output_puts_the_stage_under_the_runs_cascade(fak
     def cheap(body: dict[str, Any]) -> Any:
         return Reply.json(with_free_text) if is_manager_request(body) else cheap_model(body)
 
-    session = session_of(fake_server(cheap), fake_server(ColourModel("strong")), tmp_path)
+    return session_of(fake_server(cheap), fake_server(ColourModel("strong")), tmp_path)
+
+
+def test_a_stage_that_cannot_run_as_a_cascade_says_why_and_what_to_change(fake_server, tmp_path):
+    session = planning_a_free_text_output(fake_server, tmp_path)
+    run = session.plan("Colour of {items}", {"items": items(10)}, cascade="default,strong").wait()
+    assert run.cascade_of("label") is None
+    said = "--cascade: stage 'label' runs on one model only: its output(s) ['why'] are free text"
+    assert any(n.startswith(said) for n in run.notices), run.notices
+    assert said in run_text(run)
+    with pytest.raises(UserInputError, match=r"free text; give them choices or remove them"):
+        run.edit_stage("label", cascade="default,strong")
+
+
+def test_removing_the_free_text_output_puts_the_stage_under_the_runs_cascade(fake_server, tmp_path):
+    session = planning_a_free_text_output(fake_server, tmp_path)
     wide = Cascade("default", "strong", target=0.9, calibration=40)
     run = session.plan("Colour of {items}", {"items": items(100)}, cascade=wide).wait()
     assert run.notices
@@ -281,28 +275,6 @@ def test_removing_the_free_text_output_puts_the_stage_under_the_runs_cascade(fak
     assert run.notices == [] and run.cascade_of("label") == wide  # the notice went with it
     run.edit_stage("label", cascade="strong,default")  # other models, the run's calibration
     assert run.cascade_of("label") == Cascade("strong", "default", target=0.9, calibration=40)
-
-
-@pytest.mark.parametrize("logprobs", [True, False])
-def test_the_estimate_prices_a_cascade_as_its_cheap_and_strong_parts(
-    fake_server, tmp_path, logprobs
-):
-    cheap_model, strong_model = ColourModel("informative"), ColourModel("strong")
-    session = session_of(fake_server(cheap_model), fake_server(strong_model), tmp_path, logprobs)
-    frame = items(2000)
-    plain = session.plan("Colour of {items}", {"items": frame}).wait().cost_estimate()
-    run = session.plan("Colour of {items}", {"items": frame}, cascade="default,strong").wait()
-    found = run.cost_estimate()
-    parts = {s.stage_id: s for s in found.stages}
-    assert set(parts) == {"label", "label (strong part)"}
-    assert parts["label"].calls == 2000 * (1 if logprobs else 3)
-    assert (parts["label"].model, parts["label (strong part)"].model) == ("gpt-4o-mini", "gpt-4o")
-    requests = parts["label (strong part)"].requests
-    assert requests.low == 500 and requests.high >= 2000  # the calibration rows .. every row
-    strong = parts["label (strong part)"].money
-    assert 0 < strong.low < strong.high / 3
-    assert strong.high > 10 * plain.money.high  # gpt-4o on every row, at most
-    assert (cheap_model.calls, strong_model.calls) == (0, 0)  # an estimate calls nobody
 
 
 def test_a_cascade_in_progress_says_which_step_it_is_in_with_that_steps_counts(
