@@ -76,6 +76,9 @@ def test_cascade_options_are_checked():
     assert parse_config_settings({"logprobs": "true"}) == {"logprobs": True}
     with pytest.raises(UserInputError, match="say true or false"):
         parse_config_settings({"logprobs": "maybe"})
+    session = Session(endpoint=EndpointConfig(base_url="http://127.0.0.1:9/v1", model="m"))
+    with pytest.raises(UserInputError, match="a cascade's strong model is another"):
+        session.plan("Colour of {items}", {"items": items(3)}, cascade="default,x", record="f")
 
 
 # -- end to end, counted at the servers ---------------------------------------------------------
