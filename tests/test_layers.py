@@ -18,6 +18,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         "leaf modules",
         {
             "errors",
+            "confidence",
             "encoding",
             "prompt_syntax",
             "config",
