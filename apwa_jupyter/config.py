@@ -61,6 +61,12 @@ class EndpointConfig(BaseModel):
         description="'llama.cpp': structured output goes as a compact JSON grammar, which stops "
         "small models from spending their token budget on whitespace between JSON tokens.",
     )
+    cache_control: bool = Field(
+        default=False,
+        description="True for endpoints that cache only marked prompt prefixes (Anthropic-style): "
+        "the part of a request every call of its stage shares is sent as its own content part "
+        'with "cache_control": {"type": "ephemeral"}. OpenAI caches prefixes without a mark.',
+    )
     choice_scoring: Literal["generate", "logprobs"] = Field(
         default="generate",
         description="'logprobs': a field with allowed choices is answered by scoring each choice's "

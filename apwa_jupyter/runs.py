@@ -238,6 +238,33 @@ class Run(RunResults):
             "side_effects": self.side_effect_stages(),
         }
 
+    def stage_stats(self) -> dict[str, dict[str, Any]]:
+        """Per finished stage: requests, tokens, what the prompt cache saved, and money.
+
+        `shared_prefix_share` is the share of the stage's prompt tokens (as sent, counted like
+        the cost estimate counts) that came before the row data: the same bytes in every
+        request, which a provider can cache. `cached_tokens` is what the provider reports it
+        did cache; `usd` bills those at the model's cached price (None: no price known).
+        """
+        stats: dict[str, dict[str, Any]] = {}
+        with self._lock:
+            outcomes = list(self.outcomes.items())
+        for stage_id, outcome in outcomes:
+            used = outcome.spent
+            price = self.meter.price_for(stage_id)
+            share = used.shared_prefix_share
+            stats[stage_id] = {
+                "requests": used.requests,
+                "prompt_tokens": used.prompt_tokens,
+                "completion_tokens": used.completion_tokens,
+                "cached_tokens": used.cached_tokens,
+                "shared_prefix_share": None if share is None else round(share, 4),
+                "usd": None
+                if price is None
+                else price.cost(used.prompt_tokens, used.completion_tokens, used.cached_tokens),
+            }
+        return stats
+
     # -- plan ----------------------------------------------------------------------------------
     def stage_subtasks(self) -> dict[str, int]:
         """How many subtasks each stage expands to (estimated for stages fed by other stages)."""

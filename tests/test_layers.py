@@ -20,6 +20,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "errors",
             "encoding",
             "prompt_syntax",
+            "prompt_cache",
             "config",
             "events",
             "ratelimit",
