@@ -46,6 +46,7 @@ from .execution import (
     typical_latency,
 )
 from .execution.batch import batched_stage_ids
+from .execution.batch_size import choose_batch_sizes
 from .execution.keys import endpoint_id, plan_key
 from .execution.live import LiveRows
 from .execution.stages.filter import prefilter_problems
@@ -97,6 +98,8 @@ class Run(RunResults):
         self._plan: Plan | None = None
         self.plan_attempts = 0
         self.plan_fixes: list[str] = []
+        # Per stage whose batch_size was chosen by tokens: how many rows a call, and why.
+        self.batch_sizes: dict[str, str] = {}
         self.notices: list[str] = []  # limits that apply to this run, said once
         self.manager_usage = Usage()
         self.worker_usage = Usage()
@@ -161,7 +164,20 @@ class Run(RunResults):
                 problems = self.plan_problems(plan)
                 if problems:
                     raise UserInputError("That plan is invalid: " + "; ".join(problems))
+                plan = self._sized(plan)
             self._plan = plan
+
+    def _sized(self, plan: Plan) -> Plan:
+        """The plan with each row stage's missing batch_size chosen by tokens (`batch_sizes`)."""
+        plan, chosen = choose_batch_sizes(
+            plan,
+            self.tables,  # the whole tables (a sample of their rows is measured)
+            self.worker_model,
+            self.options.max_tokens,
+            cascade=self.setup.cascade is not None,
+        )
+        self.batch_sizes = {**self.batch_sizes, **{k: v.reason for k, v in chosen.items()}}
+        return plan
 
     # -- observing ---------------------------------------------------------------------------
     def subscribe(self, listener: Listener) -> Callable[[], None]:

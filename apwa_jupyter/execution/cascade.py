@@ -79,7 +79,7 @@ def eligible(stage: Any) -> bool:
     """A cascade applies to a one-row-a-call map whose every output is a choice, bool or int."""
     return (
         isinstance(stage, MapStage)
-        and stage.batch_size == 1
+        and stage.rows_per_call == 1
         and not stage.tools
         and all(o.choices or o.type in ("boolean", "integer") for o in stage.outputs)
     )
