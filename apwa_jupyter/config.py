@@ -206,6 +206,9 @@ def _secret(key: str | None) -> SecretStr:
 # -- run settings the magic, the session and Python callers share (one check each) -------------
 # Limits of an endpoint: requests in flight, requests and tokens per minute.
 ENDPOINT_LIMITS = ("max_concurrency", "rpm", "tpm")
+# Endpoint settings `%apwa config` changes like the limits: the prompt-cache marker (issue #20)
+# and the context window rows per call are chosen by.
+ENDPOINT_OPTIONS = ("cache_control", "context_tokens")
 
 
 def parse_tool_list(value: str | list[str] | None) -> list[str]:

@@ -190,3 +190,19 @@ def test_an_endpoint_that_needs_markers_gets_the_shared_prefix_as_a_marked_part(
 def test_without_the_option_messages_stay_plain_strings(fake_server, registry):
     _, server = long_prefix_run(fake_server, registry)
     assert all(isinstance(m["content"], str) for b in server.requests for m in b["messages"])
+
+
+def test_the_marker_and_the_context_are_endpoint_settings():
+    from apwa_jupyter.errors import UserInputError
+    from apwa_jupyter.parsers import parse_config_settings
+    from apwa_jupyter.session import Session
+
+    settings = parse_config_settings({"cache_control": "true", "context_tokens": "200000"})
+    assert settings == {"cache_control": True, "context_tokens": 200_000}
+    with pytest.raises(UserInputError, match="give true or false"):
+        parse_config_settings({"cache_control": "maybe"})
+    session = Session()
+    session.configure(base_url="http://127.0.0.1:9/v1", model="claude-sonnet-4")
+    session.configure(**settings)
+    endpoint = session.resolved_endpoint()
+    assert endpoint is not None and endpoint.cache_control and endpoint.context_tokens == 200_000
