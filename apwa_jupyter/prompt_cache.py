@@ -24,9 +24,17 @@ CACHE_CONTROL = {"type": "ephemeral"}
 
 
 def shared_chars(user: str) -> int:
-    """Characters of a worker's user message before its row data (0: it holds no data block)."""
-    at = user.rfind(DATA_OPENING)
-    return 0 if at < 0 else at + len(DATA_OPENING)
+    """Characters of a worker's user message before its first data (0: it holds no data).
+
+    A row stage's first data is its data block (the opening line belongs to the shared part);
+    a reduce may fill a group key into its instruction, inline, and that is where it ends. (A
+    reduce's header, "Inputs (3 items, group ...)", also differs between calls and is counted
+    as shared: a few tokens.)
+    """
+    at = user.find("<data>")
+    if at < 0:
+        return 0
+    return at + len(DATA_OPENING) if user.startswith(DATA_OPENING, at) else at
 
 
 def common_prefix(a: str, b: str) -> int:
