@@ -37,7 +37,7 @@ MAX_INSTRUCTION = 1000
 MAX_BATCH_SIZE = 50
 # A row stage's batch_size left null is chosen by tokens before Run (execution/batch_size.py).
 BATCH_SIZE_DOC = (
-    "Rows per subtask; null (usually best): chosen from the model's context and the rows' length"
+    "Rows per subtask; null (usually best): chosen by tokens (context window, rows' length)"
 )
 
 
