@@ -81,15 +81,61 @@ def reviews(n: int = ROWS) -> pd.DataFrame:
     return pd.DataFrame({"text": texts})
 
 
-def plan(batch_size: int | None) -> dict[str, Any]:
+# The same task with a labelling guide: each label described (up to the plan schema's 200
+# characters), so the shared prefix passes the 1,024 tokens OpenAI caches from.
+GUIDE = {
+    "sentiment": "positive: the customer is satisfied and would buy again; negative: the product "
+    "failed, broke or was not as described; mixed: both praise and a real complaint",
+    "category": "kitchen: appliances and cookware; audio: headphones, speakers; footwear: shoes; "
+    "garden: hoses, tools for plants; toys: games, puzzles; office: stationery, staplers",
+}
+GUIDE_INSTRUCTION = (
+    INSTRUCTION
+    + "\nRead the whole review before labelling. Judge the sentiment from what the customer says "
+    "about the product itself, not about delivery, packaging or the seller. When a review names "
+    "several products, label the one it is mostly about. When two categories fit, take the more "
+    "specific one; never answer a label that is not listed. Sarcasm counts as what it means. "
+    "A review that only asks a question is mixed. Damage in transit is not a product failure. "
+    "Repeat customers who mention an earlier unit are judged on the current one. "
+)[:1000]
+EXTRA_FIELDS = [
+    {
+        "name": f"aspect_{k}",
+        "type": "string",
+        "choices": [
+            f"{a} is mentioned"
+            for a in (
+                "price",
+                "quality",
+                "size",
+                "noise",
+                "speed",
+                "weight",
+                "colour",
+                "smell",
+                "warranty",
+                "battery",
+                "manual",
+            )
+        ]
+        + ["not mentioned"],
+        "description": f"whether the review talks about aspect {k} of the product; "
+        "answer not mentioned when the review is silent about it, never guess from the category",
+    }
+    for k in range(1, 7)
+]
+
+
+def plan(batch_size: int | None, guide: bool = False) -> dict[str, Any]:
+    outputs = [{"description": GUIDE.get(o["name"], "") if guide else "", **o} for o in OUTPUTS]
     stage: dict[str, Any] = {
         "id": "label",
         "kind": "map",
         "source": "reviews",
-        "instruction": INSTRUCTION,
+        "instruction": GUIDE_INSTRUCTION if guide else INSTRUCTION,
         "tools": [],
         "depends_on": [],
-        "outputs": [{"description": "", **o} for o in OUTPUTS],
+        "outputs": outputs + (EXTRA_FIELDS if guide else []),
     }
     if batch_size is not None:
         stage["batch_size"] = batch_size
@@ -102,12 +148,12 @@ def answer(body: dict[str, Any]) -> Any:
     return fill_schema(schema)
 
 
-def floor_per_row(frame: pd.DataFrame) -> float:
+def floor_per_row(frame: pd.DataFrame, guide: bool = False) -> float:
     """Instruction + row + answer tokens of one row: what no layout can avoid sending."""
-    one = plan(1)["stages"][0]
+    one = plan(1, guide)["stages"][0]
     schema = {
         "type": "object",
-        "properties": {o["name"]: {"type": "string", "enum": o["choices"]} for o in OUTPUTS},
+        "properties": {o["name"]: {"type": "string", "enum": o["choices"]} for o in one["outputs"]},
     }
     answer_tokens = chars_over_4(json.dumps(fill_schema(schema)))
     rows = [chars_over_4(json_line({"text": t})) for t in frame["text"]]
@@ -144,9 +190,11 @@ def server_shared_share(requests: list[dict[str, Any]]) -> float:
     return shared / total if total else 0.0
 
 
-def run_once(frame: pd.DataFrame, batch_size: int | None, folder: str) -> dict[str, Any]:
+def run_once(
+    frame: pd.DataFrame, batch_size: int | None, folder: str, guide: bool = False
+) -> dict[str, Any]:
     """One run of the task; the figures per row."""
-    given = plan(batch_size)
+    given = plan(batch_size, guide)
     os.environ["APWA_CACHE_DIR"] = tempfile.mkdtemp(dir=folder)  # nothing answered from a store
 
     def respond(body: dict[str, Any]) -> Any:
@@ -201,6 +249,8 @@ def main() -> None:
         chosen = run_once(frame, None, folder)
         sizes = sorted({1, 2, 5, 10, 20} - {chosen["batch_size"]})
         rows = [run_once(frame, size, folder) for size in sizes]
+        guided_chosen = run_once(frame, None, folder, guide=True)
+        guided = [run_once(frame, 1, folder, guide=True), guided_chosen]
     rows = sorted([*rows, chosen], key=lambda r: r["batch_size"])
     floor = floor_per_row(frame)
     best = min(r["prompt_per_row"] + r["completion_per_row"] for r in rows)
@@ -214,6 +264,12 @@ def main() -> None:
         "task": f"{ROWS:,} reviews -> sentiment (3 choices) and category (8 choices)",
         "tokens": "characters / 4 of the messages (the test server's count and the estimate's)",
         "before": before,
+        "with_a_labelling_guide": {
+            "about": "the same rows, each label described and six more choice fields: a shared "
+            "prefix over 1,024 tokens, which the server caches (OpenAI's rule)",
+            "floor_per_row": round(floor_per_row(frame, guide=True), 2),
+            "rows": guided,
+        },
         "prices": f"{MODEL}: {price.input_per_m} input, {price.cached_per_m} cached input, "
         f"{price.output_per_m} output USD per 1M tokens ({price.source})"
         if price
