@@ -61,6 +61,12 @@ class EndpointConfig(BaseModel):
         description="'llama.cpp': structured output goes as a compact JSON grammar, which stops "
         "small models from spending their token budget on whitespace between JSON tokens.",
     )
+    cache_control: bool = Field(
+        default=False,
+        description="True for endpoints that cache only marked prompt prefixes (Anthropic-style): "
+        "the part of a request every call of its stage shares is sent as its own content part "
+        'with "cache_control": {"type": "ephemeral"}. OpenAI caches prefixes without a mark.',
+    )
     choice_scoring: Literal["generate", "logprobs"] = Field(
         default="generate",
         description="'logprobs': a field with allowed choices is answered by scoring each choice's "
@@ -207,8 +213,12 @@ def _secret(key: str | None) -> SecretStr:
 # -- run settings the magic, the session and Python callers share (one check each) -------------
 # Limits of an endpoint: requests in flight, requests and tokens per minute.
 ENDPOINT_LIMITS = ("max_concurrency", "rpm", "tpm")
-# What `%apwa config` may set on an endpoint besides its address, model and key.
-ENDPOINT_SETTINGS = (*ENDPOINT_LIMITS, "logprobs")
+# Endpoint settings `%apwa config` changes like the limits: the prompt-cache marker (issue #20),
+# the context window rows per call are chosen by, and whether it returns token log-probabilities
+# (a cascade's confidence, issue #19).
+ENDPOINT_OPTIONS = ("cache_control", "context_tokens", "logprobs")
+# All that `%apwa config` may set on an endpoint besides its address, model and key.
+ENDPOINT_SETTINGS = (*ENDPOINT_LIMITS, *ENDPOINT_OPTIONS)
 
 
 def parse_tool_list(value: str | list[str] | None) -> list[str]:

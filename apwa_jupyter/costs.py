@@ -13,7 +13,11 @@ override them (`set_price`, or a JSON file named by `APWA_PRICES`). A model not 
 no money figure, only tokens: a guessed price would be worse than none. The batch column
 (`BATCH_PRICES`, `batch_price_of`) is what a request sent through the provider's Batch API costs
 (`--batch`; OpenAI bills half); a model without a known batch price is charged the standard one,
-so a batch budget is never looser than a live one.
+so a batch budget is never looser than a live one. The cached-input column
+(`CACHED_INPUT_PRICES`) is what a prompt token costs when the provider answers it from its prompt
+cache (the usage's `prompt_tokens_details.cached_tokens`); a model without one bills its cached
+tokens at the input price. Anthropic also bills writing a prefix into its cache (1.25x input);
+that premium is not modelled.
 """
 
 from __future__ import annotations
@@ -89,6 +93,37 @@ BATCH_PRICES: dict[str, tuple[float, float]] = {
     "gpt-3.5-turbo": (0.25, 0.75),
 }
 
+# The cached-input column: model -> USD per 1M prompt tokens read from the provider's prompt
+# cache, as of CACHED_PRICES_AS_OF (OpenAI's, Anthropic's cache reads, Google's context caching
+# up to 200k tokens, DeepSeek's cache hits). gpt-4-turbo and gpt-3.5-turbo have no cached price.
+CACHED_PRICES_AS_OF = "2025-08"
+CACHED_INPUT_PRICES: dict[str, float] = {
+    "gpt-4o": 1.25,
+    "gpt-4o-mini": 0.075,
+    "gpt-4.1": 0.50,
+    "gpt-4.1-mini": 0.10,
+    "gpt-4.1-nano": 0.025,
+    "gpt-5": 0.125,
+    "gpt-5-mini": 0.025,
+    "gpt-5-nano": 0.005,
+    "o1": 7.50,
+    "o3": 0.50,
+    "o3-mini": 0.55,
+    "o4-mini": 0.275,
+    "claude-3-5-sonnet": 0.30,
+    "claude-3-7-sonnet": 0.30,
+    "claude-sonnet-4": 0.30,
+    "claude-3-5-haiku": 0.08,
+    "claude-3-haiku": 0.03,
+    "claude-3-opus": 1.50,
+    "claude-opus-4": 1.50,
+    "gemini-2.0-flash": 0.025,
+    "gemini-2.5-flash": 0.075,
+    "gemini-2.5-pro": 0.31,
+    "deepseek-chat": 0.07,
+    "deepseek-reasoner": 0.14,
+}
+
 _DATE_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|latest)$")
 _OVERRIDES: dict[str, Price] = {}
 _BATCH_OVERRIDES: dict[str, Price] = {}
@@ -98,23 +133,40 @@ _BATCH_FILE_CACHE: dict[tuple[str, float], dict[str, Price]] = {}
 
 @dataclass(frozen=True)
 class Price:
-    """USD per 1M input and output tokens, and where the figure came from."""
+    """USD per 1M input and output tokens (and cached input tokens), and where they came from.
+
+    `cached_input_per_m` None: cached prompt tokens cost the input price (no discount guessed).
+    """
 
     input_per_m: float
     output_per_m: float
     source: str = f"built-in, as of {PRICES_AS_OF}"
+    cached_input_per_m: float | None = None
+
+    def _figures(self) -> tuple[float, float, float | None]:
+        return (self.input_per_m, self.output_per_m, self.cached_input_per_m)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Price):
             return NotImplemented
-        return (self.input_per_m, self.output_per_m) == (other.input_per_m, other.output_per_m)
+        return self._figures() == other._figures()
 
     def __hash__(self) -> int:
-        return hash((self.input_per_m, self.output_per_m))
+        return hash(self._figures())
 
-    def cost(self, input_tokens: float, output_tokens: float) -> float:
-        """USD for this many tokens."""
-        return (input_tokens * self.input_per_m + output_tokens * self.output_per_m) / 1e6
+    @property
+    def cached_per_m(self) -> float:
+        """USD per 1M cached prompt tokens (the input price when no cached price is known)."""
+        return self.input_per_m if self.cached_input_per_m is None else self.cached_input_per_m
+
+    def cost(self, input_tokens: float, output_tokens: float, cached_tokens: float = 0) -> float:
+        """USD for this many tokens; `cached_tokens` (part of `input_tokens`) at the cached price."""
+        cached = min(max(cached_tokens, 0), input_tokens)
+        return (
+            (input_tokens - cached) * self.input_per_m
+            + cached * self.cached_per_m
+            + output_tokens * self.output_per_m
+        ) / 1e6
 
 
 def normalize_model(model: str) -> str:
@@ -128,17 +180,20 @@ def set_price(
     input_per_m: float,
     output_per_m: float,
     batch: tuple[float, float] | None = None,
+    cached_input_per_m: float | None = None,
 ) -> None:
     """Use these prices (USD per 1M tokens) for `model` in this process, over any other.
 
     `batch` is (input, output) through the provider's Batch API; without it, batched calls of
-    `model` cost the standard price given here.
+    `model` cost the standard price given here. `cached_input_per_m` is what a prompt token read
+    from the provider's cache costs; without it, cached tokens cost `input_per_m`.
     """
-    for value in (input_per_m, output_per_m, *(batch or ())):
+    cached = () if cached_input_per_m is None else (cached_input_per_m,)
+    for value in (input_per_m, output_per_m, *(batch or ()), *cached):
         if value < 0:
             raise UserInputError(f"prices must be 0 or more USD per 1M tokens, got {value}")
     name = normalize_model(model)
-    _OVERRIDES[name] = Price(input_per_m, output_per_m, "set_price")
+    _OVERRIDES[name] = Price(input_per_m, output_per_m, "set_price", cached_input_per_m)
     _BATCH_OVERRIDES.pop(name, None)
     if batch is not None:
         _BATCH_OVERRIDES[name] = Price(batch[0], batch[1], "set_price (batch)")
@@ -162,14 +217,19 @@ def _file_prices() -> dict[str, Price]:
         batch: dict[str, Price] = {}
         for model, value in raw.items():
             row = _price_row(value)
-            table[normalize_model(model)] = Price(row[0], row[1], path)
+            cached = value.get("cached_input_per_m") if isinstance(value, dict) else None
+            table[normalize_model(model)] = Price(
+                row[0], row[1], path, None if cached is None else float(cached)
+            )
             if len(row) == 4:
                 batch[normalize_model(model)] = Price(row[2], row[3], f"{path} (batch)")
     except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
         raise UserInputError(
             f"APWA_PRICES file {path} is not a JSON object of model: [input, output] USD per 1M "
             f'tokens, optionally with the batch prices after them (e.g. {{"my-model": [0.5, '
-            f"1.5]}} or [0.5, 1.5, 0.25, 0.75]): {exc}"
+            f"1.5]}} or [0.5, 1.5, 0.25, 0.75]), or an object with input_per_m, output_per_m "
+            "and optionally batch_input_per_m, batch_output_per_m and cached_input_per_m: "
+            f"{exc}"
         ) from None
     _FILE_CACHE.clear()
     _FILE_CACHE[(path, mtime)] = table
@@ -211,7 +271,7 @@ def price_of(model: str | None) -> Price | None:
     if from_file is not None:
         return from_file
     pair = BUILT_IN_PRICES.get(name)
-    return Price(*pair) if pair else None
+    return Price(*pair, cached_input_per_m=CACHED_INPUT_PRICES.get(name)) if pair else None
 
 
 def batch_price_of(model: str | None) -> Price | None:
@@ -237,10 +297,12 @@ def batch_price_of(model: str | None) -> Price | None:
     return price_of(model)
 
 
-def cost_usd(model: str | None, prompt_tokens: float, completion_tokens: float) -> float | None:
-    """USD for these tokens on `model`, or None when its price is unknown."""
+def cost_usd(
+    model: str | None, prompt_tokens: float, completion_tokens: float, cached_tokens: float = 0
+) -> float | None:
+    """USD for these tokens on `model` (cached prompt tokens at its cached price), or None."""
     price = price_of(model)
-    return None if price is None else price.cost(prompt_tokens, completion_tokens)
+    return None if price is None else price.cost(prompt_tokens, completion_tokens, cached_tokens)
 
 
 # -- formatting ---------------------------------------------------------------------------------
@@ -323,10 +385,11 @@ ZERO = Range(0, 0, 0)
 
 @dataclass(frozen=True)
 class Tokens:
-    """Input and output tokens of some calls."""
+    """Input and output tokens of some calls; `cached` of the input came from the prompt cache."""
 
     input: float
     output: float
+    cached: float = 0
 
     @property
     def total(self) -> float:
@@ -334,8 +397,8 @@ class Tokens:
         return self.input + self.output
 
     def money(self, price: Price) -> float:
-        """USD for these tokens at `price`."""
-        return price.cost(self.input, self.output)
+        """USD for these tokens at `price` (the cached ones at its cached price)."""
+        return price.cost(self.input, self.output, self.cached)
 
 
 @dataclass(frozen=True)
@@ -559,6 +622,7 @@ class _Spent:
     calls: int = 0
     prompt: int = 0
     completion: int = 0
+    cached: int = 0  # of `prompt`, answered from the provider's prompt cache
 
 
 @dataclass
@@ -581,13 +645,23 @@ class CostMeter:
     MIN_OBSERVED = 5
 
     def add(
-        self, prompt_tokens: int, completion_tokens: int, stage: str | None = None, calls: int = 1
+        self,
+        prompt_tokens: int,
+        completion_tokens: int,
+        stage: str | None = None,
+        calls: int = 1,
+        cached_tokens: int = 0,
     ) -> None:
-        """Count a finished subtask's usage (failed attempts too: they were billed)."""
+        """Count a finished subtask's usage (failed attempts too: they were billed).
+
+        `cached_tokens` are the part of `prompt_tokens` the provider read from its prompt
+        cache: they cost the cached price in the money spent and in the projections.
+        """
         for spent in (self._total, self._stages.setdefault(stage or "", _Spent())):
             spent.calls += calls
             spent.prompt += prompt_tokens
             spent.completion += completion_tokens
+            spent.cached += cached_tokens
 
     @property
     def calls(self) -> int:
@@ -601,8 +675,8 @@ class CostMeter:
 
     @property
     def spent(self) -> Tokens:
-        """Input and output tokens so far."""
-        return Tokens(self._total.prompt, self._total.completion)
+        """Input and output tokens so far (and the cached part of the input)."""
+        return Tokens(self._total.prompt, self._total.completion, self._total.cached)
 
     @property
     def price(self) -> Price | None:
@@ -629,7 +703,7 @@ class CostMeter:
             price = self.price_for(stage)
             if price is None:
                 return None
-            total += Tokens(spent.prompt, spent.completion).money(price)
+            total += Tokens(spent.prompt, spent.completion, spent.cached).money(price)
         return total
 
     def projected(self, calls: int, stage: str | None = None) -> Tokens:
@@ -643,7 +717,8 @@ class CostMeter:
             seen = self._total if self._total.calls else seen
         if seen is None or seen.calls == 0:
             return Tokens(0, 0)
-        return Tokens(seen.prompt / seen.calls * calls, seen.completion / seen.calls * calls)
+        share = calls / seen.calls  # as the stage's calls went, cache hits included
+        return Tokens(seen.prompt * share, seen.completion * share, seen.cached * share)
 
     def _money_price(self, budget: Budget, stage: str | None = None) -> Price:
         price = self.price_for(stage)

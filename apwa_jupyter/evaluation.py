@@ -179,6 +179,9 @@ def judge_plan(criterion: str, inputs: list[str], outputs: list[str]) -> Plan:
                     "id": JUDGE_STAGE,
                     "kind": "map",
                     "source": "answers",
+                    # One answer a call: a judge that reads several grades them against each
+                    # other, not against the criterion (so not chosen by tokens).
+                    "batch_size": 1,
                     "instruction": instruction[:1000],
                     "outputs": [
                         {"name": "score", "type": "integer", "description": "1 to 5"},

@@ -87,8 +87,9 @@ class ApwaMagics(Magics):
         value_trait=Dict(),
         default_value={},
         help="Named models a plan stage may run on, e.g. {'strong': {'base_url': URL, "
-        "'model': 'gpt-4o'}} (keys: base_url, model, max_concurrency, rpm, tpm; give an API key "
-        "with %apwa config endpoint=strong api_key, never in a config file).",
+        "'model': 'gpt-4o'}} (keys: base_url, model, max_concurrency, rpm, tpm, cache_control, "
+        "context_tokens; give an API key with %apwa config endpoint=strong api_key, never in a "
+        "config file).",
     ).tag(config=True)
 
     def __init__(self, shell: Any = None, **kwargs: Any):

@@ -113,7 +113,7 @@ Tables: <data>
 {"name":"reviews","kind":"dataframe","rows":5000,"columns":[{"name":"text","type":"string","nulls":0}],"sample":[{"text":"The kettle broke after a week."}]}
 </data>
 Tools: none
-Plan: {"summary":"Label each review's sentiment and product.","stages":[{"id":"label","kind":"map","source":"reviews","batch_size":1,"instruction":"Read this review: {text}\\nIs it positive, and which product is it about?","tools":[],"depends_on":[],"outputs":[{"name":"sentiment","type":"string","description":"positive or negative","choices":["positive","negative"]},{"name":"product","type":"string","description":"the product reviewed","choices":[]}]}],"output":"label"}"""
+Plan: {"summary":"Label each review's sentiment and product.","stages":[{"id":"label","kind":"map","source":"reviews","batch_size":null,"instruction":"Read this review: {text}\\nIs it positive, and which product is it about?","tools":[],"depends_on":[],"outputs":[{"name":"sentiment","type":"string","description":"positive or negative","choices":["positive","negative"]},{"name":"product","type":"string","description":"the product reviewed","choices":[]}]}],"output":"label"}"""
 
 
 def build_manager_request(

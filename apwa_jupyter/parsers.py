@@ -16,7 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
-from .config import ENDPOINT_LIMITS, check_max_input_chars, check_recording, parse_tool_list
+from .config import (
+    ENDPOINT_LIMITS,
+    check_max_input_chars,
+    check_recording,
+    parse_tool_list,
+)
 from .costs import Budget
 from .errors import UserInputError
 from .sampling import Sample
@@ -612,14 +617,14 @@ def _positive_int(key: str, value: str) -> int:
     return number
 
 
-def _switch(key: str, value: str) -> bool:
-    """`true` / `false` (also 1/0, yes/no, on/off)."""
-    word = value.strip().lower()
-    if word in ("true", "1", "yes", "on"):
+def _flag(key: str, value: str) -> bool:
+    """A switch: true or false (also 1 / 0, yes / no, on / off)."""
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
         return True
-    if word in ("false", "0", "no", "off"):
+    if text in ("false", "0", "no", "off"):
         return False
-    raise UserInputError(f"{key}={value!r}: say true or false")
+    raise UserInputError(f"{key}={value!r}: give true or false")
 
 
 def _choice(*choices: str) -> Callable[[str, str], str]:
@@ -638,7 +643,9 @@ CONFIG_TYPES: dict[str, Callable[[str, str], Any]] = {
     "concurrency": _positive_int,
     "executor": _choice("ray", "local"),
     **dict.fromkeys(ENDPOINT_LIMITS, _positive_int),
-    "logprobs": _switch,
+    "cache_control": _flag,
+    "context_tokens": _positive_int,
+    "logprobs": _flag,
 }
 
 CONFIG_KEYS = frozenset(

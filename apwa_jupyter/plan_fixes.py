@@ -92,7 +92,7 @@ def fix_plan(
 
 def _fix_outputs(stage: dict[str, Any], where: str, fixes: list[str]) -> None:
     """Outputs named once, choices only on strings, no batched output named like the row key."""
-    if stage["kind"] in ("map", "filter") and stage.get("batch_size", 1) > 1:
+    if stage["kind"] in ("map", "filter") and (stage.get("batch_size") or 1) > 1:
         for field in stage["outputs"]:
             if field["name"] == RESERVED_BATCH_OUTPUT:
                 field["name"] = f"{RESERVED_BATCH_OUTPUT}_value"

@@ -34,6 +34,11 @@ FieldType = Literal["string", "integer", "number", "boolean", "string_list"]
 
 MAX_STAGES = 4
 MAX_INSTRUCTION = 1000
+MAX_BATCH_SIZE = 50
+# A row stage's batch_size left null is chosen by tokens before Run (execution/batch_size.py).
+BATCH_SIZE_DOC = (
+    "Rows per subtask; null (usually best): chosen by tokens (context window, rows' length)"
+)
 
 
 class _Strict(BaseModel):
@@ -77,9 +82,14 @@ class MapStage(_Stage):
 
     kind: Literal["map"]
     source: Name = Field(description="A table name or an earlier stage id.")
-    batch_size: int = Field(
-        default=1, ge=1, le=50, description="Rows per subtask; 1 unless rows are tiny."
+    batch_size: int | None = Field(
+        default=None, ge=1, le=MAX_BATCH_SIZE, description=BATCH_SIZE_DOC
     )
+
+    @property
+    def rows_per_call(self) -> int:
+        """Rows per subtask: `batch_size`, or 1 where none was given nor chosen yet."""
+        return self.batch_size or 1
 
 
 class TaskItem(_Strict):
@@ -181,9 +191,14 @@ class FilterStage(_Stage):
     prefilter: list[Condition] = Field(
         default_factory=list, max_length=MAX_PREFILTER, description="All must hold; run first."
     )
-    batch_size: int = Field(
-        default=1, ge=1, le=50, description="Rows per subtask; 1 unless rows are tiny."
+    batch_size: int | None = Field(
+        default=None, ge=1, le=MAX_BATCH_SIZE, description=BATCH_SIZE_DOC
     )
+
+    @property
+    def rows_per_call(self) -> int:
+        """Rows per subtask: `batch_size`, or 1 where none was given nor chosen yet."""
+        return self.batch_size or 1
 
 
 RANK_COLUMN = "rank"  # the 1-based place a rank stage gives each row it keeps

@@ -48,6 +48,7 @@ from .execution import (
     typical_latency,
 )
 from .execution.batch import batched_stage_ids
+from .execution.batch_size import choose_batch_sizes
 from .execution.cascade import DEFAULT as DEFAULT_MODEL
 from .execution.cascade import Cascade, not_eligible_because
 from .execution.cascade import eligible as cascade_eligible
@@ -103,6 +104,8 @@ class Run(RunResults):
         self._plan: Plan | None = None
         self.plan_attempts = 0
         self.plan_fixes: list[str] = []
+        # Per stage whose batch_size was chosen by tokens: how many rows a call, and why.
+        self.batch_sizes: dict[str, str] = {}
         self._notices: list[str] = []  # limits that apply to this run, said once
         self.manager_usage = Usage()
         self.worker_usage = Usage()
@@ -170,7 +173,20 @@ class Run(RunResults):
                 problems = self.plan_problems(plan)
                 if problems:
                     raise UserInputError("That plan is invalid: " + "; ".join(problems))
+                plan = self._sized(plan)
             self._plan = plan
+
+    def _sized(self, plan: Plan) -> Plan:
+        """The plan with each row stage's missing batch_size chosen by tokens (`batch_sizes`)."""
+        plan, chosen = choose_batch_sizes(
+            plan,
+            self.tables,  # the whole tables (a sample of their rows is measured)
+            self.worker_model,
+            self.options.max_tokens,
+            cascade=self.setup.cascade is not None,
+        )
+        self.batch_sizes = {**self.batch_sizes, **{k: v.reason for k, v in chosen.items()}}
+        return plan
 
     # -- observing ---------------------------------------------------------------------------
     def subscribe(self, listener: Listener) -> Callable[[], None]:
@@ -246,6 +262,33 @@ class Run(RunResults):
             "error": self.error,
             "side_effects": self.side_effect_stages(),
         }
+
+    def stage_stats(self) -> dict[str, dict[str, Any]]:
+        """Per finished stage: requests, tokens, what the prompt cache saved, and money.
+
+        `shared_prefix_share` is the share of the stage's prompt tokens (as sent, counted like
+        the cost estimate counts) that came before the row data: the same bytes in every
+        request, which a provider can cache. `cached_tokens` is what the provider reports it
+        did cache; `usd` bills those at the model's cached price (None: no price known).
+        """
+        stats: dict[str, dict[str, Any]] = {}
+        with self._lock:
+            outcomes = list(self.outcomes.items())
+        for stage_id, outcome in outcomes:
+            used = outcome.spent
+            price = self.meter.price_for(stage_id)
+            share = used.shared_prefix_share
+            stats[stage_id] = {
+                "requests": used.requests,
+                "prompt_tokens": used.prompt_tokens,
+                "completion_tokens": used.completion_tokens,
+                "cached_tokens": used.cached_tokens,
+                "shared_prefix_share": None if share is None else round(share, 4),
+                "usd": None
+                if price is None
+                else price.cost(used.prompt_tokens, used.completion_tokens, used.cached_tokens),
+            }
+        return stats
 
     # -- plan ----------------------------------------------------------------------------------
     def stage_subtasks(self) -> dict[str, int]:
@@ -353,18 +396,23 @@ class Run(RunResults):
                         stage["outputs"] = outputs
                     if model != "":
                         stage["model"] = model
+                    if cascade not in ("", None) and stage_id in self.batch_sizes:
+                        stage["batch_size"] = 1  # chosen by tokens; a cascade goes row by row
         if not data["stages"]:
             raise UserInputError("a plan needs at least one stage; cancel the run instead")
-        if cascade != "" and not remove:
-            self.cascade_choices[stage_id] = self._checked_cascade(stage_id, cascade)
         try:
-            self.plan = Plan.model_validate(data)
+            edited = Plan.model_validate(data)
         except UserInputError as exc:
             raise UserInputError(
                 str(exc).replace("That plan is", "That edit makes the plan")
             ) from None
         except ValueError as exc:  # pydantic: e.g. a stage left with no output
             raise UserInputError(f"That edit makes the plan invalid: {exc}") from None
+        if cascade != "" and not remove:
+            self.cascade_choices[stage_id] = self._checked_cascade(edited.stage(stage_id), cascade)
+            if cascade is not None and stage_id in self.batch_sizes:
+                self.batch_sizes[stage_id] = f"{stage_id}: 1 row a call (a cascade goes row by row)"
+        self.plan = edited
 
     # -- acting --------------------------------------------------------------------------------
     def start(self) -> Run:
@@ -720,7 +768,7 @@ class Run(RunResults):
         problems = validate_plan(plan, columns, self.registry.names(), self.setup.models)
         return problems or prefilter_problems(plan, self.tables)
 
-    def _checked_cascade(self, stage_id: str, cascade: str | Cascade | None) -> Cascade | None:
+    def _checked_cascade(self, stage: Any, cascade: str | Cascade | None) -> Cascade | None:
         """A stage's cascade choice, checked: its models are known, the stage can take one."""
         if cascade is None:
             return None
@@ -733,11 +781,9 @@ class Run(RunResults):
                 else named
             )
         cascade.check(self.setup.models)
-        assert self.plan is not None
-        if not cascade_eligible(self.plan.stage(stage_id)):
+        if not cascade_eligible(stage):
             raise UserInputError(
-                f"stage {stage_id!r} cannot run as a cascade: "
-                f"{not_eligible_because(self.plan.stage(stage_id))}"
+                f"stage {stage.id!r} cannot run as a cascade: {not_eligible_because(stage)}"
             )
         return cascade
 

@@ -10,6 +10,12 @@ the block is never instructions. Batched rows carry a key ("row": 1..n) that the
 so answers are matched to rows by key, not by position. A value longer than the stage's input
 budget fails its subtask (error kind "input") instead of being cut without a word.
 
+A row stage's prompt is laid out for prompt caching: everything the stage's calls share (system
+text, worked examples, the instruction with its `{column}` placeholders naming the columns rather
+than holding values, and, before the messages, the schema and tool definitions) comes first and
+is byte-identical across calls; the rows come last, once, in the data block. Providers cache exact
+prompt prefixes (OpenAI from 1,024 tokens), so that part is billed at the cached price.
+
 Row values are encoded by `encoding` (strict JSON, escaped as data). Columns are named as
 `tables.column_name` says (a label `0` is `col_0`).
 """
@@ -20,6 +26,7 @@ import dataclasses
 import functools
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -193,11 +200,24 @@ def answer_schema(outputs: tuple[OutputField, ...], count: int) -> dict[str, Any
 def render_instruction(template: str, row: dict[str, Any] | None) -> str:
     """Fill {column} placeholders from the row, each value in its own <data> block.
 
+    Used where the values are the call's own context (a reduce's group keys); a row stage's
+    instruction names its columns instead (`name_columns`), so it is the same for every row.
     Unknown placeholders stay visible as written.
     """
     if not row:
         return template
     return fill(template, lambda name: inline_data(row[name]) if name in row else None)
+
+
+def name_columns(template: str, columns: Iterable[str]) -> str:
+    """The instruction with each {column} placeholder naming the column, not holding its value.
+
+    `Read this review: {text}` becomes `Read this review: the input's "text"`: the same bytes
+    for every row of the stage, so a provider can cache the whole instruction, and the row
+    itself is sent once, after it, in the data block. Unknown placeholders stay as written.
+    """
+    known = set(columns)
+    return fill(template, lambda name: f"the input's {json.dumps(name)}" if name in known else None)
 
 
 def check_input_sizes(rows: list[dict[str, Any]] | tuple[dict[str, Any], ...], limit: int) -> None:
@@ -287,11 +307,13 @@ def user_message(kind: str, instruction: str, subtask: Subtask, rows: list[dict[
         return f"{preamble}Task {subtask.label}: {subtask.task_instruction}"
     if not rows:
         return instruction
+    # What every call of the stage shares comes first and the rows last, once (issue #20):
+    # a provider caches exact prefixes, so one row byte early would make every prompt unique.
+    named = name_columns(instruction, rows[0])
     if len(rows) == 1:
-        filled = render_instruction(instruction, rows[0])
-        return f"{filled}\n\nInput:\n{data_block([json_line(rows[0])])}"
+        return f"{named}\n\nInput:\n{data_block([json_line(rows[0])])}"
     keyed = [json_line({ROW_KEY: i + 1, "input": row}) for i, row in enumerate(rows)]
-    return f"{instruction}\n\nInputs:\n{data_block(keyed)}"
+    return f"{named}\n\nInputs:\n{data_block(keyed)}"
 
 
 def worker_messages(
@@ -349,21 +371,22 @@ def chunk_count(total: int, size: int) -> int:
 # Worked examples for small models (the embedded SmolLM2-135M): one exchange on an unrelated
 # subject, chosen by the first output's type, shown before the real input. Measured on 50 items
 # per task (bench/embedded_accuracy.py): a copied string 0.10 -> 0.26, an integer 0.90 -> 1.00,
-# choices unchanged. Large models do not need them and do not get them.
+# choices unchanged (measured when the instruction still held the row inline; the examples now
+# have the layout of the real prompt: the instruction names the column, the row comes once after
+# it). Large models do not need them and do not get them.
 WORKED_EXAMPLES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "choice": (
-        'Is this weather report sunny or rainy? <data>"It poured all afternoon."</data>',
+        'Is this weather report sunny or rainy? The input\'s "text"',
         '{"text": "It poured all afternoon."}',
         {"weather": "rainy"},
     ),
     "string": (
-        "Which city does this sentence mention? Answer with the city only. "
-        '<data>"We flew to Lisbon for the conference."</data>',
+        'Which city does this sentence mention? Answer with the city only. The input\'s "text"',
         '{"text": "We flew to Lisbon for the conference."}',
         {"city": "Lisbon"},
     ),
     "number": (
-        'How many guests are expected? <data>"The caterer plans for 85 guests."</data>',
+        'How many guests are expected? The input\'s "text"',
         '{"text": "The caterer plans for 85 guests."}',
         {"guests": 85},
     ),

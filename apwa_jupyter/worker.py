@@ -26,6 +26,7 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from .confidence import CONFIDENCE_COLUMN, answer_confidence, scored_confidence
+from .costs import chars_over_4
 from .errors import (
     EndpointError,
     ErrorKind,
@@ -33,8 +34,9 @@ from .errors import (
     RequestRejected,
     TransientEndpointError,
 )
-from .models.base import ChatModel, ChatRequest, Usage
+from .models.base import ChatModel, ChatRequest, ChatResponse, Usage
 from .plans import OutputField
+from .prompt_cache import PrefixMark, prefix_mark, prompt_counts
 from .steps import CorrectionStep, FinalStep, ModelStep, ScoreStep, Step, TaskStep, ToolStep
 from .templates import (
     ROW_KEY,
@@ -187,6 +189,7 @@ async def _loop(
     tool_defs = ctx.tool_definitions
     corrections = 0
     constrained = not tool_defs
+    mark = prefix_mark(steps[0].to_messages()) if isinstance(steps[0], TaskStep) else None
     for _ in range(ctx.max_steps):
         messages = [m for step in steps for m in step.to_messages()]
         request = ChatRequest(
@@ -198,8 +201,9 @@ async def _loop(
             temperature=ctx.temperature,
             seed=subtask.replica or None,
             logprobs=ctx.confidence,
+            prefix=mark,
         )
-        response = await model.chat(request)
+        response = _counted(await model.chat(request), messages, mark)
         steps.append(ModelStep(response))
         if response.tool_calls and not constrained:
             for call in response.tool_calls:
@@ -216,6 +220,21 @@ async def _loop(
     raise ModelOutputError(
         f"no final answer within {ctx.max_steps} model calls (the model kept calling tools)"
     )
+
+
+def _counted(
+    response: ChatResponse, messages: list[dict[str, Any]], mark: PrefixMark | None
+) -> ChatResponse:
+    """The response with its request's shared-prefix and prompt tokens, as the worker counts them.
+
+    Counted here, on what was sent, with the cost estimate's counter: the provider reports how
+    much it cached, not how much could be (`prompt_cache`).
+    """
+    shared, total = prompt_counts(messages, mark, chars_over_4)
+    usage = dataclasses.replace(
+        response.usage, shared_prefix_tokens=shared, counted_prompt_tokens=total
+    )
+    return dataclasses.replace(response, usage=usage)
 
 
 async def _call(ctx: StageContext, call: Any) -> str:

@@ -37,6 +37,7 @@ PLAN = {
             "id": "label",
             "kind": "map",
             "source": "t",
+            "batch_size": 1,
             "instruction": "Count the characters of {text}",
             "outputs": [{"name": "n", "type": "integer"}],
         }

@@ -74,7 +74,7 @@ def test_cascade_options_are_checked():
     from apwa_jupyter.parsers import parse_config_settings
 
     assert parse_config_settings({"logprobs": "true"}) == {"logprobs": True}
-    with pytest.raises(UserInputError, match="say true or false"):
+    with pytest.raises(UserInputError, match="give true or false"):
         parse_config_settings({"logprobs": "maybe"})
     session = Session(endpoint=EndpointConfig(base_url="http://127.0.0.1:9/v1", model="m"))
     with pytest.raises(UserInputError, match="a cascade's strong model is another"):
@@ -310,3 +310,26 @@ def test_a_cascade_in_progress_says_which_step_it_is_in_with_that_steps_counts(
     run.wait(60)
     assert run.state == "done"
     assert progress_text(run).startswith("  label: 300/300 done")  # the stage as a whole
+
+
+def test_a_cascade_chosen_for_a_stage_whose_rows_a_call_were_chosen_by_tokens_sends_one(
+    fake_server, tmp_path
+):
+    from apwa_jupyter.testing import Reply
+    from apwa_jupyter.testing.cascade_models import PLAN
+    from apwa_jupyter.testing.fake_server import is_manager_request
+
+    unsized = json.loads(json.dumps(PLAN))
+    unsized["stages"][0]["batch_size"] = None  # the manager leaves it to the tokens
+    cheap_model = ColourModel("informative")
+
+    def cheap(body: dict[str, Any]) -> Any:
+        return Reply.json(unsized) if is_manager_request(body) else cheap_model(body)
+
+    session = session_of(fake_server(cheap), fake_server(ColourModel("strong")), tmp_path)
+    run = session.plan("Colour of {items}", {"items": items(200)}).wait()
+    assert run.plan.stage("label").batch_size > 1  # chosen by tokens
+    run.edit_stage("label", cascade="default,strong")
+    assert run.plan.stage("label").batch_size == 1
+    assert "a cascade goes row by row" in run.batch_sizes["label"]
+    assert run.cascade_of("label") == Cascade("default", "strong")

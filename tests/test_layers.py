@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "confidence",
             "encoding",
             "prompt_syntax",
+            "prompt_cache",
             "config",
             "events",
             "ratelimit",

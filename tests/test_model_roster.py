@@ -28,6 +28,7 @@ PLAN = {
             "id": "label",
             "kind": "map",
             "source": "reviews",
+            "batch_size": 1,  # the scripted workers answer one row a call
             "instruction": "Label {text}",
             "outputs": [{"name": "mood", "type": "string", "choices": ["good", "bad"]}],
         },

@@ -147,13 +147,15 @@ def test_inf_in_an_instruction_placeholder_is_valid_json_too(fake_server, regist
     )
     run.wait().start().wait(30)
     assert run.state == "done"
-    instructions = [
+    # The placeholder names the column (the same instruction for every row, issue #20); the
+    # value is sent once, in the data block, as strict JSON.
+    instructions = {
         next(m["content"] for m in body["messages"] if m["role"] == "user").split("\n\n")[0]
         for body in server.requests
-    ]
-    assert sorted(instructions) == sorted(
-        ['Look at <data>"Infinity"</data>', "Look at <data>1.0</data>"]
-    )
+    }
+    assert instructions == {'Look at the input\'s "x"'}
+    sent = sorted((strict_rows(body)[0] for body in server.requests), key=str)
+    assert sent == [{"x": "Infinity"}, {"x": 1.0}]
 
 
 @pytest.mark.parametrize(

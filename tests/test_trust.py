@@ -52,6 +52,8 @@ def frame_of(n: int) -> pd.DataFrame:
 
 
 def stage(id: str, kind: str, outputs: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
+    if kind in ("map", "filter"):  # the scripted workers answer one row a call
+        fields.setdefault("batch_size", 1)
     return {
         "id": id,
         "kind": kind,

@@ -235,9 +235,9 @@ class BatchJob:
         self.ctx, self.tables, self.sink, self.stop = ctx, tables, sink, stop
         self.progress = sink.stage(ctx.stage_id)
         self.endpoint = spec.endpoint_id_of(stage) or ""
-        self.keys = StageCache(spec, ctx, getattr(stage, "batch_size", 1), self.endpoint)
+        self.keys = StageCache(spec, ctx, getattr(stage, "batch_size", 1) or 1, self.endpoint)
         # The records live where the answers do; without a store nothing survives the kernel.
-        cache = StageCache.open(spec, stage, ctx, getattr(stage, "batch_size", 1))
+        cache = StageCache.open(spec, stage, ctx, getattr(stage, "batch_size", 1) or 1)
         self.store: ResultStore | None = cache.store if cache is not None else None
         self.client = BatchClient(ctx.model)
         self.live = OpenAIChatModel(ctx.model)  # for a correction round, as a live worker

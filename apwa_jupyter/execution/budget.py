@@ -54,4 +54,9 @@ class BudgetGate:
         self.done += 1
         if self.meter is not None:
             usage = result.usage
-            self.meter.add(usage.prompt_tokens, usage.completion_tokens, self.stage_id)
+            self.meter.add(
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                self.stage_id,
+                cached_tokens=usage.cached_tokens,
+            )

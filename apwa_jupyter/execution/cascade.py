@@ -84,8 +84,8 @@ def not_eligible_because(stage: Any) -> str | None:
     """Why a map stage cannot run as a cascade, in words that say what to change (None: it can)."""
     if not isinstance(stage, MapStage):
         return f"it is a {stage.kind} stage, and only maps run as cascades"
-    if stage.batch_size != 1:
-        return f"it sends {stage.batch_size} rows a call; set batch_size to 1"
+    if stage.rows_per_call != 1:
+        return f"it sends {stage.rows_per_call} rows a call; set batch_size to 1"
     if stage.tools:
         return "it calls tools"
     free = [o.name for o in stage.outputs if not (o.choices or o.type in ("boolean", "integer"))]

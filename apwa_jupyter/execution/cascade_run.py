@@ -300,4 +300,8 @@ def _model_name(runner: StageRunner, name: str) -> str | None:
 
 def _money(model: str | None, usage: Usage) -> float | None:
     price = price_of(model)
-    return None if price is None else price.cost(usage.prompt_tokens, usage.completion_tokens)
+    return (
+        None
+        if price is None
+        else price.cost(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+    )

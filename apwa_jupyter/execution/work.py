@@ -153,7 +153,7 @@ class RowWork(Work):
         failures: list[Failure],
         per_row: int = 1,
     ):
-        size = getattr(stage, "batch_size", 1)
+        size = getattr(stage, "batch_size", 1) or 1  # None: not chosen (one row a call)
         super().__init__(runner, stage, ctx, table, -(-len(todo) // size) * per_row, size)
         self.todo, self.labels = todo, labels
         self.answers, self.sources, self.failures = answers, sources, failures

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from ..prompt_cache import PrefixMark
+
 
 @dataclass(frozen=True)
 class ToolCall:
@@ -21,18 +23,38 @@ class ToolCall:
 
 @dataclass(frozen=True)
 class Usage:
-    """Tokens one or more requests consumed (adds up with `+`)."""
+    """Tokens one or more requests consumed (adds up with `+`).
+
+    `cached_tokens` is the part of `prompt_tokens` the provider answered from its prompt cache
+    (`prompt_tokens_details.cached_tokens`), billed at the cached price. The last two are
+    counted by the worker on what it sent (the cost estimate's chars / 4), not by the provider:
+    `counted_prompt_tokens` of the requests' messages, of which `shared_prefix_tokens` come
+    before the row data and are the same for every call of the stage (`prompt_cache`).
+    """
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     requests: int = 0
+    cached_tokens: int = 0
+    shared_prefix_tokens: int = 0
+    counted_prompt_tokens: int = 0
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
             self.prompt_tokens + other.prompt_tokens,
             self.completion_tokens + other.completion_tokens,
             self.requests + other.requests,
+            self.cached_tokens + other.cached_tokens,
+            self.shared_prefix_tokens + other.shared_prefix_tokens,
+            self.counted_prompt_tokens + other.counted_prompt_tokens,
         )
+
+    @property
+    def shared_prefix_share(self) -> float | None:
+        """Shared prefix tokens / prompt tokens as sent (None: no request was counted)."""
+        if not self.counted_prompt_tokens:
+            return None
+        return self.shared_prefix_tokens / self.counted_prompt_tokens
 
     @property
     def total_tokens(self) -> int:
@@ -58,6 +80,9 @@ class ChatRequest:
     seed: int | None = None
     # Ask for the answer's token log-probabilities (a cascade's cheap step reads its confidence).
     logprobs: bool = False
+    # Where the part every call of the stage shares ends (the row data begins): endpoints with
+    # `cache_control` mark it for the provider's prompt cache.
+    prefix: PrefixMark | None = None
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from ..config import EndpointConfig
 from ..errors import EndpointError, RequestRejected, TransientEndpointError
+from ..prompt_cache import with_cache_marker
 from .base import ChatRequest, ChatResponse, ToolCall, Usage
 
 if TYPE_CHECKING:
@@ -76,9 +77,12 @@ class OpenAIChatModel:
         1.1 ms, `bench/client_cpu.py`). The HTTP exchange, headers,
         timeouts and the error classes raised are the client's own, unchanged.
         """
+        messages = request.messages
+        if self.endpoint.cache_control:
+            messages = with_cache_marker(messages, request.prefix)
         body: dict[str, Any] = {
             "model": self.endpoint.model,
-            "messages": request.messages,
+            "messages": messages,
             "max_tokens": request.max_tokens,
             "temperature": request.temperature,
         }
@@ -286,10 +290,12 @@ def _token_logprobs(choice: dict[str, Any]) -> tuple[tuple[str, float], ...] | N
 def _usage(data: dict[str, Any]) -> Usage:
     """The usage a completion's JSON reports (a server that reports none counts zero tokens)."""
     usage = data.get("usage") or {}
+    details = usage.get("prompt_tokens_details") or {}
     return Usage(
         prompt_tokens=usage.get("prompt_tokens") or 0,
         completion_tokens=usage.get("completion_tokens") or 0,
         requests=1,
+        cached_tokens=(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0,
     )
 
 

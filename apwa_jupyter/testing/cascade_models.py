@@ -26,6 +26,7 @@ PLAN = {
             "id": "label",
             "kind": "map",
             "source": "items",
+            "batch_size": 1,  # the scripted models answer one row a call
             "instruction": "Which colour is {text}?",
             "outputs": [{"name": "colour", "type": "string", "choices": CHOICES}],
         }

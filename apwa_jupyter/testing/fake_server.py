@@ -19,6 +19,12 @@ file as `batch_expired`), `fail_batches = n` fails the next n batches at validat
 cancel keeps the lines answered by then. `file_uploads`, `batch_creations`, `batch_cancels` and
 `batch_requests` (lines answered: what the provider bills) count what arrived.
 
+Prompt caching as OpenAI does it: a chat request whose prompt starts with a prefix of 1,024
+tokens or more that an earlier request sent (same model, response format and tools, then the
+same message text) reports that prefix, in 128-token steps, as
+`usage.prompt_tokens_details.cached_tokens` (`prompt_cache=False` turns it off). Tokens are the
+server's own count, characters / 4 of the messages' text. `cached_tokens` sums what it reported.
+
     python -m apwa_jupyter.testing.fake_server --latency 1 --limit 256   # a standalone server
 """
 
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import threading
 import time
@@ -35,7 +42,14 @@ from typing import Any
 
 from aiohttp import BodyPartReader, web
 
+from ..prompt_cache import message_text
+
 MODEL_NAME = "fake-model"
+# OpenAI's prompt-cache rule: prefixes from 1,024 tokens, matched in steps of 128 tokens.
+CACHE_MIN_TOKENS = 1024
+CACHE_STEP_TOKENS = 128
+CHARS_PER_TOKEN = 4
+_CACHE_LIMIT = 1_000_000  # prefixes remembered before the cache starts over
 HOLD_TIMEOUT_S = 120.0  # a held answer goes out after this even if the test never releases it
 
 
@@ -159,7 +173,7 @@ def worker_input(body: dict[str, Any]) -> Any:
     One row: its dict. A batch: the rows' dicts in order (`worker_rows` gives their keys too).
     A reduce: the list of items. None when the message has no data block (task stages).
     """
-    user = next(m["content"] for m in body["messages"] if m["role"] == "user")
+    user = next(message_text(m["content"]) for m in body["messages"] if m["role"] == "user")
     head, sep, rest = user.rpartition("<data>\n")
     if not sep:
         return None
@@ -173,9 +187,51 @@ def worker_input(body: dict[str, Any]) -> Any:
 
 def worker_rows(body: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
     """A batch's (row key, row) pairs: answer each with `{"row": key, ...}`."""
-    user = next(m["content"] for m in body["messages"] if m["role"] == "user")
+    user = next(message_text(m["content"]) for m in body["messages"] if m["role"] == "user")
     block = user.rpartition("<data>\n")[2].split("\n</data>", 1)[0]
     return [(line["row"], line["input"]) for line in map(json.loads, block.splitlines())]
+
+
+def prompt_text(body: dict[str, Any]) -> str:
+    """The text of a request's messages, in order (what the server counts tokens of)."""
+    return "".join(message_text(m.get("content")) for m in body.get("messages", []))
+
+
+class PromptCache:
+    """The prefixes earlier requests sent, and how much of a new prompt they cover.
+
+    A prefix is identified by what precedes the messages (model, response format, tools) and
+    the message text up to a 128-token step; hashes are taken incrementally, so a prompt costs
+    one pass over its text.
+    """
+
+    def __init__(self) -> None:
+        self.seen: set[bytes] = set()
+
+    def lookup_and_add(self, body: dict[str, Any]) -> int:
+        """Tokens of `body`'s prompt an earlier request already sent (0 or >= 1,024); remember it."""
+        text = prompt_text(body)
+        step = CACHE_STEP_TOKENS * CHARS_PER_TOKEN
+        if len(text) < CACHE_MIN_TOKENS * CHARS_PER_TOKEN:
+            return 0
+        head = json.dumps(
+            [body.get("model"), body.get("response_format"), body.get("tools")], sort_keys=True
+        )
+        digest = hashlib.sha256(head.encode())
+        cached = 0
+        found: list[bytes] = []
+        for end in range(step, len(text) + 1, step):
+            digest.update(text[end - step : end].encode())
+            if end < CACHE_MIN_TOKENS * CHARS_PER_TOKEN:
+                continue
+            key = digest.copy().digest()
+            if key in self.seen:
+                cached = end // CHARS_PER_TOKEN
+            found.append(key)
+        if len(self.seen) > _CACHE_LIMIT:
+            self.seen.clear()
+        self.seen.update(found)
+        return cached
 
 
 def is_manager_request(body: dict[str, Any]) -> bool:
@@ -247,6 +303,7 @@ class FakeOpenAIServer:
         limit: int | None = None,
         port: int = 0,
         record: bool = True,
+        prompt_cache: bool = True,
     ):
         self.responder = responder or schema_responder
         self.latency = latency
@@ -258,6 +315,8 @@ class FakeOpenAIServer:
         # tests read it to prove which key reached which server.
         self.authorizations: list[str | None] = []
         self.count = 0
+        self.prompt_cache: PromptCache | None = PromptCache() if prompt_cache else None
+        self.cached_tokens = 0  # cached_tokens reported over every chat request
         self.in_flight = 0
         self.max_in_flight = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -349,6 +408,8 @@ class FakeOpenAIServer:
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         if self.record:
             self.requests.append(body)
+        # Looked up when the server starts on the request: a prefix is cached from then on.
+        cached = self.prompt_cache.lookup_and_add(body) if self.prompt_cache else 0
         try:
             reply = self.responder(body)
             if isinstance(reply, dict):
@@ -366,12 +427,13 @@ class FakeOpenAIServer:
                     headers=reply.headers,
                     content_type="application/json",
                 )
-            return web.json_response(self._completion(body, reply))
+            self.cached_tokens += cached
+            return web.json_response(self._completion(body, reply, cached))
         finally:
             self.in_flight -= 1
 
-    def _completion(self, body: dict[str, Any], reply: Reply) -> dict[str, Any]:
-        prompt_chars = sum(len(str(m.get("content") or "")) for m in body.get("messages", []))
+    def _completion(self, body: dict[str, Any], reply: Reply, cached: int = 0) -> dict[str, Any]:
+        prompt_chars = len(prompt_text(body))
         message: dict[str, Any] = {"role": "assistant", "content": reply.content}
         if reply.tool_calls:
             message["tool_calls"] = reply.tool_calls
@@ -399,6 +461,7 @@ class FakeOpenAIServer:
                 "prompt_tokens": prompt_chars // 4,
                 "completion_tokens": len(reply.content or "") // 4 + 1,
                 "total_tokens": prompt_chars // 4 + len(reply.content or "") // 4 + 1,
+                "prompt_tokens_details": {"cached_tokens": min(cached, prompt_chars // 4)},
             },
         }
 

@@ -96,11 +96,11 @@ class Filter(StageKind):
         shape.rows[stage.id] = kept
         made = {out.name: len(out.choices) for out in stage.outputs if out.choices}
         shape.choices[stage.id] = shape.choices.get(stage.source, {}) | made
-        return chunk_count(passing, stage.batch_size) if asks(stage) and passing else 0
+        return chunk_count(passing, stage.rows_per_call) if asks(stage) and passing else 0
 
     @override
     def rows_per_call(self, stage: FilterStage) -> int:
-        return stage.batch_size
+        return stage.rows_per_call
 
 
 def _decided(runner: StageRunner, stage: FilterStage, src: StageInput) -> tuple[Answers, Sources]:
@@ -239,7 +239,7 @@ def _calls_saved(stage: FilterStage, ok: int, removed: int) -> int:
     """Calls asking about the rows the prefilter decided would have cost (`FilterCounts`)."""
 
     def calls(rows: int) -> int:
-        return chunk_count(rows, stage.batch_size) if rows else 0
+        return chunk_count(rows, stage.rows_per_call) if rows else 0
 
     return calls(ok) - calls(ok - removed) if asks(stage) else calls(ok)
 

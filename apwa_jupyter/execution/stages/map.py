@@ -54,8 +54,8 @@ class Map(StageKind):
     def count(self, stage: MapStage, shape: PlanShape) -> int:
         rows = shape.rows_of(stage.source)
         shape.passes_rows_through(stage, rows)
-        return chunk_count(rows, stage.batch_size)
+        return chunk_count(rows, stage.rows_per_call)
 
     @override
     def rows_per_call(self, stage: MapStage) -> int:
-        return stage.batch_size
+        return stage.rows_per_call
