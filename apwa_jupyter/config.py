@@ -25,6 +25,7 @@ from .errors import UserInputError
 
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
 OPENAI_DEFAULT_MODEL = "gpt-4o-mini"
+OPENAI_DEFAULT_EMBEDDING_MODEL = "text-embedding-3-small"
 # Local servers (vLLM, llama.cpp, Ollama) ignore the key, but the openai client insists on one.
 PLACEHOLDER_API_KEY = "not-needed"
 
@@ -68,6 +69,12 @@ class EndpointConfig(BaseModel):
         "where it raised sentiment accuracy from 0.60 to 0.98 (bench/embedded_accuracy.py).",
     )
 
+    embedding_model: str | None = Field(
+        default=None,
+        description="The model this endpoint's /v1/embeddings serves, for join and dedupe "
+        "blocking (None: OpenAI's text-embedding-3-small on OpenAI's URL, else not set).",
+    )
+
     @field_validator("base_url")
     @classmethod
     def _looks_like_url(cls, value: str) -> str:
@@ -84,6 +91,12 @@ class EndpointConfig(BaseModel):
             return f"embedded offline model {self.base_url} · model {self.model}, on this machine"
         key = "key set" if self.key() is not None else "no key"
         return f"endpoint {self.base_url} · model {self.model} · {key}"
+
+    def embedding_model_name(self) -> str | None:
+        """The embedding model to ask this endpoint for (None: it names none)."""
+        if self.embedding_model:
+            return self.embedding_model
+        return OPENAI_DEFAULT_EMBEDDING_MODEL if self.base_url == OPENAI_DEFAULT_BASE_URL else None
 
     def key(self) -> str | None:
         """The API key, or None when only the placeholder is set."""
@@ -200,6 +213,8 @@ def _secret(key: str | None) -> SecretStr:
 # -- run settings the magic, the session and Python callers share (one check each) -------------
 # Limits of an endpoint: requests in flight, requests and tokens per minute.
 ENDPOINT_LIMITS = ("max_concurrency", "rpm", "tpm")
+# Other per-endpoint settings `%apwa config` changes on the current endpoint (kept with its URL).
+ENDPOINT_OPTIONS = ("embedding_model",)
 
 
 def parse_tool_list(value: str | list[str] | None) -> list[str]:

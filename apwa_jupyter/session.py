@@ -22,6 +22,7 @@ from typing import Any
 from .capabilities import CapabilityRegistry, GrantedRegistry, default_registry
 from .config import (
     ENDPOINT_LIMITS,
+    ENDPOINT_OPTIONS,
     EndpointConfig,
     check_max_input_chars,
     check_recording,
@@ -129,7 +130,9 @@ class Session:
             self.tools = parse_tool_list(changes["tools"])
         if "concurrency" in changes:
             self.concurrency = int(changes["concurrency"])
-        limits: dict[str, Any] = {k: changes[k] for k in ENDPOINT_LIMITS if k in changes}
+        limits: dict[str, Any] = {
+            k: changes[k] for k in (*ENDPOINT_LIMITS, *ENDPOINT_OPTIONS) if k in changes
+        }
         if limits:
             endpoint = self.resolved_endpoint()
             if endpoint is None:
@@ -149,7 +152,8 @@ class Session:
         """`%apwa config endpoint=strong base_url=... model=... api_key`: one roster entry."""
         if not name.isidentifier():
             raise UserInputError(f"endpoint={name!r}: a model's name is an identifier (fast)")
-        others = set(changes) - {"base_url", "api_key", "model", *ENDPOINT_LIMITS}
+        settings = (*ENDPOINT_LIMITS, *ENDPOINT_OPTIONS)
+        others = set(changes) - {"base_url", "api_key", "model", *settings}
         if others:
             raise UserInputError(
                 f"endpoint={name} takes base_url, model, api_key and limits, not {sorted(others)}"
@@ -165,7 +169,7 @@ class Session:
         )
         if merged is None:
             raise UserInputError(f"endpoint={name}: give its base_url and model")
-        limits = {k: changes[k] for k in ENDPOINT_LIMITS if k in changes}
+        limits = {k: changes[k] for k in settings if k in changes}
         self.endpoints[name] = merged.model_copy(update=limits) if limits else merged
 
     def resolved_endpoint(self) -> EndpointConfig | None:

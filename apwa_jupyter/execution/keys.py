@@ -194,3 +194,11 @@ def stage_template_key(ctx: StageContext, batch_size: int) -> str:
             **lookup_fingerprints(ctx.tools),
         },
     )
+
+
+def embedding_key(embedder: str, text: str) -> str:
+    """The store key of one text's embedding: who embedded it (endpoint and model) and the text.
+
+    Join and dedupe blocking store vectors under it, so a re-run embeds nothing again.
+    """
+    return _sha("\x00".join((KEY_VERSION, "embedding", embedder, text)))
