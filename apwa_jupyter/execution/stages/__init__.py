@@ -1,7 +1,7 @@
 """The stage kinds, by the `kind` a plan stage names: the only place kinds are dispatched.
 
 `map`, `task`, `replicate` and `reduce` are the APWA patterns; `filter` and `rank` choose rows;
-`join` compares pairs of rows found by blocking (plans.py describes them all). A new kind implements `StageKind` (base.py) in a module of its
+`join` and `dedupe` compare pairs of rows found by blocking (plans.py describes them all). A new kind implements `StageKind` (base.py) in a module of its
 own and is added to `KINDS`.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from .base import PlanShape, StageKind, StageLoad
+from .dedupe import Dedupe
 from .filter import Filter
 from .join import Join
 from .map import Map
@@ -19,7 +20,8 @@ from .replicate import AGREEMENT_COLUMN, Replicate
 from .task import Task
 
 KINDS: dict[str, StageKind] = {
-    kind.name: kind for kind in (Map(), Task(), Replicate(), Reduce(), Filter(), Rank(), Join())
+    kind.name: kind
+    for kind in (Map(), Task(), Replicate(), Reduce(), Filter(), Rank(), Join(), Dedupe())
 }
 
 

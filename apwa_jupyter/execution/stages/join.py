@@ -294,10 +294,17 @@ def expected_candidates(stage: Any, shape: PlanShape) -> int:
     rk = right.arrow.column(keys[1]).to_pandas()
     if lk.dtype != rk.dtype:
         lk, rk = lk.astype(str), rk.astype(str)
+    if same:  # a group of s equal values: its i-th row pairs with the s - 1 - i after it
+        return sum(_later_pairs(int(size), stage.top_k) for size in lk.value_counts())
     partners = lk.map(rk.value_counts()).fillna(0).astype(int)
-    if same:
-        partners = (partners - 1).clip(lower=0) // 2
     return int(partners.clip(upper=stage.top_k).sum())
+
+
+def _later_pairs(size: int, k: int) -> int:
+    """Pairs (i, j), i < j, within a group of `size`, at most `k` for each i."""
+    if size - 1 <= k:
+        return size * (size - 1) // 2
+    return k * (k + 1) // 2 + (size - 1 - k) * k
 
 
 # -- phase 2: confirming candidates ---------------------------------------------------------------
