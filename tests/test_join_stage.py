@@ -418,3 +418,17 @@ def test_a_join_blocks_with_the_offline_model_and_sends_no_embedding_request(fak
     found = set(planned.result.index)
     assert server.embedding_requests == 0 and server.count == 40 * 5
     assert found <= truth.pairs and len(found) >= 0.9 * len(truth.pairs)
+
+
+def test_the_plan_drawing_shows_how_a_join_finds_candidates_and_what_it_kept(fake_server):
+    from apwa_jupyter.widget import dag_html
+
+    truth = Truth(20, 20)
+    server = fake_server(truth)
+    planned = planned_run(session_for(server), truth, plan_of(join_stage(top_k=3)))
+    before = dag_html(planned)
+    assert "candidates: 3 nearest a row by embeddings" in before and "60 subtasks" in before
+    assert before.count("apwa-table") == 2  # both tables feed the join
+    planned.start().wait(60)
+    kept = planned.outcomes["pairs"].counts.kept
+    assert f"60 asked → {kept:,} pairs confirmed" in dag_html(planned)
