@@ -31,8 +31,9 @@ MAX_EMBED_CHARS = 2_000  # a text is cut to this many characters (about 500 toke
 
 
 class TextEmbedder(Protocol):
-    """Turns texts into unit vectors; `name` says who did (part of the store key)."""
+    """Turns texts into unit vectors; `where` and `name` (the model) say who did (store key)."""
 
+    where: str
     name: str
     requests: int
 
@@ -47,7 +48,8 @@ class OpenAIEmbeddings:
     def __init__(self, endpoint: EndpointConfig, model: str):
         self.endpoint = endpoint
         self.model = model
-        self.name = f"{endpoint.base_url}|{model}"
+        self.where = endpoint.base_url  # who embeds: with `model`, part of the store key
+        self.name = model
         self.requests = 0  # requests sent (what the provider bills per call)
 
     def _make_client(self) -> Any:

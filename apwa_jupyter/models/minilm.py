@@ -160,6 +160,7 @@ def _bert() -> _Bert:
 class MiniLMEmbedder:
     """all-MiniLM-L6-v2 run with numpy in this process; `requests` stays 0 (nothing is sent)."""
 
+    where = "this machine"
     name = LOCAL_EMBEDDING_MODEL
 
     def __init__(self) -> None:
