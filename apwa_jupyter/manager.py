@@ -31,7 +31,7 @@ Measured through the real client against the fake server, 2,000 free-form column
   21,942 tokens: the most there is (3 rounds, and the budget would not allow a fourth).
 These were measured with four stage kinds; `filter` and `rank` add about 3,800 characters of plan
 schema to every request (11,664 in all), so the budget was raised from 30,000 to 34,000 tokens to
-keep room for three rounds. `join` and `dedupe` add 3,979 characters of schema and about 700 of
+keep room for three rounds. `join` and `dedupe` add 3,979 characters of schema and 394 of
 system prompt to every request: at 38,000 tokens the third round of tests/test_wide_planning.py
 no longer fitted the (conservative) round rule, so the budget is 40,000.
 """
@@ -97,13 +97,11 @@ Split the request into stages of independent subtasks. Stage kinds:
   output a boolean) only what columns cannot tell, else instruction "" and outputs [].
 - "rank": order the rows of `source` best first by `instruction` and keep the top `k` (null:
   all); its one output is the score, a number (higher is better).
-- "join": pair rows of `source` (left) with rows of `right` where a condition holds, e.g.
-  {"kind":"join","source":"papers","right":"reviewers","instruction":"Does {expertise} cover
-  {abstract}?","outputs":[{"name":"match","type":"boolean",...}],"left_key":null,
-  "right_key":null,"top_k":10,...}: only each left row's `top_k` nearest right rows are asked
-  (or, with left_key/right_key, the rows with equal keys: use them when the key lines match).
-- "dedupe": find rows of `source` that are the same entity (first output a boolean, e.g.
-  "same"); adds a `cluster` column; `key` (or null) limits comparisons to equal values.
+- "join": pair rows of `source` with rows of `right` where `instruction` holds (first output
+  a boolean); only each row's `top_k` nearest right rows are asked, or the rows with equal
+  `left_key`/`right_key` (use keys when a key line matches them).
+- "dedupe": which rows of `source` are one entity (first output a boolean); adds `cluster`;
+  `key` (or null) compares only rows with equal values.
 Rules:
 - An instruction speaks to ONE worker about ONE input. Use {column} to insert a column of the
   worker's row; a reduce instruction may only use its {group_by columns}.
