@@ -432,3 +432,21 @@ def test_the_plan_drawing_shows_how_a_join_finds_candidates_and_what_it_kept(fak
     planned.start().wait(60)
     kept = planned.outcomes["pairs"].counts.kept
     assert f"60 asked → {kept:,} pairs confirmed" in dag_html(planned)
+
+
+def test_embedding_model_is_an_endpoint_setting_that_stays_with_its_url():
+    from apwa_jupyter.parsers import parse_config_settings
+
+    session = Session(endpoint=endpoint_for_url("http://127.0.0.1:9/v1"))
+    session.configure(**parse_config_settings({"embedding_model": "nomic-embed"}))
+    assert session.endpoint is not None and session.endpoint.embedding_model == "nomic-embed"
+    session.configure(model="other")  # same server: kept
+    assert session.endpoint.embedding_model == "nomic-embed"
+    session.configure(base_url="http://127.0.0.1:8/v1", model="m")  # another server: not
+    assert session.endpoint.embedding_model is None
+
+
+def endpoint_for_url(url: str) -> Any:
+    from apwa_jupyter.config import EndpointConfig
+
+    return EndpointConfig(base_url=url, model="m")

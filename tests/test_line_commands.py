@@ -153,6 +153,7 @@ def test_unknown_config_setting_lists_the_known_ones():
     with pytest.raises(UserInputError) as caught:
         parse_line("config nope=1")
     assert str(caught.value) == (
-        "unknown setting(s) ['nope']; known: ['address', 'api_key', 'base_url', 'concurrency', 'endpoint', "
-        "'executor', 'max_concurrency', 'model', 'rpm', 'tools', 'tpm']"
+        "unknown setting(s) ['nope']; known: ['address', 'api_key', 'base_url', 'concurrency', "
+        "'embedding_model', 'endpoint', 'executor', 'max_concurrency', 'model', 'rpm', 'tools', "
+        "'tpm']"
     )
