@@ -450,3 +450,31 @@ def endpoint_for_url(url: str) -> Any:
     from apwa_jupyter.config import EndpointConfig
 
     return EndpointConfig(base_url=url, model="m")
+
+
+def test_a_cancelled_join_keeps_what_was_answered_and_retry_asks_only_the_rest(fake_server):
+    truth = Truth(40, 40)
+    server = fake_server(truth, latency=0.05)
+    session = Session(
+        endpoint=endpoint_for(server, embedding_model="fake-embed"),
+        executor=LocalExecutor(concurrency=2, retry=FAST_RETRY),
+        registry=CapabilityRegistry(),
+    )
+    planned = planned_run(session, truth, plan_of(join_stage(top_k=5)))
+    asked = threading.Event()
+    planned.subscribe(lambda e: e.kind == "subtask_finished" and asked.set())
+    planned.start()
+    assert asked.wait(60)
+    planned.cancel()
+    planned.wait(60)
+    assert planned.state == "cancelled"
+    outcome = planned.outcomes["pairs"]
+    answered = server.count
+    assert outcome.counts.failed > 0 and outcome.counts.candidates == 40 * 5
+    assert outcome.counts.failed + outcome.counts.kept + outcome.counts.rejected == 200
+    assert answered < 200 and outcome.missing == outcome.counts.failed
+    planned.retry_failed().wait(120)
+    assert planned.status == "done", planned.status
+    assert server.count - answered == outcome.counts.failed  # only the pairs never answered
+    assert set(planned.result.index) <= truth.pairs
+    assert len(planned.result) >= 0.9 * len(truth.pairs)
