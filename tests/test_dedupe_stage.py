@@ -211,3 +211,29 @@ def test_the_estimate_counts_pairs_by_key_on_user_tables():
     plan = Plan.model_validate(plan_of(dedupe_stage(key="group", top_k=5)))
     pairs = sum(len(list(itertools.combinations(range(s), 2))) for s in (3, 1, 4))
     assert estimate_subtasks(plan, {"customers": 8}, {"customers": frame}) == {"same": pairs}
+
+
+@pytest.mark.ray
+def test_dedupe_on_ray_actors_gives_the_same_clusters_as_locally(fake_server, ray_executor):
+    from apwa_jupyter.capabilities import CapabilityRegistry
+    from apwa_jupyter.session import Session
+    from tests.conftest import endpoint_for
+
+    truth = Entities(25)
+    tables = {"customers": truth.frame()}
+    local_server = fake_server(truth)
+    local = session_for(local_server).plan(
+        "dedupe {customers}", tables, plan=plan_of(dedupe_stage())
+    )
+    local.wait(30).start().wait(60)
+    server = fake_server(truth)
+    on_ray = Session(
+        endpoint=endpoint_for(server, embedding_model="fake-embed"),
+        executor=ray_executor,
+        registry=CapabilityRegistry(),
+    )
+    planned = on_ray.plan("dedupe {customers}", tables, plan=plan_of(dedupe_stage())).wait(30)
+    planned.start().wait(180)
+    assert planned.status == "done", planned.status
+    assert server.count == local_server.count == planned.outcomes["same"].counts.candidates
+    assert planned.result["cluster"].tolist() == local.result["cluster"].tolist()
