@@ -25,6 +25,7 @@ from .errors import UserInputError
 
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
 OPENAI_DEFAULT_MODEL = "gpt-4o-mini"
+OPENAI_DEFAULT_EMBEDDING_MODEL = "text-embedding-3-small"
 # Local servers (vLLM, llama.cpp, Ollama) ignore the key, but the openai client insists on one.
 PLACEHOLDER_API_KEY = "not-needed"
 
@@ -80,6 +81,11 @@ class EndpointConfig(BaseModel):
         "and llama.cpp do): a cascade reads the cheap model's confidence from the one call that "
         "answered a row instead of sampling it three times.",
     )
+    embedding_model: str | None = Field(
+        default=None,
+        description="The model this endpoint's /v1/embeddings serves, for join and dedupe "
+        "blocking (None: OpenAI's text-embedding-3-small on OpenAI's URL, else not set).",
+    )
 
     @field_validator("base_url")
     @classmethod
@@ -97,6 +103,12 @@ class EndpointConfig(BaseModel):
             return f"embedded offline model {self.base_url} · model {self.model}, on this machine"
         key = "key set" if self.key() is not None else "no key"
         return f"endpoint {self.base_url} · model {self.model} · {key}"
+
+    def embedding_model_name(self) -> str | None:
+        """The embedding model to ask this endpoint for (None: it names none)."""
+        if self.embedding_model:
+            return self.embedding_model
+        return OPENAI_DEFAULT_EMBEDDING_MODEL if self.base_url == OPENAI_DEFAULT_BASE_URL else None
 
     def key(self) -> str | None:
         """The API key, or None when only the placeholder is set."""
@@ -214,9 +226,9 @@ def _secret(key: str | None) -> SecretStr:
 # Limits of an endpoint: requests in flight, requests and tokens per minute.
 ENDPOINT_LIMITS = ("max_concurrency", "rpm", "tpm")
 # Endpoint settings `%apwa config` changes like the limits: the prompt-cache marker (issue #20),
-# the context window rows per call are chosen by, and whether it returns token log-probabilities
-# (a cascade's confidence, issue #19).
-ENDPOINT_OPTIONS = ("cache_control", "context_tokens", "logprobs")
+# the context window rows per call are chosen by, whether it returns token log-probabilities
+# (a cascade's confidence, issue #19), and the model its /v1/embeddings serves (issue #21).
+ENDPOINT_OPTIONS = ("cache_control", "context_tokens", "logprobs", "embedding_model")
 # All that `%apwa config` may set on an endpoint besides its address, model and key.
 ENDPOINT_SETTINGS = (*ENDPOINT_LIMITS, *ENDPOINT_OPTIONS)
 

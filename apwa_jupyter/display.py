@@ -33,8 +33,9 @@ def output_text(output: Any) -> str:
 
 def stage_line(stage: Any, subtasks: int) -> str:
     """One stage in one line: id, kind, source, size, outputs (with their choices)."""
-    source = getattr(stage, "source", None)
+    source, right = getattr(stage, "source", None), getattr(stage, "right", None)
     origin = f" over {source}" if source else ""
+    origin += f" with {right}" if right else ""
     outputs = ", ".join(output_text(o) for o in stage.outputs)
     tools = f" tools[{', '.join(stage.tools)}]" if stage.tools else ""
     return f"{stage.id} ({stage.kind}{origin}, {subtasks} subtasks{tools}) -> {outputs}"

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 from .config import (
     ENDPOINT_LIMITS,
+    ENDPOINT_OPTIONS,
     check_max_input_chars,
     check_recording,
     parse_tool_list,
@@ -331,7 +332,7 @@ class ConfigArgs(_LineArgs):
     """`%apwa config [api_key] [key=value ...]`: typed settings, and whether to ask for the key."""
 
     usage = "%apwa config [key=value ...]"
-    summary = "show settings, or set them: %apwa config model=NAME base_url=URL address=HOST:PORT concurrency=N executor=ray|local max_concurrency=N rpm=N tpm=N logprobs=true|false tools=a,b (granted to every cell; side-effect tools still need --tools); `%apwa config api_key` asks for a key without echo"
+    summary = "show settings, or set them: %apwa config model=NAME base_url=URL address=HOST:PORT concurrency=N executor=ray|local max_concurrency=N rpm=N tpm=N logprobs=true|false embedding_model=NAME tools=a,b (granted to every cell; side-effect tools still need --tools); `%apwa config api_key` asks for a key without echo"
     takes_settings = True
 
     settings: dict[str, Any] = field(default_factory=dict)
@@ -649,7 +650,16 @@ CONFIG_TYPES: dict[str, Callable[[str, str], Any]] = {
 }
 
 CONFIG_KEYS = frozenset(
-    {"endpoint", "model", "base_url", "api_key", "address", "tools", *CONFIG_TYPES}
+    {
+        "endpoint",
+        "model",
+        "base_url",
+        "api_key",
+        "address",
+        "tools",
+        *ENDPOINT_OPTIONS,
+        *CONFIG_TYPES,
+    }
 )
 
 

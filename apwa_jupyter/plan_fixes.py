@@ -16,7 +16,7 @@ from .capabilities import CapabilityRegistry
 from .plans import Plan, allowed_placeholders, stage_columns
 from .prompt_syntax import fill
 
-SourceKinds = ("map", "replicate", "reduce", "filter", "rank")
+SourceKinds = ("map", "replicate", "reduce", "filter", "rank", "dedupe")
 # Kinds whose rows are their source's rows: an output may not take an input column's name.
 RowKinds = ("map", "replicate", "filter", "rank")
 # What a filter asked a condition without an output says whether a row is kept in.
@@ -92,7 +92,7 @@ def fix_plan(
 
 def _fix_outputs(stage: dict[str, Any], where: str, fixes: list[str]) -> None:
     """Outputs named once, choices only on strings, no batched output named like the row key."""
-    if stage["kind"] in ("map", "filter") and (stage.get("batch_size") or 1) > 1:
+    if stage["kind"] in ("map", "filter", "join", "dedupe") and (stage.get("batch_size") or 1) > 1:
         for field in stage["outputs"]:
             if field["name"] == RESERVED_BATCH_OUTPUT:
                 field["name"] = f"{RESERVED_BATCH_OUTPUT}_value"

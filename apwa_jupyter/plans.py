@@ -14,6 +14,11 @@ Four stage kinds cover the APWA patterns, and two more choose rows:
   model text evaluated), then, for the rows that pass, a boolean asked of the model like a map.
 - `rank`: order the rows by a criterion and keep the top `k`: one score per row (a map), then
   pairwise comparisons among the candidates near the top, never all pairs.
+- `join`: pair the rows of `source` (left) with rows of `right` for which a condition holds:
+  candidates are found first (equal keys, or the nearest rows by embeddings), and only those
+  pairs are asked of the model, never all n x m.
+- `dedupe`: which rows of `source` are the same entity: candidate pairs as for a join, the
+  model confirms them, and the confirmed pairs are closed transitively into a `cluster` per row.
 
 Every list and string in the schema has a bound so that constrained decoding cannot run away, and
 `validate_plan` checks what a schema cannot: that sources, columns and tools exist and the stages
@@ -220,11 +225,75 @@ class RankStage(_Stage):
     k: int | None = Field(default=None, ge=1, le=MAX_RANK_K, description="Rows kept; null: all.")
 
 
-AnyStage = MapStage | TaskStage | ReplicateStage | ReduceStage | FilterStage | RankStage
+# The columns (left, right) of a join's result that say which rows a pair joins, as its index.
+JOIN_INDEX = ("left", "right")
+JOIN_SUFFIXES = ("_left", "_right")  # a column both sides have, in a join's result
+CLUSTER_COLUMN = "cluster"  # the entity a dedupe gives each row (0, 1, ... by first row)
+MAX_CANDIDATES_PER_ROW = 50
+
+
+# Blocking comes first (execution/stages/join.py): with `left_key` and `right_key`, the rows with
+# equal values; else the `top_k` right rows nearest each left row by embeddings of the columns
+# the instruction names. Only those pairs are asked; the worker sees {"left": row, "right": row}.
+# The result has one row per confirmed pair, indexed by (left, right) labels, with both sides'
+# columns (a name both have gets _left / _right) and the outputs.
+class JoinStage(_Stage):
+    """Pair rows of `source` (left) with rows of `right` for which a condition holds."""
+
+    kind: Literal["join"]
+    source: Name = Field(description="The left table or earlier stage.")
+    right: Name = Field(description="The right table or earlier stage.")
+    outputs: list[OutputField] = Field(
+        min_length=1, max_length=4, description="First a boolean: do the two rows match?"
+    )
+    left_key: Name | None = Field(
+        default=None, description="Equal-key column on the left, or null."
+    )
+    right_key: Name | None = Field(default=None, description="Its right column, or null.")
+    top_k: int = Field(
+        default=10, ge=1, le=MAX_CANDIDATES_PER_ROW, description="Candidates per left row."
+    )
+    batch_size: int = Field(
+        default=1, ge=1, le=50, description="Pairs per subtask; 1 unless rows are tiny."
+    )
+
+
+# Entity resolution: candidate pairs within `source` (equal `key` values, or each row's `top_k`
+# nearest by embeddings), each asked once; confirmed pairs are closed transitively (a = b and
+# b = c put a, b, c in one cluster). The result is the source's rows with a `cluster` column.
+class DedupeStage(_Stage):
+    """Find the rows of `source` that are the same entity; give each row a `cluster` id."""
+
+    kind: Literal["dedupe"]
+    source: Name = Field(description="A table name or an earlier stage id.")
+    outputs: list[OutputField] = Field(
+        min_length=1, max_length=1, description="A boolean: are the two rows the same entity?"
+    )
+    key: Name | None = Field(default=None, description="Only rows equal on it are compared.")
+    top_k: int = Field(
+        default=5, ge=1, le=MAX_CANDIDATES_PER_ROW, description="Candidates per row."
+    )
+    batch_size: int = Field(
+        default=1, ge=1, le=50, description="Pairs per subtask; 1 unless rows are tiny."
+    )
+
+
+AnyStage = (
+    MapStage
+    | TaskStage
+    | ReplicateStage
+    | ReduceStage
+    | FilterStage
+    | RankStage
+    | JoinStage
+    | DedupeStage
+)
 Stage = Annotated[AnyStage, Field(discriminator="kind")]
 # Stages whose rows are rows of their source (with the user's index): their outputs sit beside
 # the source's columns, so an output may not take an input column's name.
 ROW_STAGES = (MapStage, ReplicateStage, FilterStage, RankStage)
+# Stages that compare two rows (the worker reads {"left": row, "right": row}).
+PAIR_STAGES = (JoinStage, DedupeStage)
 
 
 class Plan(_Strict):
@@ -246,12 +315,18 @@ class Plan(_Strict):
         return topological_order({s.id: dependencies(s) for s in self.stages})
 
 
+def stage_sources(stage: Any) -> list[str]:
+    """The tables or stages a stage reads: its `source`, and a join's `right` too."""
+    names = [getattr(stage, "source", None), getattr(stage, "right", None)]
+    return [name for i, name in enumerate(names) if name is not None and name not in names[:i]]
+
+
 def dependencies(stage: _Stage) -> list[str]:
-    """Stages this one waits for: its `depends_on` plus its source when that is a stage."""
+    """Stages this one waits for: its `depends_on` plus its sources when they are stages."""
     deps = list(stage.depends_on)
-    source = getattr(stage, "source", None)
-    if source is not None and source not in deps:
-        deps.append(source)
+    for source in stage_sources(stage):
+        if source not in deps:
+            deps.append(source)
     return deps
 
 
@@ -328,6 +403,10 @@ def stage_columns(plan: Plan, table_columns: Mapping[str, list[str]]) -> dict[st
         source_cols = known.get(getattr(stage, "source", None) or "", [])
         if isinstance(stage, RankStage):
             cols = [c for c in source_cols if c != RANK_COLUMN] + [*outputs, RANK_COLUMN]
+        elif isinstance(stage, JoinStage):
+            cols = joined_columns(source_cols, known.get(stage.right, [])) + outputs
+        elif isinstance(stage, DedupeStage):
+            cols = [c for c in source_cols if c != CLUSTER_COLUMN] + [CLUSTER_COLUMN]
         elif isinstance(stage, (MapStage, FilterStage)) or (
             isinstance(stage, ReplicateStage) and stage.source
         ):
@@ -378,6 +457,10 @@ def validate_plan(
             problems.extend(_check_filter(stage, source_cols))
         elif isinstance(stage, RankStage):
             problems.extend(_check_rank(stage))
+        elif isinstance(stage, JoinStage):
+            problems.extend(_check_join(stage, source_cols, available.get(stage.right, [])))
+        elif isinstance(stage, DedupeStage):
+            problems.extend(_check_dedupe(stage, source_cols))
     problems.extend(_check_columns_named(plan, columns, table_columns))
     return problems
 
@@ -405,11 +488,12 @@ def _check_references(
         for dep in stage.depends_on
         if dep not in ids
     ]
-    source = getattr(stage, "source", None)
-    if source is not None and source not in (*tables, *ids):
-        problems.append(
-            f"{where} reads source {source!r}, which is neither a table {tables} nor a stage {ids}"
-        )
+    for source in stage_sources(stage):
+        if source not in (*tables, *ids):
+            problems.append(
+                f"{where} reads source {source!r}, which is neither a table {tables} nor a stage "
+                f"{ids}"
+            )
     for tool in stage.tools:
         if tool not in tool_names:
             available = sorted(tool_names) or "none are registered"
@@ -502,6 +586,69 @@ def _check_rank(stage: RankStage) -> list[str]:
     return problems
 
 
+# -- the stages that compare pairs of rows: join and dedupe --------------------------------------
+def joined_columns(left: Sequence[str], right: Sequence[str]) -> list[str]:
+    """A join's columns from both sides: a name both have gets `_left` / `_right`."""
+    both = set(left) & set(right)
+    return [f"{c}{JOIN_SUFFIXES[0]}" if c in both else c for c in left] + [
+        f"{c}{JOIN_SUFFIXES[1]}" if c in both else c for c in right
+    ]
+
+
+def _check_pair_answer(where: str, outputs: Sequence[OutputField], question: str) -> list[str]:
+    """A pair stage's first output is the boolean the model answers for each candidate pair."""
+    if outputs and outputs[0].type == "boolean":
+        return []
+    first = outputs[0] if outputs else None
+    found = f"its first output {first.name!r} is {first.type}" if first else "it has none"
+    return [
+        f"{where} asks of each candidate pair {question}, so its first output must be a "
+        f'boolean (e.g. {{"name": "match", "type": "boolean"}}); {found}'
+    ]
+
+
+def _check_join(stage: JoinStage, left_cols: list[str], right_cols: list[str]) -> list[str]:
+    """Keys come in pairs and exist on their side; outputs do not take a joined column's name."""
+    where = f"stage {stage.id!r}"
+    problems = _check_pair_answer(where, stage.outputs, "whether the two rows match")
+    if (stage.left_key is None) != (stage.right_key is None):
+        problems.append(
+            f"{where} names only one key column: set both left_key and right_key (rows with "
+            "equal values are the candidates), or neither (candidates by embeddings)"
+        )
+    for key, side, name, cols in (
+        (stage.left_key, "left_key", stage.source, left_cols),
+        (stage.right_key, "right_key", stage.right, right_cols),
+    ):
+        if key is not None and key not in cols:
+            problems.append(f"{where} {side} {key!r} is not a column of {name!r} {cols}")
+    joined = joined_columns(left_cols, right_cols)
+    for fld in stage.outputs:
+        if fld.name in joined or fld.name in JOIN_INDEX:
+            problems.append(
+                f"{where} output {fld.name!r} is also a column of the joined rows; choose "
+                "another name (e.g. match)"
+            )
+    return problems
+
+
+def _check_dedupe(stage: DedupeStage, source_cols: list[str]) -> list[str]:
+    """The key exists; the answer is a boolean and is not called like the cluster column."""
+    where = f"stage {stage.id!r}"
+    problems = _check_pair_answer(where, stage.outputs, "whether the two rows are one entity")
+    if stage.key is not None and stage.key not in source_cols:
+        problems.append(
+            f"{where} key {stage.key!r} is not a column of {stage.source!r} {source_cols}; name "
+            "one, or null to find candidates by embeddings"
+        )
+    if stage.outputs and stage.outputs[0].name == CLUSTER_COLUMN:
+        problems.append(
+            f"{where} output {CLUSTER_COLUMN!r} is the column it gives each row; call the "
+            "answer something else (e.g. same)"
+        )
+    return problems
+
+
 def allowed_placeholders(
     kind: str, group_by: str | Iterable[str] | None, source_columns: Iterable[str]
 ) -> set[str]:
@@ -535,6 +682,9 @@ def _check_placeholders(
         for task in stage.tasks:
             used |= referenced(task.instruction)
     allowed = allowed_placeholders(stage.kind, getattr(stage, "group_by", None), source_cols)
+    if isinstance(stage, JoinStage):  # a pair's instruction may name columns of either side
+        allowed |= set(available.get(stage.right, []))
+        source_cols = [*source_cols, *available.get(stage.right, [])]
     if isinstance(stage, ReduceStage):
         problems.extend(_check_group_keys(stage, source_cols))
     for name in sorted(used - allowed):

@@ -60,7 +60,7 @@ from .executors.base import StopSignal
 from .lookups import scope_lookups
 from .models.base import Usage
 from .plan_fixes import DeniedTools
-from .plans import Plan, validate_plan
+from .plans import Plan, stage_sources, validate_plan
 from .results import RunResults
 from .run_setup import RunSetup
 from .templates import MAX_INPUT_CHARS
@@ -850,7 +850,7 @@ class Run(RunResults):
         if self.sample is None or self.plan is None:
             return self.tables
         if self._sampled is None or self._sampled[0] is not self.plan:
-            sources = {getattr(stage, "source", None) for stage in self.plan.stages}
+            sources = {name for stage in self.plan.stages for name in stage_sources(stage)}
             cut = {
                 name: self.sample.of(table) if name in sources else table
                 for name, table in self.tables.items()
@@ -876,6 +876,8 @@ class Run(RunResults):
             text += "; its reduce combined only the sampled rows"
         if any(stage.kind == "rank" for stage in self.plan.stages):
             text += "; its ranking orders only the sampled rows"
+        if any(stage.kind in ("join", "dedupe") for stage in self.plan.stages):
+            text += "; its pairs are only among the sampled rows"
         return text
 
     def pending(self) -> list[Future[Any]]:
@@ -885,7 +887,7 @@ class Run(RunResults):
     def size_line(self) -> str:
         """Rows, subtasks and (once calls were timed) the expected time of the planned run."""
         plan = self.plan
-        sources = {getattr(s, "source", None) for s in plan.stages} if plan is not None else set()
+        sources = {n for s in plan.stages for n in stage_sources(s)} if plan is not None else set()
         rows = sum(t.num_rows for name, t in self.run_tables().items() if name in sources)
         latency = typical_latency(self.worker_model)
         return size_line(rows, self.estimate_subtasks(), self.concurrency(latency), latency)

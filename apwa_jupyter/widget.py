@@ -43,7 +43,14 @@ if TYPE_CHECKING:
 
 REFRESH_S = 0.25
 MAX_ERRORS_SHOWN = 20
-KIND_COLOURS = {"map": "#1f77b4", "task": "#2ca02c", "replicate": "#9467bd", "reduce": "#d62728"}
+KIND_COLOURS = {
+    "map": "#1f77b4",
+    "task": "#2ca02c",
+    "replicate": "#9467bd",
+    "reduce": "#d62728",
+    "join": "#8c564b",
+    "dedupe": "#8c564b",
+}
 STATE_COLOURS = {
     "planning": "#888",
     "awaiting_approval": "#b8860b",
@@ -122,11 +129,30 @@ def dag_html(run: Run) -> str:
                 f'style="border:2px solid {colour};padding:4px 8px;border-radius:4px;margin:4px 0">'
                 f"<b>{html.escape(name)}</b> <small style='color:{colour}'>{stage.kind}</small>"
                 f"{risky}<br>"
-                f"<small>{counts.get(name, 0):,} subtasks · from {html.escape(feeds)}</small></div>"
+                f"<small>{counts.get(name, 0):,} subtasks · from {html.escape(feeds)}</small>"
+                f"{pairs_html(run, stage)}</div>"
             )
         cells.append(f'<div style="display:flex;flex-direction:column">{"".join(boxes)}</div>')
     arrow = '<div style="align-self:center;font-size:18px;padding:0 6px">&rarr;</div>'
     return f'<div class="apwa-dag" style="display:flex;align-items:flex-start">{arrow.join(cells)}</div>'
+
+
+def pairs_html(run: Run, stage: Any) -> str:
+    """How a join or dedupe finds its candidate pairs, and once run, how many it kept."""
+    if stage.kind not in ("join", "dedupe"):
+        return ""
+    keys = (stage.left_key, stage.right_key) if stage.kind == "join" else (stage.key, stage.key)
+    how = (
+        f"candidates: equal {keys[0]} = {keys[1]}, at most {stage.top_k} a row"
+        if keys[0] is not None
+        else f"candidates: {stage.top_k} nearest a row by embeddings"
+    )
+    outcome = run.outcomes.get(stage.id)
+    counts = getattr(outcome, "counts", None)
+    if counts is not None and hasattr(counts, "candidates"):
+        found = counts.kept if stage.kind == "join" else counts.same
+        how += f" · {counts.candidates:,} asked → {found:,} pairs confirmed"
+    return f"<br><small class='apwa-pairs'>{html.escape(how)}</small>"
 
 
 def _short_status(run: Run) -> str:

@@ -323,7 +323,8 @@ def test_the_estimate_counts_a_filter_fed_by_a_stage_at_half_and_a_prefilter_on_
 
 def test_the_manager_is_told_about_filters_and_its_filter_plan_validates(reviews):
     assert '"filter"' in MANAGER_SYSTEM and "prefilter" in MANAGER_SYSTEM
-    assert len(MANAGER_SYSTEM) < 3_000  # the system prompt stays short
+    # the system prompt stays short: 2,892 characters with six kinds, 3,286 with join and dedupe
+    assert len(MANAGER_SYSTEM) < 3_300
     schema = json.dumps(plan_json_schema())
     assert '"not in"' in schema and '"prefilter"' in schema
     plan = plan_of(

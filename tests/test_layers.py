@@ -43,6 +43,8 @@ LAYERS: list[tuple[str, set[str]]] = [
             "models.embedded",
             "models.replay",
             "models.pool",
+            "models.embeddings",
+            "models.minilm",
             "steps",
         },
     ),

@@ -154,6 +154,6 @@ def test_unknown_config_setting_lists_the_known_ones():
         parse_line("config nope=1")
     assert str(caught.value) == (
         "unknown setting(s) ['nope']; known: ['address', 'api_key', 'base_url', 'cache_control', "
-        "'concurrency', 'context_tokens', 'endpoint', 'executor', 'logprobs', 'max_concurrency', "
-        "'model', 'rpm', 'tools', 'tpm']"
+        "'concurrency', 'context_tokens', 'embedding_model', 'endpoint', 'executor', 'logprobs', "
+        "'max_concurrency', 'model', 'rpm', 'tools', 'tpm']"
     )

@@ -64,3 +64,21 @@ def test_cascade_notebook_sends_the_unsure_rows_to_the_strong_model(tmp_path, mo
     assert report["strong_rows"] == report["strong_calls"]  # calibration answers reused
     assert report["strong_share"] == round(report["strong_rows"] / 160, 3)
     assert report["accuracy"] >= 0.9  # the target, on labels the strong model knows
+
+
+def test_operators_filters_ranks_and_joins_offline(tmp_path, monkeypatch):
+    pytest.importorskip("tokenizers")  # the join's embeddings: the bundled MiniLM, in process
+    report, _ = run_notebook("operators.ipynb", tmp_path, monkeypatch)
+    flt = report["filter"]
+    assert flt["rows"] == 8 and flt["prefilter_removed"] == 4 and flt["asked"] == 4
+    assert flt["calls"] >= 4 and flt["asked"] == 4  # only rows that pass the prefilter
+    assert flt["kept"] == flt["result_rows"] <= 4
+    rank = report["rank"]
+    assert rank["kept"] == 3 and rank["ranks"] == [1, 2, 3] and rank["state"] == "done"
+    assert 6 <= rank["calls"] <= 6 + 15  # six scores, then fewer comparisons than all pairs
+    join = report["join"]
+    assert join["candidates"] == join["left"] * join["top_k"] < join["left"] * join["right"]
+    # every candidate pair asked (a small model's invalid answer costs a repair request more)
+    assert join["calls"] >= join["candidates"] and join["kept"] <= join["candidates"]
+    assert join["embedding_requests"] == 0  # embedded on this machine, nothing sent
+    assert join["index"] == ["left", "right"] and join["state"].startswith("done")

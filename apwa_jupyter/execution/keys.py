@@ -196,3 +196,12 @@ def stage_template_key(ctx: StageContext, batch_size: int) -> str:
             **({"confidence": True} if ctx.confidence else {}),
         },
     )
+
+
+def embedding_key(where: str, model: str, text: str) -> str:
+    """The store key of one text's embedding: who embedded it (endpoint and model) and the text.
+
+    `where` is a base URL (its credentials dropped, as for answers) or a name for a model run in
+    this process. Join and dedupe blocking store vectors under it, so a re-run embeds nothing.
+    """
+    return _sha("\x00".join((KEY_VERSION, "embedding", endpoint_identity(where, model), text)))

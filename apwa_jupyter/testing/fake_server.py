@@ -1,13 +1,19 @@
 """A scripted OpenAI-compatible server on 127.0.0.1, for tests and benchmarks.
 
 It speaks enough of the chat-completions API for the real `openai` client: `POST
-/v1/chat/completions`, `GET /v1/models`, `GET /health`. A responder function decides each answer
+/v1/chat/completions`, `POST /v1/embeddings`, `GET /v1/models`, `GET /health`. A responder function decides each answer
 from the request body: JSON content, tool calls, an HTTP error (429 with Retry-After, 500), a
 hang (for timeouts) or malformed text. `latency` adds a fixed delay to every answer and `limit`
 caps how many requests the server works on at once (the rest queue), like a real provider.
 
 The default responder fills the request's JSON schema with deterministic values (the pydantic-ai
 `TestModel` idea), so any plan or worker answer is structurally valid without a script.
+
+`POST /v1/embeddings` answers in OpenAI's format with `trigram_embedding` of each input: a
+deterministic, normalised hashed bag of character trigrams, so texts that share most of their
+characters are near and unrelated ones are not, like a real model on names and addresses.
+`embedding_requests` and `embedded_texts` count what arrived (chat requests are `count`), and
+`embedding_models` lists the model each request named.
 
 It also speaks OpenAI's Batch API (`POST /v1/files`, `GET /v1/files/{id}[/content]`, `POST
 /v1/batches`, `GET /v1/batches[/{id}]`, `POST /v1/batches/{id}/cancel`), in OpenAI's formats: a
@@ -50,6 +56,7 @@ CACHE_MIN_TOKENS = 1024
 CACHE_STEP_TOKENS = 128
 CHARS_PER_TOKEN = 4
 _CACHE_LIMIT = 1_000_000  # prefixes remembered before the cache starts over
+EMBEDDING_DIMENSIONS = 256
 HOLD_TIMEOUT_S = 120.0  # a held answer goes out after this even if the test never releases it
 
 
@@ -165,6 +172,21 @@ def schema_responder(body: dict[str, Any]) -> Reply:
     fmt = body.get("response_format") or {}
     schema = (fmt.get("json_schema") or {}).get("schema")
     return Reply.json(fill_schema(schema) if schema else {})
+
+
+def trigram_embedding(text: str, dimensions: int = EMBEDDING_DIMENSIONS) -> list[float]:
+    """A unit vector of `text`'s character trigrams, each hashed into one of `dimensions`.
+
+    Lower-cased, padded with spaces so that word starts count; the same text always gives the
+    same vector (a stable hash, not Python's salted `hash`).
+    """
+    padded = f"  {text.lower()} "
+    vector = [0.0] * dimensions
+    for i in range(len(padded) - 2):
+        digest = hashlib.blake2b(padded[i : i + 3].encode(), digest_size=4).digest()
+        vector[int.from_bytes(digest, "little") % dimensions] += 1.0
+    norm = sum(v * v for v in vector) ** 0.5 or 1.0
+    return [v / norm for v in vector]
 
 
 def worker_input(body: dict[str, Any]) -> Any:
@@ -317,6 +339,9 @@ class FakeOpenAIServer:
         self.count = 0
         self.prompt_cache: PromptCache | None = PromptCache() if prompt_cache else None
         self.cached_tokens = 0  # cached_tokens reported over every chat request
+        self.embedding_requests = 0
+        self.embedded_texts = 0
+        self.embedding_models: list[str] = []
         self.in_flight = 0
         self.max_in_flight = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -370,6 +395,7 @@ class FakeOpenAIServer:
         app = web.Application(client_max_size=256 * 1024**2)  # batch input files up to 200 MB
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_get("/health", self._health)
         app.router.add_post("/v1/files", self._upload)
         app.router.add_get("/v1/files/{id}", self._file)
@@ -388,6 +414,33 @@ class FakeOpenAIServer:
     async def _models(self, request: web.Request) -> web.Response:
         return web.json_response(
             {"object": "list", "data": [{"id": MODEL_NAME, "object": "model"}]}
+        )
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        """OpenAI's embeddings answer: one `trigram_embedding` per input, in order."""
+        body = await request.json()
+        inputs = body.get("input")
+        texts = [inputs] if isinstance(inputs, str) else inputs
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            error = {"message": "input must be a string or a non-empty list of strings"}
+            return web.json_response({"error": error}, status=400)
+        self.embedding_requests += 1
+        self.embedded_texts += len(texts)
+        self.embedding_models.append(str(body.get("model")))
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        data = [
+            {"object": "embedding", "index": i, "embedding": trigram_embedding(text)}
+            for i, text in enumerate(texts)
+        ]
+        tokens = sum(len(text) for text in texts) // 4
+        return web.json_response(
+            {
+                "object": "list",
+                "data": data,
+                "model": body.get("model", MODEL_NAME),
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
         )
 
     async def _health(self, request: web.Request) -> web.Response:

@@ -1,7 +1,7 @@
 """The stage kinds, by the `kind` a plan stage names: the only place kinds are dispatched.
 
-`map`, `task`, `replicate` and `reduce` are the APWA patterns; `filter` and `rank` choose rows
-(plans.py describes them all). A new kind implements `StageKind` (base.py) in a module of its
+`map`, `task`, `replicate` and `reduce` are the APWA patterns; `filter` and `rank` choose rows;
+`join` and `dedupe` compare pairs of rows found by blocking (plans.py describes them all). A new kind implements `StageKind` (base.py) in a module of its
 own and is added to `KINDS`.
 """
 
@@ -10,7 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from .base import PlanShape, StageKind, StageLoad
+from .dedupe import Dedupe
 from .filter import Filter
+from .join import Join
 from .map import Map
 from .rank import Rank
 from .reduce import Reduce, pack_reduce_items, reduce_item_chars, reduce_subtask_count
@@ -18,7 +20,8 @@ from .replicate import AGREEMENT_COLUMN, Replicate
 from .task import Task
 
 KINDS: dict[str, StageKind] = {
-    kind.name: kind for kind in (Map(), Task(), Replicate(), Reduce(), Filter(), Rank())
+    kind.name: kind
+    for kind in (Map(), Task(), Replicate(), Reduce(), Filter(), Rank(), Join(), Dedupe())
 }
 
 
