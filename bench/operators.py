@@ -26,7 +26,6 @@ client against the fake server on 127.0.0.1; calls are counted at the server.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import subprocess
@@ -39,7 +38,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results" / "operators.json"
-MIB = 2**20
 sys.path.insert(0, str(ROOT))  # the seeded tasks live with their tests
 
 
@@ -61,10 +59,10 @@ def filter_section() -> dict[str, Any]:
     """10M rows: first request and kernel RSS growth (the method of tests/test_filter_stage.py)."""
     import numpy as np
     import pandas as pd
-    import psutil
     import pyarrow as pa
 
     from apwa_jupyter.testing import FakeOpenAIServer, Reply
+    from apwa_jupyter.testing.memory import PeakRss
 
     rows = 10_000_000
     frame = pd.DataFrame(
@@ -87,36 +85,22 @@ def filter_section() -> dict[str, Any]:
     plan = {"summary": "filter", "stages": [stage], "output": "broken"}
     with FakeOpenAIServer(lambda body: Reply.json({"keep": True}), latency=0.2) as server:
         apwa = session(server)
-        process = psutil.Process()
-        gc.collect()
-        before = process.memory_info().rss
-        peak = [before]
-        done = threading.Event()
-
-        def sample() -> None:
-            while not done.wait(0.05):
-                peak[0] = max(peak[0], process.memory_info().rss)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        planned = apwa.plan("filter {reviews}", {"reviews": frame}, plan=plan).wait(300)
-        first = threading.Event()
-        planned.subscribe(lambda e: e.kind == "subtask_started" and first.set())
-        began = time.perf_counter()
-        planned.start()
-        first.wait(300)
-        first_request_s = time.perf_counter() - began
-        time.sleep(2)
-        planned.cancel()
-        planned.wait(600)
-        done.set()
-        sampler.join()
-        growth = max(peak[0], process.memory_info().rss) - before
+        with PeakRss() as memory:
+            planned = apwa.plan("filter {reviews}", {"reviews": frame}, plan=plan).wait(300)
+            first = threading.Event()
+            planned.subscribe(lambda e: e.kind == "subtask_started" and first.set())
+            began = time.perf_counter()
+            planned.start()
+            first.wait(300)
+            first_request_s = time.perf_counter() - began
+            time.sleep(2)
+            planned.cancel()
+            planned.wait(600)
         counts = planned.outcomes["broken"].counts
         return {
             "rows": rows,
             "first_request_s": round(first_request_s, 2),
-            "rss_growth_mb": round(growth / MIB),
+            "rss_growth_mb": round(memory.growth_mib),
             "prefilter_removed": counts.prefilter_removed,
             "calls_before_cancel": server.count,
             "state": planned.state,

@@ -12,12 +12,10 @@ import json
 import statistics
 import subprocess
 import sys
-import threading
 from typing import Any
 
 import baselines
 import fakeserver
-import psutil
 from common import frame, log, machine_load, timed
 from fakeserver import OUTPUT, PROMPT, ServerProcess, map_plan
 
@@ -26,6 +24,7 @@ from apwa_jupyter.executors.base import Executor
 from apwa_jupyter.models.base import ChatRequest
 from apwa_jupyter.models.scripted import ScriptedModel
 from apwa_jupyter.session import Session
+from apwa_jupyter.testing.memory import PeakRss
 
 MIB = 2**20
 LOAD_EXT_CODE = """
@@ -89,35 +88,22 @@ def rss_growth(executor: Executor, n: int) -> dict[str, Any]:
     session = Session(model=ScriptedModel(script), executor=executor, concurrency=256)
     session.run(PROMPT, {"t": frame(100)})  # warm: actors fetch the scripted model once
     table = frame(n)
-    process = psutil.Process()
-    gc.collect()
-    before = process.memory_info().rss
-    peak = [before]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(0.2):
-            peak[0] = max(peak[0], process.memory_info().rss)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    with machine_load() as load:
+    with PeakRss(interval=0.2) as memory, machine_load() as load:
         began = timed()
         run = session.run(PROMPT, {"t": table})
         wall = timed() - began
-    stop.set()
-    sampler.join()
     gc.collect()
-    after = process.memory_info().rss  # the run (results frame included) is still referenced
+    before, after = memory.before, memory.now()  # the run (its frame too) is still referenced
+    peak = max(memory.peak, after)
     ok = int(run.result["n_chars"].notna().sum()) if run.result is not None else 0
     return {
         "subtasks": n,
         "ok": ok,
         "rss_before_mib": before / MIB,
         "rss_after_mib": after / MIB,
-        "rss_peak_mib": max(peak[0], after) / MIB,
+        "rss_peak_mib": peak / MIB,
         "growth_mib": (after - before) / MIB,
-        "peak_growth_mib": (max(peak[0], after) - before) / MIB,
+        "peak_growth_mib": (peak - before) / MIB,
         "wall_s": wall,
         "execution_s": run.timings().get("execution_s"),
         "per_subtask_ms_no_http": 1000 * (run.timings().get("execution_s") or wall) / n,

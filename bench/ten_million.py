@@ -52,6 +52,7 @@ def measure(
     from apwa_jupyter.config import EndpointConfig
     from apwa_jupyter.executors.base import Executor
     from apwa_jupyter.session import Session
+    from apwa_jupyter.testing.memory import PeakRss
 
     executor: Executor
     if executor_kind == "ray":
@@ -74,46 +75,35 @@ def measure(
         warm = session.run(PROMPT, {"t": frame(100)})  # Ray starts here, as in a used kernel
         assert warm.state == "done", warm.status
         table = frame(rows)
-        gc.collect()
-        before = process.memory_info().rss
-        peak = [before]
-        stop_sampling = threading.Event()
+        with PeakRss(interval=0.1) as memory:
+            before = memory.before
+            began = timed()
+            run = session.plan(PROMPT, {"t": table}).wait()
+            planned = timed()
+            at_approval = process.memory_info().rss
+            first_request = threading.Event()
+            first_at = [0.0]
 
-        def sample() -> None:
-            while not stop_sampling.wait(0.1):
-                peak[0] = max(peak[0], process.memory_info().rss)
+            def listen(event: Any) -> None:
+                if event.kind == "subtask_started" and not first_request.is_set():
+                    first_at[0] = timed()
+                    first_request.set()
 
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        began = timed()
-        run = session.plan(PROMPT, {"t": table}).wait()
-        planned = timed()
-        at_approval = process.memory_info().rss
-        first_request = threading.Event()
-        first_at = [0.0]
-
-        def listen(event: Any) -> None:
-            if event.kind == "subtask_started" and not first_request.is_set():
-                first_at[0] = timed()
-                first_request.set()
-
-        run.subscribe(listen)
-        with machine_load(endpoint=None) as load:
-            approved = timed()
-            run.start()
-            got_first = first_request.wait(600)
-            first = first_at[0] if got_first else timed()
-            done_at_first = run.sink.stage("label").done
-            time.sleep(seconds)
-            done_at_cancel = run.sink.stage("label").done
-            running_peak = max(peak[0], process.memory_info().rss)
-            at_cancel = process.memory_info().rss
-            cancelled = timed()
-            run.cancel()
-            run.wait(1800)
-            settled = timed()
-        stop_sampling.set()
-        sampler.join()
+            run.subscribe(listen)
+            with machine_load(endpoint=None) as load:
+                approved = timed()
+                run.start()
+                got_first = first_request.wait(600)
+                first = first_at[0] if got_first else timed()
+                done_at_first = run.sink.stage("label").done
+                time.sleep(seconds)
+                done_at_cancel = run.sink.stage("label").done
+                running_peak = memory.peak
+                at_cancel = process.memory_info().rss
+                cancelled = timed()
+                run.cancel()
+                run.wait(1800)
+                settled = timed()
         gc.collect()
         after = process.memory_info().rss
         result = run.result
@@ -140,10 +130,10 @@ def measure(
             "rss_at_approval_mib": round(at_approval / MIB),
             "rss_at_cancel_mib": round(at_cancel / MIB),
             "rss_peak_while_running_mib": round(running_peak / MIB),
-            "rss_peak_mib": round(max(peak[0], after) / MIB),
+            "rss_peak_mib": round(max(memory.peak, after) / MIB),
             "rss_after_mib": round(after / MIB),
             "peak_growth_while_running_mib": round((running_peak - before) / MIB),
-            "peak_growth_mib": round((max(peak[0], after) - before) / MIB),
+            "peak_growth_mib": round((max(memory.peak, after) - before) / MIB),
             "growth_after_mib": round((after - before) / MIB),
             "load": load,
         }

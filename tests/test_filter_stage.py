@@ -8,7 +8,6 @@ count is the model calls the filter made.
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import threading
 import time
@@ -16,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import psutil
 import pyarrow as pa
 import pytest
 
@@ -35,6 +33,7 @@ from apwa_jupyter.plans import Condition, Plan, plan_json_schema, validate_plan
 from apwa_jupyter.session import Session
 from apwa_jupyter.tables import DataTable
 from apwa_jupyter.testing import Reply, worker_input
+from apwa_jupyter.testing.memory import PeakRss
 from tests.conftest import FAST_RETRY, endpoint_for, local_session
 
 
@@ -368,33 +367,20 @@ def test_a_10_million_row_filter_sends_its_first_request_at_once_in_under_1_gb(f
     plan = plan_of(
         filter_stage([{"column": "stars", "op": "<=", "value": 2}], instruction="Is {text} ok?")
     )
-    process = psutil.Process()
-    gc.collect()
-    before = process.memory_info().rss
-    peak = [before]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.05):
-            peak[0] = max(peak[0], process.memory_info().rss)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    planned = session.plan("filter {reviews}", {"reviews": frame}, plan=plan).wait(120)
-    assert planned.stage_subtasks() == {"broken": rows * 2 // 5}  # counted on the table
-    first = threading.Event()
-    planned.subscribe(lambda e: e.kind == "subtask_started" and first.set())
-    began = time.perf_counter()
-    planned.start()
-    assert first.wait(60)
-    first_request_s = time.perf_counter() - began
-    time.sleep(2)
-    planned.cancel()
-    planned.wait(300)
+    with PeakRss() as memory:
+        planned = session.plan("filter {reviews}", {"reviews": frame}, plan=plan).wait(120)
+        assert planned.stage_subtasks() == {"broken": rows * 2 // 5}  # counted on the table
+        first = threading.Event()
+        planned.subscribe(lambda e: e.kind == "subtask_started" and first.set())
+        began = time.perf_counter()
+        planned.start()
+        assert first.wait(60)
+        first_request_s = time.perf_counter() - began
+        time.sleep(2)
+        planned.cancel()
+        planned.wait(300)
     settled = planned.outcomes["broken"]
-    done.set()
-    sampler.join()
-    growth_mib = (max(peak[0], process.memory_info().rss) - before) / 2**20
+    growth_mib = memory.growth_mib
     print(
         f"\n10M-row filter: first request {first_request_s:.2f} s, peak growth {growth_mib:.0f} MiB"
     )

@@ -31,6 +31,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "testing",
             "testing.fake_server",
             "testing.cascade_models",
+            "testing.memory",
         },
     ),
     (
