@@ -34,6 +34,8 @@ from .display import (
 from .errors import STOPPED_KINDS, ApwaError
 from .execution.cascade import DEFAULT as DEFAULT_MODEL
 from .execution.cascade import eligible as cascade_eligible
+from .execution.stages.filter import FilterCounts
+from .execution.stages.rank import RankCounts
 from .inspect_panel import InspectPanel
 from .plans import dependencies
 from .runs import FINAL_STATES
@@ -130,7 +132,7 @@ def dag_html(run: Run) -> str:
                 f"<b>{html.escape(name)}</b> <small style='color:{colour}'>{stage.kind}</small>"
                 f"{risky}<br>"
                 f"<small>{counts.get(name, 0):,} subtasks · from {html.escape(feeds)}</small>"
-                f"{pairs_html(run, stage)}</div>"
+                f"{pairs_html(run, stage)}{chosen_html(run, stage)}</div>"
             )
         cells.append(f'<div style="display:flex;flex-direction:column">{"".join(boxes)}</div>')
     arrow = '<div style="align-self:center;font-size:18px;padding:0 6px">&rarr;</div>'
@@ -153,6 +155,31 @@ def pairs_html(run: Run, stage: Any) -> str:
         found = counts.kept if stage.kind == "join" else counts.same
         how += f" · {counts.candidates:,} asked → {found:,} pairs confirmed"
     return f"<br><small class='apwa-pairs'>{html.escape(how)}</small>"
+
+
+def chosen_html(run: Run, stage: Any) -> str:
+    """Once a filter or rank ran: the rows it kept, what the prefilter removed, the top rows."""
+    outcome = run.outcomes.get(stage.id)
+    counts = getattr(outcome, "counts", None)
+    if isinstance(counts, FilterCounts):
+        text = f"kept {counts.kept:,} of {counts.rows:,} rows"
+        if counts.prefilter_removed:
+            text += (
+                f" · the prefilter removed {counts.prefilter_removed:,} before any call "
+                f"({counts.calls_saved:,} calls saved)"
+            )
+        if counts.failed:
+            text += f" · {counts.failed:,} without an answer"
+    elif isinstance(counts, RankCounts) and outcome is not None:
+        top = [str(label) for label in list(outcome.frame.index[:3])]
+        text = (
+            f"scored {counts.scored:,} rows, {counts.comparisons:,} comparisons in "
+            f"{counts.rounds} rounds · top: {', '.join(top)}"
+            + ("" if counts.complete else " (order partly by score)")
+        )
+    else:
+        return ""
+    return f"<br><small class='apwa-chosen'>{html.escape(text)}</small>"
 
 
 def _short_status(run: Run) -> str:
@@ -287,6 +314,7 @@ class PlanWidget:
         self.output_editors: dict[str, OutputEditor] = {}
         self._bars: dict[str, tuple[W.HTML, W.HTML]] = {}
         self._drawn_plan: Any = None
+        self._dag_final = False  # the DAG was last drawn for an ended run
         self._ticker: threading.Thread | None = None
         self._lock = threading.Lock()
         self.inspect = InspectPanel(lambda: self.run, self.follow, self._ensure_ticker, labels)
@@ -470,6 +498,9 @@ class PlanWidget:
         )
         if run.plan is not None and run.plan is not self._drawn_plan:
             self._draw_plan()
+        if run.plan is not None and (run.state in FINAL_STATES) != self._dag_final:
+            self._dag_final = run.state in FINAL_STATES
+            self.dag.value = dag_html(run)  # once ended: what filters, ranks and joins kept
         editable = run.state == "awaiting_approval" and not getattr(run, "dry_run", False)
         self.run_button.disabled = not editable
         self.cancel_button.disabled = run.state not in ("planning", "running", "awaiting_approval")

@@ -149,6 +149,13 @@ def test_the_prefilter_runs_first_and_the_model_is_asked_only_about_the_rows_tha
     for frame_ in (kept, result):
         figures = frame_.attrs["apwa_filter"]["broken"]
         assert figures["kept"] == len(expected) and figures["prefilter"] == ["stars <= 3"]
+    from apwa_jupyter.widget import PlanWidget  # and the widget's drawing of the stage
+
+    drawn = PlanWidget(planned).dag.value
+    assert (
+        f"kept {len(expected)} of {len(frame)} rows · the prefilter removed "
+        f"{len(frame) - len(passing)} before any call ({len(frame) - len(passing)} calls saved)"
+    ) in drawn
 
 
 def test_a_row_whose_condition_has_no_answer_is_not_kept_but_a_failure_and_retry_asks_it(

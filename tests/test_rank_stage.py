@@ -138,6 +138,13 @@ def test_the_exact_top_10_of_10000_rows_in_at_most_1_3n_calls_counted_at_the_ser
     # the estimate before running is within a third of what it took
     estimated = planned.stage_subtasks()["top"]
     assert n < estimated and abs(estimated - calls) <= (calls - n) / 3 + 1
+    from apwa_jupyter.widget import PlanWidget  # and the widget's drawing of the stage
+
+    drawn = PlanWidget(planned).dag.value
+    assert (
+        f"scored {n:,} rows, {counts.comparisons:,} comparisons in {counts.rounds} rounds" in drawn
+    )
+    assert f"top: {', '.join(truth[:3])}" in drawn
 
 
 def test_over_20_seeds_settling_finds_the_exact_top_10_within_the_bound():
