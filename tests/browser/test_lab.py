@@ -233,6 +233,10 @@ def test_apwa_magic_end_to_end(lab_server: LabServer, page: Any) -> None:
                 ("m-load", "%load_ext apwa_jupyter"),
                 (
                     "m-data",
+                    "import os, tempfile\n"
+                    # A store of its own (read when the session starts, in the next cell): the
+                    # runs earlier tests stored would be listed, and "No runs yet" never shown.
+                    'os.environ["APWA_CACHE_DIR"] = tempfile.mkdtemp()\n'
                     "import pandas as pd\n"
                     'reviews = pd.DataFrame({"text": [f"review {i}" for i in range(24)]})\n'
                     'backlog = pd.DataFrame({"text": [f"item {i}" for i in range(5000)]})',
