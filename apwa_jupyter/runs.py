@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import threading
 import time
-import types
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -49,7 +48,6 @@ from .execution import (
 )
 from .execution.batch import batched_stage_ids
 from .execution.batch_size import choose_batch_sizes
-from .execution.cascade import DEFAULT as DEFAULT_MODEL
 from .execution.cascade import Cascade, not_eligible_because
 from .execution.cascade import eligible as cascade_eligible
 from .execution.cascade_run import cascade_bounds, cascade_loads
@@ -333,10 +331,9 @@ class Run(RunResults):
             stored = self.stored_subtasks()
             calls = {k: n - stored.get(k, 0) for k, n in self.stage_subtasks().items()}
             loads = stage_loads(self.plan, calls, samples, models=models)
-            cascades = {s.id: c for s in self.plan.stages if (c := self.cascade_of(s.id))}
+            cascades = self.cascades()
             if cascades:  # each as its cheap and strong parts, on their own models
-                roster = {**models, DEFAULT_MODEL: self.model_name}
-                loads = cascade_loads(loads, cascades, self._models_view(), roster)
+                loads = cascade_loads(loads, cascades, self.worker_model, self.setup.models)
             found = estimate(
                 EstimateInput(self.model_name, loads, max_tokens=self.options.max_tokens)
             )
@@ -377,6 +374,8 @@ class Run(RunResults):
                 f"run {self.id} is {self.state}; only a plan awaiting approval can be edited"
             )
         data = self.plan.model_dump()
+        # Rows a call chosen by tokens give way to a cascade, which goes row by row.
+        one_row = cascade not in ("", None) and not remove and stage_id in self.batch_sizes
         if stage_id not in [s["id"] for s in data["stages"]]:
             raise UserInputError(
                 f"no stage {stage_id!r}; stages: {[s['id'] for s in data['stages']]}"
@@ -396,8 +395,8 @@ class Run(RunResults):
                         stage["outputs"] = outputs
                     if model != "":
                         stage["model"] = model
-                    if cascade not in ("", None) and stage_id in self.batch_sizes:
-                        stage["batch_size"] = 1  # chosen by tokens; a cascade goes row by row
+                    if one_row:
+                        stage["batch_size"] = 1
         if not data["stages"]:
             raise UserInputError("a plan needs at least one stage; cancel the run instead")
         try:
@@ -410,7 +409,7 @@ class Run(RunResults):
             raise UserInputError(f"That edit makes the plan invalid: {exc}") from None
         if cascade != "" and not remove:
             self.cascade_choices[stage_id] = self._checked_cascade(edited.stage(stage_id), cascade)
-            if cascade is not None and stage_id in self.batch_sizes:
+            if one_row:
                 self.batch_sizes[stage_id] = f"{stage_id}: 1 row a call (a cascade goes row by row)"
         self.plan = edited
 
@@ -565,11 +564,7 @@ class Run(RunResults):
             meter=self.meter,
             models=dict(self.setup.models),
             model_ids={name: endpoint_id(e) for name, e in self.setup.models.items()},
-            cascades={
-                stage.id: found
-                for stage in self.plan.stages
-                if (found := self.cascade_of(stage.id)) is not None
-            },
+            cascades=self.cascades(),
             batch=self.setup.batch,
         )
 
@@ -796,10 +791,6 @@ class Run(RunResults):
         """
         return [*self._notices, *self._cascade_notices()]
 
-    def _models_view(self) -> Any:
-        """The run's default and roster models, as `cascade_run.confidence_source` reads them."""
-        return types.SimpleNamespace(worker_model=self.worker_model, models=self.setup.models)
-
     def _cascade_notices(self) -> list[str]:
         """With --cascade, the map stages of the plan that run on one model only, and why."""
         if self.setup.cascade is None or self.plan is None:
@@ -810,6 +801,12 @@ class Run(RunResults):
             if why:
                 found.append(f"--cascade: stage {stage.id!r} runs on one model only: {why}")
         return found
+
+    def cascades(self) -> dict[str, Cascade]:
+        """The stages that run as a cascade, by id (`cascade_of` of each)."""
+        if self.plan is None:
+            return {}
+        return {s.id: found for s in self.plan.stages if (found := self.cascade_of(s.id))}
 
     def cascade_of(self, stage_id: str) -> Cascade | None:
         """The cascade a stage runs as: the choice made for it, else the run's `--cascade`."""

@@ -29,6 +29,7 @@ not separate right from wrong answers) every row goes to the strong model, and t
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +74,16 @@ class Cascade:
                     f"--cascade names {name!r}, which is not a configured model "
                     f"({sorted(roster) or 'none'}; add one with %apwa config endpoint={name} ...)"
                 )
+
+
+def member(name: str, default: Any, roster: Mapping[str, Any]) -> Any:
+    """The model a cascade member name stands for: the run's own (`DEFAULT`), or a roster entry."""
+    return default if name == DEFAULT else roster.get(name)
+
+
+def stage_model(name: str) -> str | None:
+    """A member's name as a plan stage names its model (None: the run's default)."""
+    return None if name == DEFAULT else name
 
 
 def eligible(stage: Any) -> bool:

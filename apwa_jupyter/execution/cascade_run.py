@@ -23,7 +23,7 @@ from ..models.base import Usage
 from ..plans import MapStage, ReplicateStage
 from ..sampling import Sample
 from ..tables import DataTable
-from .cascade import DEFAULT, Cascade, agreement_bound, choose_threshold
+from .cascade import Cascade, agreement_bound, choose_threshold, member, stage_model
 from .columns import Answers, SourceList, Sources
 from .outcomes import Failure, StageOutcome, with_outputs
 from .runner import StageInput, StageRunner
@@ -65,24 +65,19 @@ async def run_cascade(runner: StageRunner, stage: MapStage, cascade: Cascade) ->
     )
 
 
-def confidence_source(spec: Any, cascade: Cascade) -> str:
-    """Where the cheap model's confidence comes from: "logprobs" or "agreement" (of samples).
-
-    `spec` is anything with the run's `worker_model` and its roster `models`.
-    """
-    model = spec.worker_model if cascade.cheap == DEFAULT else spec.models.get(cascade.cheap)
+def confidence_source(model: Any) -> str:
+    """Where a cheap model's confidence comes from: "logprobs" or "agreement" (of samples)."""
     if getattr(model, "logprobs", False) or getattr(model, "choice_scoring", "") == "logprobs":
         return "logprobs"
     return "agreement"
 
 
 def cascade_loads(
-    loads: list[StageLoad],
-    cascades: dict[str, Cascade],
-    spec: Any,
-    models: Mapping[str, str | None],
+    loads: list[StageLoad], cascades: dict[str, Cascade], default: Any, roster: Mapping[str, Any]
 ) -> list[StageLoad]:
     """The estimate's loads with each cascade stage as its two parts, each on its own model.
+
+    `default` is the run's own model and `roster` its named ones (`member` picks each part's).
 
     The cheap part calls every row once (log-probabilities) or `samples` times; the strong part
     is priced as if every row went to it (`cascade_bounds` narrows its low end to the
@@ -94,13 +89,14 @@ def cascade_loads(
         if cascade is None:
             out.append(load)
             continue
-        calls = 1 if confidence_source(spec, cascade) == "logprobs" else cascade.samples
+        cheap, strong = (member(n, default, roster) for n in (cascade.cheap, cascade.strong))
+        calls = 1 if confidence_source(cheap) == "logprobs" else cascade.samples
         out.append(
-            dataclasses.replace(load, calls=load.calls * calls, model=models.get(cascade.cheap))
+            dataclasses.replace(load, calls=load.calls * calls, model=getattr(cheap, "model", None))
         )
         out.append(
             dataclasses.replace(
-                load, stage_id=strong_part(load.stage_id), model=models.get(cascade.strong)
+                load, stage_id=strong_part(load.stage_id), model=getattr(strong, "model", None)
             )
         )
     return out
@@ -140,12 +136,10 @@ async def _cheap_step(
     runner: StageRunner, stage: MapStage, cascade: Cascade
 ) -> tuple[StageOutcome, np.ndarray]:
     """The cheap model on every row, and its confidence per row (0: no answer, no confidence)."""
-    if confidence_source(runner.spec, cascade) == "logprobs":
+    if confidence_source(_member(runner, cascade.cheap)) == "logprobs":
         spec = dataclasses.replace(runner.spec, confidence_stages=frozenset({stage.id}))
         child = StageRunner(spec, runner.executor, runner.sink, runner.stop, runner.outcomes, None)
-        cheap_stage = stage.model_copy(
-            update={"model": None if cascade.cheap == DEFAULT else cascade.cheap}
-        )
+        cheap_stage = stage.model_copy(update={"model": stage_model(cascade.cheap)})
         cheap = await stage_kind("map").run(child, cheap_stage)
         values = cheap.answers.columns.get(CONFIDENCE_COLUMN, [])
         confidence = np.array([v if v is not None else np.nan for v in values], dtype=float)
@@ -170,7 +164,7 @@ def _cheap_stage(stage: MapStage, cascade: Cascade) -> ReplicateStage:
         depends_on=stage.depends_on,
         replicas=cascade.samples,
         aggregate="vote",
-        model=None if cascade.cheap == DEFAULT else cascade.cheap,
+        model=stage_model(cascade.cheap),
     )
 
 
@@ -184,9 +178,7 @@ async def _strong_on(
     if table is not None:
         spec = dataclasses.replace(spec, tables={**spec.tables, stage.source: table})
     outcomes = {k: v for k, v in runner.outcomes.items() if k != stage.source}
-    strong = stage.model_copy(
-        update={"model": None if cascade.strong == DEFAULT else cascade.strong}
-    )
+    strong = stage.model_copy(update={"model": stage_model(cascade.strong)})
     if table is None:  # nothing to send: an empty outcome of the right shape
         answers = Answers([o.name for o in stage.outputs], 0)
         return StageOutcome(stage.id, frame, answers, 0, [], [], usage=Usage())
@@ -255,22 +247,24 @@ def _report(
     threshold, errors = chosen
     m = len(strong_rows[0])
     strong_share = (len(strong_rows[0]) + len(strong_rows[1])) / rows if rows else 0.0
-    cheap_model, strong_model = (_model_name(runner, n) for n in (cascade.cheap, cascade.strong))
+    cheap_model, strong_model = (
+        getattr(_member(runner, n), "model", None) for n in (cascade.cheap, cascade.strong)
+    )
     cheap_cost, strong_cost = (
         _money(model, phase.spent)
         for model, phase in ((cheap_model, phases[0]), (strong_model, _sum(phases[1:])))
     )
-    strong_calls = max(1, phases[1].spent.requests + phases[2].spent.requests)
+    strong_calls = phases[1].spent.requests + phases[2].spent.requests
     all_strong = None
     if strong_cost is not None:
-        all_strong = strong_cost / strong_calls * rows
+        all_strong = strong_cost / max(1, strong_calls) * rows
     cost = None if cheap_cost is None or strong_cost is None else cheap_cost + strong_cost
     return {
         "cheap": cascade.cheap,
         "strong": cascade.strong,
-        "confidence": confidence_source(runner.spec, cascade),
+        "confidence": confidence_source(_member(runner, cascade.cheap)),
         "cheap_calls": phases[0].spent.requests,
-        "strong_calls": phases[1].spent.requests + phases[2].spent.requests,
+        "strong_calls": strong_calls,
         "target": cascade.target,
         "delta": cascade.delta,
         "threshold": threshold,
@@ -293,9 +287,8 @@ def _sum(outcomes: tuple[StageOutcome, ...]) -> StageOutcome:
     return dataclasses.replace(first, usage=usage)
 
 
-def _model_name(runner: StageRunner, name: str) -> str | None:
-    model = runner.spec.worker_model if name == DEFAULT else runner.spec.models.get(name)
-    return getattr(model, "model", None)
+def _member(runner: StageRunner, name: str) -> Any:
+    return member(name, runner.spec.worker_model, runner.spec.models)
 
 
 def _money(model: str | None, usage: Usage) -> float | None:
