@@ -37,12 +37,11 @@ from .join import (
     embedding_candidates,
     expected_candidates,
     key_candidates,
-    no_value_failure,
+    pair_failures,
     pair_labels,
     reads,
     said_yes,
     unbraced,
-    upstream_failure,
 )
 
 if TYPE_CHECKING:
@@ -74,12 +73,8 @@ class Dedupe(StageKind):
         confirmed = await confirm(runner, stage, instruction, candidates, read, read, src, src)
         labels = pair_labels(src, src, candidates)
         answered, same = said_yes(confirmed, stage.outputs[0].name)
-        failures = list(confirmed.failures)
-        extra = [
-            no_value_failure(stage, confirmed, labels, confirmed.answers.mask & ~answered),
-            upstream_failure(stage, src, candidates.upstream_failed[0]),
-        ]
-        failures += [f for f in extra if f is not None]
+        sides = [(src, candidates.upstream_failed[0])]
+        failures = pair_failures(stage, confirmed, labels, answered, sides)
         clusters = cluster_ids(src.rows, candidates.left[same], candidates.right[same])
         unknown = np.zeros(src.rows, dtype=np.bool_)  # rows whose component is not known
         unknown[candidates.left[~answered]] = True

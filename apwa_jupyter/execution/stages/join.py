@@ -31,7 +31,7 @@ lives here; dedupe.py adds the transitive closure.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -412,6 +412,24 @@ def no_value_failure(
     )
 
 
+def pair_failures(
+    stage: Any,
+    confirmed: Confirmed,
+    labels: pd.Index,
+    answered: np.ndarray,
+    sides: Iterable[tuple[StageInput, np.ndarray]],
+) -> list[Failure]:
+    """A pair stage's failures: the confirm step's, its valueless answers, rows failed upstream.
+
+    `sides` pairs each input with its rows that had no value upstream (never paired).
+    """
+    extra = [
+        no_value_failure(stage, confirmed, labels, confirmed.answers.mask & ~answered),
+        *(upstream_failure(stage, src, positions) for src, positions in sides),
+    ]
+    return [*confirmed.failures, *(f for f in extra if f is not None)]
+
+
 def upstream_failure(stage: Any, src: StageInput, positions: np.ndarray) -> Failure | None:
     """Rows of a side without a value upstream: never paired; retry fills them first."""
     if not len(positions):
@@ -481,13 +499,8 @@ def join_outcome(
     """The confirmed pairs as a frame indexed by (left, right) labels, and the join's counts."""
     labels = pair_labels(left, right, candidates)
     answered, yes = said_yes(confirmed, stage.outputs[0].name)
-    failures = list(confirmed.failures)
-    extra = [
-        no_value_failure(stage, confirmed, labels, confirmed.answers.mask & ~answered),
-        upstream_failure(stage, left, candidates.upstream_failed[0]),
-        upstream_failure(stage, right, candidates.upstream_failed[1]),
-    ]
-    failures += [f for f in extra if f is not None]
+    sides = zip((left, right), candidates.upstream_failed, strict=True)
+    failures = pair_failures(stage, confirmed, labels, answered, sides)
     positions = np.flatnonzero(yes)
     upstream = sum(len(p) for p in candidates.upstream_failed)
     failed = len(candidates) - int(answered.sum())
