@@ -63,7 +63,9 @@ def _value_span(content: str, name: str, value: Any) -> tuple[int, int] | None:
     """Where `"name": value` has its value in the JSON text (characters [first, last))."""
     if value is None:
         return None
-    written = json.dumps(value) if not isinstance(value, str) else json.dumps(value)[1:-1]
+    written = json.dumps(value)
+    if isinstance(value, str):  # the characters between the quotes
+        written = written[1:-1]
     pattern = re.escape(json.dumps(name)) + r"\s*:\s*\"?(" + re.escape(written) + r")"
     match = re.search(pattern, content)
     return (match.start(1), match.end(1)) if match else None

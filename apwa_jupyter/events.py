@@ -61,17 +61,13 @@ class StageProgress:
     finished_at: float | None = None
     # A stage that runs in steps (a cascade: the cheap model, calibration, the unsure rows)
     # names the step it is in; each step restarts the counters (`ProgressSink.restart`), so
-    # the stage reads "calibration on strong: 120/500 done".
+    # the stage reads "calibration on strong: 120/500 done" ("": the stage as a whole).
     phase: str = ""
 
     @property
     def finished(self) -> int:
         """Subtasks that are final for now (done, failed or skipped)."""
         return self.done + self.failed + self.skipped
-
-    def start_phase(self, name: str) -> None:
-        """The stage is now in step `name` ("": the stage as a whole again)."""
-        self.phase = name
 
 
 Listener = Callable[[Event], None]

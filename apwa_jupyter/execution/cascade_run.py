@@ -35,11 +35,11 @@ async def run_cascade(runner: StageRunner, stage: MapStage, cascade: Cascade) ->
     """Run one map stage as a cascade (see the module docstring) and assemble its outcome."""
     src = runner.source(stage.source)
     progress = runner.sink.stage(stage.id)
-    progress.start_phase(f"{cascade.cheap} model on every row")
+    progress.phase = f"{cascade.cheap} model on every row"
     cheap, confidence = await _cheap_step(runner, stage, cascade)
     usable = np.flatnonzero(src.ok)
     calib = usable[Sample(cascade.calibration).positions(len(usable))]
-    progress.start_phase(f"calibration on {cascade.strong}")
+    progress.phase = f"calibration on {cascade.strong}"
     calibrated = await _strong_on(runner, stage, src, calib, cascade)
     agrees = np.array(
         [_same(stage, cheap.answers, p, calibrated.answers, k) for k, p in enumerate(calib)],
@@ -50,9 +50,9 @@ async def run_cascade(runner: StageRunner, stage: MapStage, cascade: Cascade) ->
     in_calib = np.zeros(src.rows, dtype=bool)
     in_calib[calib] = True
     routed = usable[~sure[usable] & ~in_calib[usable]]
-    progress.start_phase(f"unsure rows on {cascade.strong}")
+    progress.phase = f"unsure rows on {cascade.strong}"
     rest = await _strong_on(runner, stage, src, routed, cascade)
-    progress.start_phase("")
+    progress.phase = ""
     return _assemble(
         runner,
         stage,
