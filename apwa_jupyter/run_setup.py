@@ -88,3 +88,5 @@ class RunSetup:
     models: dict[str, EndpointConfig] = field(default_factory=dict)
     cascade: Cascade | None = None  # eligible map stages run cheap-then-strong (cascade.py)
     batch: BatchSettings | None = None  # map stages without tools go to the Batch API (batch.py)
+    # (--record FILE, --replay FILE): the named models are recorded or replayed with the run's own.
+    recording: tuple[str | None, str | None] = (None, None)

@@ -57,6 +57,7 @@ from .execution.stages.filter import prefilter_problems
 from .executors.base import StopSignal
 from .lookups import scope_lookups
 from .models.base import Usage
+from .models.replay import wrap_roster
 from .plan_fixes import DeniedTools
 from .plans import Plan, stage_sources, validate_plan
 from .results import RunResults
@@ -562,7 +563,7 @@ class Run(RunResults):
             endpoint_id=self.endpoint_id,
             budget=self.budget,
             meter=self.meter,
-            models=dict(self.setup.models),
+            models=wrap_roster(self.setup.models, *self.setup.recording),
             model_ids={name: endpoint_id(e) for name, e in self.setup.models.items()},
             cascades=self.cascades(),
             batch=self.setup.batch,

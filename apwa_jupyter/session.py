@@ -294,12 +294,6 @@ class Session:
         Batch API at its batch price (execution/batch.py); a re-run resumes its batches.
         """
         check_recording(record, replay)
-        if cascade is not None and (record is not None or replay is not None):
-            raise UserInputError(
-                "--record/--replay save and answer the cell's own model only, and a cascade's "
-                "strong model is another: run the cascade without them (its answers are in the "
-                "result store, so a re-run bills nothing)"
-            )
         if isinstance(plan, dict):  # a plan written by hand, as run.plan = {...} accepts
             plan = Plan.model_validate(plan)
         # A complete recording: nothing may come from the store; a replay reads nothing else.
@@ -320,6 +314,7 @@ class Session:
         )
         extra: dict[str, Any] = {"budget": budget, "cell_id": cell_id, "dry_run": dry_run}
         extra |= {"sample": sample, "batch": BatchSettings() if batch is True else batch or None}
+        extra["recording"] = (record, replay)
         run = Run(
             self._setup(prompt, data_tables, granted, options, cascade, target, parent, extra)
         )
@@ -368,6 +363,7 @@ class Session:
             models=dict(self.endpoints),
             cascade=cascade,
             batch=extra["batch"],
+            recording=extra["recording"],
         )
 
     async def _warm_executor(self) -> None:

@@ -23,7 +23,9 @@ class ModelPool:
 
             model: ChatModel = OpenAIChatModel(source)
             if isinstance(source, RecordingEndpoint):  # --record: append exchanges in this process
-                model = RecordingModel(model, source.record_path, source.model)
+                model = RecordingModel(
+                    model, source.record_path, source.model, source.record_member
+                )
             self._models[source] = model
         return self._models[source]
 

@@ -12,7 +12,10 @@ headers and base URL are never written (a URL can carry credentials).
 
 Matching is by a canonical hash of the request, not by order: subtasks run in parallel, so the
 order of a second run differs from the first. The model name is not part of the hash, so a
-recording made against one server replays under any configuration. When the same request was
+recording made against one server replays under any configuration. A run's named models (the
+roster: a stage's `model`, a cascade's strong step) are recorded into the same file, each
+exchange marked with its roster name (`"member"`), which is part of the hash: a cheap and a
+strong model asked the very same messages are two recordings, never one answer for both. When the same request was
 recorded more than once, replay always answers with the first recording: the same file gives the
 same outputs every time, in every process.
 
@@ -72,9 +75,15 @@ def request_record(request: ChatRequest) -> dict[str, Any]:
     return record
 
 
-def request_key(request: ChatRequest | dict[str, Any]) -> str:
-    """Canonical SHA-256 of a request: equal requests hash equal in any process, in any order."""
+def request_key(request: ChatRequest | dict[str, Any], member: str | None = None) -> str:
+    """Canonical SHA-256 of a request: equal requests hash equal in any process, in any order.
+
+    `member` is the roster name of the model asked (None: the run's own model, whose keys stay
+    those of recordings made before rosters were recorded).
+    """
     record = request_record(request) if isinstance(request, ChatRequest) else request
+    if member is not None:
+        record = {**record, "member": member}
     text = json.dumps(
         record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str
     )
@@ -151,10 +160,17 @@ class RecordingModel:
     the executor retries them, and the answer that finally comes back is what a replay needs.
     """
 
-    def __init__(self, inner: ChatModel, path: str | os.PathLike[str], model_name: str = ""):
+    def __init__(
+        self,
+        inner: ChatModel,
+        path: str | os.PathLike[str],
+        model_name: str = "",
+        member: str | None = None,
+    ):
         self.inner = inner
         self.path = Path(path).expanduser().resolve()
         self.model_name = model_name or getattr(getattr(inner, "endpoint", None), "model", "")
+        self.member = member
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -166,10 +182,12 @@ class RecordingModel:
         """Ask the inner model, then append the exchange (a refusal is recorded, then raised)."""
         entry: dict[str, Any] = {
             "v": FORMAT_VERSION,
-            "key": request_key(request),
+            "key": request_key(request, self.member),
             "model": self.model_name,
             "request": request_record(request),
         }
+        if self.member is not None:
+            entry["member"] = self.member
         try:
             response = await self.inner.chat(request)
         except RequestRejected as exc:
@@ -195,6 +213,8 @@ class RecordingEndpoint(EndpointConfig):
     """
 
     record_path: str
+    # The roster name this endpoint answers as (None: the run's own model); see `request_key`.
+    record_member: str | None = None
 
     @field_validator("record_path")
     @classmethod
@@ -208,24 +228,31 @@ class RecordingEndpoint(EndpointConfig):
 
     def plain(self) -> EndpointConfig:
         """The endpoint without recording (same key)."""
-        return EndpointConfig(**self.model_dump(exclude={"record_path"}))
+        return EndpointConfig(**self.model_dump(exclude={"record_path", "record_member"}))
 
 
-def record_endpoint(endpoint: EndpointConfig, path: str | os.PathLike[str]) -> RecordingEndpoint:
-    """`endpoint`, recording every exchange to `path` (appended; the file is created if absent)."""
-    fields = endpoint.model_dump(exclude={"record_path"})
-    return RecordingEndpoint(**fields, record_path=str(path))
+def record_endpoint(
+    endpoint: EndpointConfig, path: str | os.PathLike[str], member: str | None = None
+) -> RecordingEndpoint:
+    """`endpoint`, recording every exchange to `path` (appended; the file is created if absent).
+
+    `member`: the roster name it answers as, kept with each exchange and in its key.
+    """
+    fields = endpoint.model_dump(exclude={"record_path", "record_member"})
+    return RecordingEndpoint(**fields, record_path=str(path), record_member=member)
 
 
 class ReplayModel:
     """A `ChatModel` answering every request from a recording, offline and deterministically.
 
     A request the file does not hold raises `ReplayMiss` naming what was asked, so a changed
-    prompt, table or plan is reported instead of answered wrongly.
+    prompt, table or plan is reported instead of answered wrongly. `member` is the roster name
+    it answers as (None: the run's own model): only that model's recorded exchanges match.
     """
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], member: str | None = None):
         self.path = Path(path).expanduser().resolve()
+        self.member = member
         self.max_concurrency = REPLAY_CONCURRENCY
         self.requests = 0
         self._index: dict[str, dict[str, Any]] | None = None
@@ -243,21 +270,35 @@ class ReplayModel:
 
     def __getstate__(self) -> dict[str, Any]:
         # Ship the path, not the index: each process (a Ray actor) loads the file itself.
-        return {"path": self.path}
+        return {"path": self.path, "member": self.member}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.path = state["path"]
+        self.path, self.member = state["path"], state.get("member")
         self.max_concurrency = REPLAY_CONCURRENCY
         self.requests = 0
         self._index = None
         self._lock = threading.Lock()
 
+    @property
+    def logprobs(self) -> bool:
+        """Whether this model was asked for token log-probabilities when recorded.
+
+        A cascade reads it (`confidence_source`) to choose how the cheap step asks: the way the
+        recording asked, whatever this session's endpoint settings say, or every request misses.
+        """
+        return any(
+            entry.get("member") == self.member and entry["request"].get("logprobs")
+            for entry in self._load().values()
+        )
+
     async def chat(self, request: ChatRequest) -> ChatResponse:
         """The recorded answer to this exact request, or `ReplayMiss`."""
-        entry = self._load().get(request_key(request))
+        entry = self._load().get(request_key(request, self.member))
         if entry is None:
+            whose = f" from model {self.member!r}" if self.member else ""
             raise ReplayMiss(
-                f"{self.path.name} has no recorded answer for this request ({describe(request)}); "
+                f"{self.path.name} has no recorded answer{whose} for this request "
+                f"({describe(request)}); "
                 "the prompt, data, plan or options differ from the recording: record it again "
                 f"with --record {self.path.name}"
             )
@@ -339,3 +380,19 @@ def wrap_source(
     if isinstance(source, EndpointConfig):
         return record_endpoint(source, record)
     return RecordingModel(source, record)
+
+
+def wrap_roster(
+    roster: dict[str, EndpointConfig],
+    record: str | os.PathLike[str] | None = None,
+    replay: str | os.PathLike[str] | None = None,
+) -> dict[str, EndpointConfig | ChatModel]:
+    """The named models a run's stages talk to under `--record` / `--replay` (see `wrap_source`).
+
+    Each is recorded into, or replayed from, the run's one file under its own roster name.
+    """
+    if replay is not None:
+        return {name: ReplayModel(replay, member=name) for name in roster}
+    if record is not None:
+        return {name: record_endpoint(e, record, member=name) for name, e in roster.items()}
+    return dict(roster)
