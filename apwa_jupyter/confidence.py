@@ -36,38 +36,129 @@ def answer_confidence(
     Unknown when the server sent no log-probabilities, when the tokens do not spell the
     content (a server that changed the text), or when a field's value cannot be found in it.
     """
+    tokens = _spelled(content, token_logprobs)
+    if tokens is None or content is None:
+        return None
+    return _least(content, tokens, (0, len(content)), answer, list(fields))
+
+
+def batch_confidences(
+    content: str | None,
+    token_logprobs: Sequence[tuple[str, float]] | None,
+    answers: Sequence[Mapping[str, Any] | None],
+    fields: Iterable[str],
+    row_key: str = "row",
+) -> list[float | None]:
+    """Each row's confidence in a batched answer `{"results": [{"row": k, ...}, ...]}`.
+
+    `answers[k - 1]` is row k's validated answer. Each result object's own characters are
+    found in the text (a scan that respects JSON strings), and its fields' values are read
+    inside them only, so one row's tokens never count for another. A row whose object is not
+    found, or appears twice, has no confidence (None): a cascade asks the strong model.
+    """
+    out: list[float | None] = [None] * len(answers)
+    tokens = _spelled(content, token_logprobs)
+    if tokens is None or content is None:
+        return out
+    names = list(fields)
+    seen: dict[int, int] = {}
+    for first, last in _result_objects(content):
+        try:
+            key = json.loads(content[first:last]).get(row_key)
+        except (json.JSONDecodeError, AttributeError):
+            continue
+        if isinstance(key, bool) or not isinstance(key, int) or not 1 <= key <= len(answers):
+            continue
+        seen[key] = seen.get(key, 0) + 1
+        answer = answers[key - 1]
+        if answer is not None:
+            out[key - 1] = _least(content, tokens, (first, last), answer, names)
+    for key, times in seen.items():
+        if times > 1:
+            out[key - 1] = None
+    return out
+
+
+def _spelled(
+    content: str | None, token_logprobs: Sequence[tuple[str, float]] | None
+) -> list[tuple[int, str, float]] | None:
+    """(start, token, logprob) of each token, when the tokens spell `content` exactly."""
     if not content or not token_logprobs:
         return None
     if "".join(token for token, _ in token_logprobs) != content:
         return None
-    starts, at = [], 0
-    for token, _ in token_logprobs:
-        starts.append(at)
+    out, at = [], 0
+    for token, logprob in token_logprobs:
+        out.append((at, token, logprob))
         at += len(token)
+    return out
+
+
+def _least(
+    content: str,
+    tokens: list[tuple[int, str, float]],
+    window: tuple[int, int],
+    answer: Mapping[str, Any],
+    fields: list[str],
+) -> float | None:
+    """The least probability of `fields`' values written inside `content[window]`."""
     least = 1.0
     for name in fields:
-        span = _value_span(content, name, answer.get(name))
+        span = _value_span(content, name, answer.get(name), window)
         if span is None:
             return None
         first, last = span
         logprob = sum(
-            lp
-            for (token, lp), start in zip(token_logprobs, starts, strict=True)
-            if start < last and start + len(token) > first
+            lp for start, token, lp in tokens if start < last and start + len(token) > first
         )
         least = min(least, math.exp(logprob))
     return least
 
 
-def _value_span(content: str, name: str, value: Any) -> tuple[int, int] | None:
-    """Where `"name": value` has its value in the JSON text (characters [first, last))."""
+def _result_objects(content: str) -> list[tuple[int, int]]:
+    """Character spans [first, last) of the objects directly inside the `"results"` array."""
+    found = re.search(r'"results"\s*:\s*\[', content)
+    if found is None:
+        return []
+    spans: list[tuple[int, int]] = []
+    depth, in_string, escaped, start = 0, False, False, -1
+    for at in range(found.end(), len(content)):
+        char = content[at]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "{[":
+            if depth == 0 and char == "{":
+                start = at
+            depth += 1
+        elif char in "}]":
+            if depth == 0:  # the array closed
+                break
+            depth -= 1
+            if depth == 0 and char == "}" and start >= 0:
+                spans.append((start, at + 1))
+                start = -1
+    return spans
+
+
+def _value_span(
+    content: str, name: str, value: Any, window: tuple[int, int]
+) -> tuple[int, int] | None:
+    """Where `"name": value` has its value in `content[window]` (characters [first, last))."""
     if value is None:
         return None
-    written = json.dumps(value)
-    if isinstance(value, str):  # the characters between the quotes
-        written = written[1:-1]
-    pattern = re.escape(json.dumps(name)) + r"\s*:\s*\"?(" + re.escape(written) + r")"
-    match = re.search(pattern, content)
+    key = re.escape(json.dumps(name)) + r"\s*:\s*"
+    if isinstance(value, str):  # the characters between the quotes, the whole string
+        pattern = key + '"(' + re.escape(json.dumps(value)[1:-1]) + ')"'
+    else:  # a number or boolean, not the start of a longer one
+        pattern = key + "(" + re.escape(json.dumps(value)) + r")(?![\w.])"
+    match = re.compile(pattern).search(content, *window)
     return (match.start(1), match.end(1)) if match else None
 
 

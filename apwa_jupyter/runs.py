@@ -182,7 +182,6 @@ class Run(RunResults):
             self.tables,  # the whole tables (a sample of their rows is measured)
             self.worker_model,
             self.options.max_tokens,
-            cascade=self.setup.cascade is not None,
         )
         self.batch_sizes = {**self.batch_sizes, **{k: v.reason for k, v in chosen.items()}}
         return plan
@@ -338,7 +337,7 @@ class Run(RunResults):
             found = estimate(
                 EstimateInput(self.model_name, loads, max_tokens=self.options.max_tokens)
             )
-            found = cascade_bounds(found, cascades) if cascades else found
+            found = cascade_bounds(found, cascades, loads) if cascades else found
             if self.setup.batch is not None:  # --batch: those stages cost the batch price
                 batched = batched_stage_ids(
                     self.plan, self.registry, self.worker_model, self.setup.models
@@ -375,8 +374,6 @@ class Run(RunResults):
                 f"run {self.id} is {self.state}; only a plan awaiting approval can be edited"
             )
         data = self.plan.model_dump()
-        # Rows a call chosen by tokens give way to a cascade, which goes row by row.
-        one_row = cascade not in ("", None) and not remove and stage_id in self.batch_sizes
         if stage_id not in [s["id"] for s in data["stages"]]:
             raise UserInputError(
                 f"no stage {stage_id!r}; stages: {[s['id'] for s in data['stages']]}"
@@ -396,8 +393,6 @@ class Run(RunResults):
                         stage["outputs"] = outputs
                     if model != "":
                         stage["model"] = model
-                    if one_row:
-                        stage["batch_size"] = 1
         if not data["stages"]:
             raise UserInputError("a plan needs at least one stage; cancel the run instead")
         try:
@@ -410,8 +405,6 @@ class Run(RunResults):
             raise UserInputError(f"That edit makes the plan invalid: {exc}") from None
         if cascade != "" and not remove:
             self.cascade_choices[stage_id] = self._checked_cascade(edited.stage(stage_id), cascade)
-            if one_row:
-                self.batch_sizes[stage_id] = f"{stage_id}: 1 row a call (a cascade goes row by row)"
         self.plan = edited
 
     # -- acting --------------------------------------------------------------------------------

@@ -25,7 +25,12 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from .confidence import CONFIDENCE_COLUMN, answer_confidence, scored_confidence
+from .confidence import (
+    CONFIDENCE_COLUMN,
+    answer_confidence,
+    batch_confidences,
+    scored_confidence,
+)
 from .costs import chars_over_4
 from .errors import (
     EndpointError,
@@ -129,35 +134,46 @@ async def run_subtask(
 def _with_confidence(
     ctx: StageContext, outputs: list[dict[str, Any]], steps: list[Step]
 ) -> list[dict[str, Any]]:
-    """The answer of a one-row subtask with the model's confidence in it (confidence.py).
+    """Each row's answer with the model's confidence in it (confidence.py).
 
-    From the scores of scored choices, else from the token log-probabilities of the call that
-    gave the answer (the last one); None when neither is there (a cascade then asks the strong
+    From the scores of scored choices (a batch's by their row), else from the token
+    log-probabilities of the call that gave the answer (the last one), read inside each row's
+    own result object of a batch; None when neither is there (a cascade then asks the strong
     model about the row).
     """
-    if len(outputs) != 1:
-        return outputs
+    fields = [o.name for o in ctx.outputs]
     scores = [s for s in steps if isinstance(s, ScoreStep)]
+    found: list[float | None]
     if scores:
-        found: float | None = min(
-            scored_confidence(
-                {c: v - (s.adjustment or {}).get(c, 0.0) for c, v in s.scores.items()}, s.choice
+        found = [
+            min(
+                (
+                    scored_confidence(
+                        {c: v - (s.adjustment or {}).get(c, 0.0) for c, v in s.scores.items()},
+                        s.choice,
+                    )
+                    for s in scores
+                    if len(outputs) == 1 or s.row == row
+                ),
+                default=None,
             )
-            for s in scores
-        )
+            for row in range(1, len(outputs) + 1)
+        ]
     else:
         last = next((s for s in reversed(steps) if isinstance(s, ModelStep)), None)
-        found = (
-            answer_confidence(
-                last.response.content,
-                last.response.token_logprobs,
-                outputs[0],
-                [o.name for o in ctx.outputs],
-            )
-            if last is not None
-            else None
-        )
-    return [{**outputs[0], CONFIDENCE_COLUMN: found}]
+        if last is None:
+            found = [None] * len(outputs)
+        elif len(outputs) == 1:
+            response = last.response
+            found = [
+                answer_confidence(response.content, response.token_logprobs, outputs[0], fields)
+            ]
+        else:
+            response = last.response
+            found = batch_confidences(response.content, response.token_logprobs, outputs, fields)
+    return [
+        {**answer, CONFIDENCE_COLUMN: sure} for answer, sure in zip(outputs, found, strict=True)
+    ]
 
 
 def _last_rate_headers(steps: list[Step]) -> dict[str, str] | None:

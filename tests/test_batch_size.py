@@ -91,7 +91,6 @@ def test_stages_that_must_go_row_by_row_say_why():
     assert with_tools.rows == 1 and "tools" in with_tools.reason
     embedded = EndpointConfig(base_url="http://127.0.0.1:9/v1", model="m", embedded=True)
     assert choose_for_stage(stage(), tables(20), embedded).rows == 1
-    assert choose_for_stage(stage(), tables(20), endpoint(None), cascade=True).rows == 1
 
 
 def test_a_given_batch_size_is_kept():

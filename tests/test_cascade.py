@@ -309,27 +309,46 @@ def test_a_cascade_in_progress_says_which_step_it_is_in_with_that_steps_counts(
     assert progress_text(run).startswith("  label: 300/300 done")  # the stage as a whole
 
 
-def test_a_cascade_chosen_for_a_stage_whose_rows_a_call_were_chosen_by_tokens_sends_one(
+def test_a_cascade_keeps_the_rows_a_call_chosen_by_tokens_and_reads_each_rows_confidence(
     fake_server, tmp_path
 ):
+    """A batched cheap step: one request per batch, each row's confidence from its own object."""
     from apwa_jupyter.testing import Reply
     from apwa_jupyter.testing.cascade_models import PLAN
     from apwa_jupyter.testing.fake_server import is_manager_request
 
     unsized = json.loads(json.dumps(PLAN))
     unsized["stages"][0]["batch_size"] = None  # the manager leaves it to the tokens
-    cheap_model = ColourModel("informative")
+    cheap_model, strong_model = ColourModel("informative"), ColourModel("strong")
 
     def cheap(body: dict[str, Any]) -> Any:
         return Reply.json(unsized) if is_manager_request(body) else cheap_model(body)
 
-    session = session_of(fake_server(cheap), fake_server(ColourModel("strong")), tmp_path)
-    run = session.plan("Colour of {items}", {"items": items(200)}).wait()
-    assert run.plan.stage("label").batch_size > 1  # chosen by tokens
-    run.edit_stage("label", cascade="default,strong")
-    assert run.plan.stage("label").batch_size == 1
-    assert "a cascade goes row by row" in run.batch_sizes["label"]
-    assert run.cascade_of("label") == Cascade("default", "strong")
+    session = session_of(fake_server(cheap), fake_server(strong_model), tmp_path, logprobs=True)
+    frame = items(1200)
+    run = session.plan("Colour of {items}", {"items": frame}).wait()
+    rows_a_call = run.plan.stage("label").batch_size
+    assert rows_a_call > 1  # chosen by tokens
+    run.edit_stage("label", cascade=Cascade("default", "strong", target=0.9))
+    assert run.plan.stage("label").batch_size == rows_a_call  # the cascade keeps it
+    estimate = {s.stage_id: s.calls for s in run.cost_estimate().stages}
+    run.start().wait(120)
+    assert run.state == "done", run.status
+    report = run.cascade()
+    assert cheap_model.calls == math.ceil(1200 / rows_a_call) == estimate["label"]
+    assert len(cheap_model.rows) == 1200  # every row asked once
+    strong_rows = round(report["strong_share"] * 1200)
+    assert len(strong_model.rows) == strong_rows and report["informative"]
+    assert strong_model.calls < strong_rows  # the strong step batches too
+    assert 0.1 < report["strong_share"] < 0.6  # the per-row confidences separated the rows
+    agreement = float((run.result["colour"] == frame["text"].map(truth)).mean())
+    assert agreement >= 0.90
+    calls = (cheap_model.calls, strong_model.calls)
+    again = session.plan("Colour of {items}", {"items": frame}).wait()
+    again.edit_stage("label", cascade=Cascade("default", "strong", target=0.9))
+    again.start().wait(60)
+    assert (cheap_model.calls, strong_model.calls) == calls  # a re-run bills nothing
+    pd.testing.assert_frame_equal(again.result, run.result)
 
 
 @pytest.mark.parametrize("logprobs", [False, True], ids=["samples", "logprobs"])

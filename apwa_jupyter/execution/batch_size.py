@@ -13,8 +13,9 @@ while 10 one-word rows waste most of each call on the instruction and schema the
 
 Row lengths are measured on a sample of the stage's own rows (the columns its workers get),
 with the counter the cost estimate uses. Stages that call tools, read another stage (its rows
-do not exist before it runs), run under `--cascade`, or run on the embedded model keep one row
-a call, and say why.
+do not exist before it runs) or run on the embedded model keep one row a call, and say why.
+A cascade stage is sized like any other: its cheap step reads each row's confidence inside the
+row's own object of a batched answer (confidence.py), and its strong step batches too.
 """
 
 from __future__ import annotations
@@ -56,7 +57,6 @@ def choose_batch_sizes(
     tables: Mapping[str, DataTable],
     model: Any,
     max_tokens: int = 1024,
-    cascade: bool = False,
 ) -> tuple[Plan, dict[str, BatchSizeChoice]]:
     """The plan with every row stage's missing `batch_size` chosen by tokens, and the choices.
 
@@ -67,7 +67,7 @@ def choose_batch_sizes(
     stages = []
     for stage in plan.stages:
         if isinstance(stage, (MapStage, FilterStage)) and stage.batch_size is None:
-            choice = choose_for_stage(stage, tables, model, max_tokens, cascade)
+            choice = choose_for_stage(stage, tables, model, max_tokens)
             choices[stage.id] = choice
             stage = stage.model_copy(update={"batch_size": choice.rows})
         stages.append(stage)
@@ -81,10 +81,9 @@ def choose_for_stage(
     tables: Mapping[str, DataTable],
     model: Any,
     max_tokens: int = 1024,
-    cascade: bool = False,
 ) -> BatchSizeChoice:
     """Rows per call for one row stage (see the module docstring for the rules)."""
-    one = _one_row_reason(stage, tables, model, cascade)
+    one = _one_row_reason(stage, tables, model)
     if one is not None:
         return BatchSizeChoice(1, one)
     table = tables[stage.source]
@@ -122,7 +121,7 @@ def choose_for_stage(
 
 
 def _one_row_reason(
-    stage: MapStage | FilterStage, tables: Mapping[str, DataTable], model: Any, cascade: bool
+    stage: MapStage | FilterStage, tables: Mapping[str, DataTable], model: Any
 ) -> str | None:
     """Why this stage keeps one row a call (None: its rows can be batched)."""
     if stage.tools:
@@ -134,8 +133,6 @@ def _one_row_reason(
         )
     if any(out.name == ROW_KEY for out in stage.outputs):
         return f"{stage.id}: 1 row a call (an output is named {ROW_KEY!r}, the batch row key)"
-    if cascade and isinstance(stage, MapStage):
-        return f"{stage.id}: 1 row a call (--cascade routes row by row)"
     if getattr(model, "embedded", False):
         return f"{stage.id}: 1 row a call (the embedded model answers one row at a time best)"
     return None

@@ -87,7 +87,7 @@ def stage_model(name: str) -> str | None:
 
 
 def eligible(stage: Any) -> bool:
-    """A cascade applies to a one-row-a-call map whose every output is a choice, bool or int."""
+    """A cascade applies to a map whose every output is a choice, bool or int (any rows a call)."""
     return isinstance(stage, MapStage) and not_eligible_because(stage) is None
 
 
@@ -95,8 +95,6 @@ def not_eligible_because(stage: Any) -> str | None:
     """Why a map stage cannot run as a cascade, in words that say what to change (None: it can)."""
     if not isinstance(stage, MapStage):
         return f"it is a {stage.kind} stage, and only maps run as cascades"
-    if stage.rows_per_call != 1:
-        return f"it sends {stage.rows_per_call} rows a call; set batch_size to 1"
     if stage.tools:
         return "it calls tools"
     free = [o.name for o in stage.outputs if not (o.choices or o.type in ("boolean", "integer"))]

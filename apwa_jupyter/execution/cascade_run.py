@@ -79,9 +79,10 @@ def cascade_loads(
 
     `default` is the run's own model and `roster` its named ones (`member` picks each part's).
 
-    The cheap part calls every row once (log-probabilities) or `samples` times; the strong part
-    is priced as if every row went to it (`cascade_bounds` narrows its low end to the
-    calibration rows): before calibration nobody knows how many rows it will get.
+    The cheap part asks the stage's calls once (log-probabilities: batched like the stage) or
+    every row `samples` times, one row a call (replicas are per row); the strong part is priced
+    as if every row went to it, batched like the stage (`cascade_bounds` narrows its low end to
+    the calibration rows): before calibration nobody knows how many rows it will get.
     """
     out: list[StageLoad] = []
     for load in loads:
@@ -90,10 +91,13 @@ def cascade_loads(
             out.append(load)
             continue
         cheap, strong = (member(n, default, roster) for n in (cascade.cheap, cascade.strong))
-        calls = 1 if confidence_source(cheap) == "logprobs" else cascade.samples
-        out.append(
-            dataclasses.replace(load, calls=load.calls * calls, model=getattr(cheap, "model", None))
-        )
+        model = getattr(cheap, "model", None)
+        if confidence_source(cheap) == "logprobs":
+            out.append(dataclasses.replace(load, model=model))
+        else:  # at most a batch's last few rows over: the load knows calls, not rows
+            rows = load.calls * load.rows_per_call
+            samples = rows * cascade.samples
+            out.append(dataclasses.replace(load, calls=samples, rows_per_call=1, model=model))
         out.append(
             dataclasses.replace(
                 load, stage_id=strong_part(load.stage_id), model=getattr(strong, "model", None)
@@ -107,15 +111,22 @@ def strong_part(stage_id: str) -> str:
     return f"{stage_id} (strong part)"
 
 
-def cascade_bounds(found: Estimate, cascades: dict[str, Cascade]) -> Estimate:
-    """The strong parts' low ends at the calibration rows (their high: every row)."""
+def cascade_bounds(
+    found: Estimate, cascades: dict[str, Cascade], loads: list[StageLoad]
+) -> Estimate:
+    """The strong parts' low ends at the calibration rows (their high: every row).
+
+    `loads` are `cascade_loads`' (a strong part's rows are its calls times its rows a call).
+    """
+    per_call = {load.stage_id: load.rows_per_call for load in loads}
     stages = []
     for part in found.stages:
         owner = next((c for s, c in cascades.items() if strong_part(s) == part.stage_id), None)
         if owner is None or not part.calls:
             stages.append(part)
             continue
-        least = min(owner.calibration, part.calls) / part.calls
+        rows = part.calls * per_call.get(part.stage_id, 1)
+        least = min(owner.calibration, rows) / rows
         stages.append(
             dataclasses.replace(
                 part,
@@ -256,8 +267,8 @@ def _report(
     )
     strong_calls = phases[1].spent.requests + phases[2].spent.requests
     all_strong = None
-    if strong_cost is not None:
-        all_strong = strong_cost / max(1, strong_calls) * rows
+    if strong_cost is not None:  # per row, not per call: the strong step may batch rows
+        all_strong = strong_cost / max(1, len(strong_rows[0]) + len(strong_rows[1])) * rows
     cost = None if cheap_cost is None or strong_cost is None else cheap_cost + strong_cost
     return {
         "cheap": cascade.cheap,

@@ -16,7 +16,7 @@ import threading
 import zlib
 from typing import Any
 
-from .fake_server import Reply, is_manager_request, worker_input
+from .fake_server import Reply, is_manager_request, worker_input, worker_rows
 
 CHOICES = ["red", "green", "blue"]
 PLAN = {
@@ -26,7 +26,7 @@ PLAN = {
             "id": "label",
             "kind": "map",
             "source": "items",
-            "batch_size": 1,  # the scripted models answer one row a call
+            "batch_size": 1,  # one row a call unless a test says otherwise
             "instruction": "Which colour is {text}?",
             "outputs": [{"name": "colour", "type": "string", "choices": CHOICES}],
         }
@@ -53,21 +53,31 @@ class ColourModel:
         self.lock, self.random = threading.Lock(), random.Random(seed)
 
     def __call__(self, body: dict[str, Any]) -> Reply:
-        """Answer the manager with PLAN, a worker with a colour."""
+        """Answer the manager with PLAN, a worker with a colour (a batch: one a row)."""
         if is_manager_request(body):
             return Reply.json(PLAN)
-        text = worker_input(body)["text"]
+        given = worker_input(body)
+        keyed = worker_rows(body) if isinstance(given, list) else [(None, given)]
+        answers = []
         with self.lock:
             self.calls += 1
-            self.rows.add(text)
-            guess = self.random.choice(CHOICES)
+            for key, row in keyed:
+                self.rows.add(row["text"])
+                answers.append((key, *self._answer(row["text"])))
+        if keyed[0][0] is None:
+            return with_token_logprobs(answers[0][1], answers[0][2])
+        return batch_with_token_logprobs(answers)
+
+    def _answer(self, text: str) -> tuple[str, float]:
+        """A row's colour and how sure the model is of it (called under the lock)."""
+        guess = self.random.choice(CHOICES)
         if self.kind == "strong" or cheap_right(text):
             colour, sure = truth(text), 0.75 + 0.25 * _unit(text)
         elif self.kind == "useless":
             colour, sure = CHOICES[(CHOICES.index(truth(text)) + 1) % 3], 0.75 + 0.25 * _unit(text)
         else:
             colour, sure = guess, 0.3 + 0.4 * _unit(text)
-        return with_token_logprobs(colour, 0.99 if self.kind == "useless" else sure)
+        return colour, 0.99 if self.kind == "useless" else sure
 
 
 def with_token_logprobs(colour: str, sure: float) -> Reply:
@@ -77,10 +87,25 @@ def with_token_logprobs(colour: str, sure: float) -> Reply:
     same answer serves sampling cascades too. "informative": sure 0.75-1 when right, 0.3-0.7
     when wrong; "useless": 0.99 on every row, right or wrong.
     """
-    content = json.dumps({"colour": colour})
-    head = content[: content.index(colour)]
-    tokens = [(head, 0.0), (colour, math.log(sure)), (content[len(head) + len(colour) :], 0.0)]
-    return Reply(content=content, token_logprobs=tokens)
+    return _spelled(json.dumps({"colour": colour}), [(colour, sure)])
+
+
+def batch_with_token_logprobs(answers: list[tuple[Any, str, float]]) -> Reply:
+    """A batch's `{"results": [{"row": k, "colour": ...}, ...]}`, each colour at log(sure)."""
+    content = json.dumps({"results": [{"row": k, "colour": c} for k, c, _ in answers]})
+    return _spelled(content, [(c, sure) for _, c, sure in answers])
+
+
+def _spelled(content: str, values: list[tuple[str, float]]) -> Reply:
+    """`content` as tokens: each value (in order) one token at log(sure), the rest certain."""
+    tokens: list[tuple[str, float]] = []
+    at = 0
+    for value, sure in values:
+        start = content.index(f'"{value}"', at) + 1
+        tokens += [(content[at:start], 0.0), (value, math.log(sure))]
+        at = start + len(value)
+    tokens.append((content[at:], 0.0))
+    return Reply(content=content, token_logprobs=[t for t in tokens if t[0]])
 
 
 def _unit(text: str) -> float:
