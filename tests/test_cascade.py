@@ -415,3 +415,72 @@ def test_one_recording_keeps_each_models_answers_to_the_same_request_apart(fake_
     assert again.state == "done", again.status
     pd.testing.assert_frame_equal(again.result, strong.result)
     assert (cheap_model.calls, strong_model.calls) == (60, 60)
+
+
+@pytest.mark.parametrize("budget", ["40k", "200k"], ids=["in-cheap-step", "in-strong-step"])
+def test_a_cascade_stopped_at_its_budget_keeps_its_answers_and_retry_buys_none_twice(
+    fake_server, tmp_path, budget
+):
+    cheap_model, strong_model = ColourModel("informative"), ColourModel("strong")
+    session = session_of(fake_server(cheap_model), fake_server(strong_model), tmp_path, True)
+    frame = items(800)
+    run = session.run(
+        "Colour of {items}", {"items": frame}, cascade="default,strong", target=0.9, budget=budget
+    )
+    assert run.state == "failed" and run.error.startswith(f"Stopped at the budget of {budget}")
+    # The calls in flight are projected at the stage's mean cost; one a little longer than the
+    # mean may pass the line by a few tokens, never by a call's worth.
+    assert run.meter.spent_tokens <= int(budget[:-1]) * 1000 * 1.01
+    assert f"spent {run.meter.spent_tokens:,} tokens" in run.error  # the figure once all settled
+    stopped = (cheap_model.calls, strong_model.calls)
+    if budget == "40k":  # stopped while the cheap model worked: nothing went to the strong one
+        assert 0 < stopped[0] < 800 and stopped[1] == 0
+    else:
+        assert stopped[0] == 800 and stopped[1] > 0
+    # no cheap answer is passed off as final without a threshold from a whole calibration
+    by = run.result.attrs["apwa_answered_by"]
+    assert all(b in ("strong", None) for b in by) and run.cascade() is None
+    assert int(run.result["colour"].notna().sum()) == sum(b == "strong" for b in by)
+    run.retry_failed(budget="10M").wait(120)
+    assert run.status == "done", run.status
+    assert cheap_model.calls == len(cheap_model.rows) == 800  # each row asked once in all
+    assert strong_model.calls == len(strong_model.rows)  # never bought twice
+    # the report counts what this execution asked (the calibration rows came from the store)
+    assert run.cascade()["strong_calls"] == strong_model.calls - stopped[1]
+    agreement = float((run.result["colour"] == frame["text"].map(truth)).mean())
+    assert agreement >= 0.9
+
+
+def test_a_cancelled_cascade_rerun_buys_no_answer_twice(fake_server, tmp_path):
+    import threading
+
+    cheap_model, strong_model = ColourModel("informative"), ColourModel("strong")
+    release = threading.Event()
+
+    def held_strong(body: dict[str, Any]) -> Any:
+        reply = strong_model(body)
+        if strong_model.calls > 40:  # the calibration is under way: hold the rest
+            reply.hold = release
+        return reply
+
+    session = session_of(fake_server(cheap_model), fake_server(held_strong), tmp_path, True)
+    frame = items(800)
+    run = session.plan("Colour of {items}", {"items": frame}, cascade="default,strong").wait()
+    run.start()
+    deadline = time.monotonic() + 60
+    while strong_model.calls <= 40:
+        assert time.monotonic() < deadline and run.state == "running", run.status
+        time.sleep(0.02)
+    run.cancel()
+    release.set()
+    run.wait(60)
+    assert run.state == "cancelled", run.status
+    by = run.result.attrs["apwa_answered_by"]  # a part of the calibration chose no threshold
+    assert all(b in ("strong", None) for b in by) and run.cascade() is None
+    assert set(run.errors_frame()["kind"]) == {"cancelled"}
+    again = session.run("Colour of {items}", {"items": frame}, cascade="default,strong")
+    assert again.state == "done", again.status
+    assert cheap_model.calls == len(cheap_model.rows) == 800
+    # a held request the cancel abandoned may have been answered but not stored: asked again
+    assert strong_model.calls - len(strong_model.rows) <= 32
+    assert again.cascade()["calibration_rows"] == 500

@@ -26,7 +26,7 @@ class BudgetGate:
         self.stage_id, self.stop, self.total = stage_id, stop, total
         self.taken = 0
         self.done = 0
-        self.reason: str | None = None
+        self.refused = False
 
     def admit(self, subtasks: Iterable[Subtask]) -> Iterable[Subtask]:
         """The subtasks, as long as the budget allows."""
@@ -36,16 +36,23 @@ class BudgetGate:
                 if self.meter.would_exceed(
                     self.budget, self.meter.projected(next_calls, self.stage_id), self.stage_id
                 ):
-                    remaining = self.total - self.taken
-                    self.reason = self.meter.stop_message(
-                        self.budget,
-                        remaining,
-                        self.meter.projected(remaining, self.stage_id),
-                        self.stage_id,
-                    )
+                    self.refused = True
                     return
             self.taken += 1
             yield subtask
+
+    def stop_reason(self) -> str | None:
+        """Why the rest was not run (None: it was), with what was spent in the end.
+
+        Asked once the calls in flight at the refusal have finished: they were paid for too, and
+        a message written at the refusal would say less than the meter shows.
+        """
+        if not self.refused or self.budget is None or self.meter is None:
+            return None
+        remaining = self.total - self.taken
+        return self.meter.stop_message(
+            self.budget, remaining, self.meter.projected(remaining, self.stage_id), self.stage_id
+        )
 
     def finished(self, result: SubtaskResult) -> None:
         """Count a final result (its usage was billed, whether it succeeded or not)."""

@@ -19,12 +19,13 @@ import numpy as np
 
 from ..confidence import CONFIDENCE_COLUMN
 from ..costs import Estimate, Range, price_of
+from ..errors import ErrorKind
 from ..models.base import Usage
 from ..plans import MapStage, ReplicateStage
 from ..sampling import Sample
 from ..tables import DataTable
 from .cascade import Cascade, agreement_bound, choose_threshold, member, stage_model
-from .columns import Answers, SourceList, Sources
+from .columns import Answers, RowLabels, SourceList, Sources
 from .outcomes import Failure, StageOutcome, with_outputs
 from .runner import StageInput, StageRunner
 from .stages import StageLoad, stage_kind
@@ -38,9 +39,13 @@ async def run_cascade(runner: StageRunner, stage: MapStage, cascade: Cascade) ->
     progress.phase = f"{cascade.cheap} model on every row"
     cheap, confidence = await _cheap_step(runner, stage, cascade)
     usable = np.flatnonzero(src.ok)
+    if runner.stop.is_set():  # cancelled, or at the budget: no threshold without calibration
+        return _stopped(runner, stage, src, cascade, cheap, [])
     calib = usable[Sample(cascade.calibration).positions(len(usable))]
     progress.phase = f"calibration on {cascade.strong}"
     calibrated = await _strong_on(runner, stage, src, calib, cascade)
+    if runner.stop.is_set():  # a threshold from part of the calibration would not hold
+        return _stopped(runner, stage, src, cascade, cheap, [(calibrated, calib)])
     agrees = np.array(
         [_same(stage, cheap.answers, p, calibrated.answers, k) for k, p in enumerate(calib)],
         dtype=bool,
@@ -197,6 +202,53 @@ async def _strong_on(
     return await stage_kind("map").run(child, strong)
 
 
+def _stopped(
+    runner: StageRunner,
+    stage: MapStage,
+    src: StageInput,
+    cascade: Cascade,
+    cheap: StageOutcome,
+    strong: list[tuple[StageOutcome, np.ndarray]],
+) -> StageOutcome:
+    """A cascade stopped before its threshold was chosen (a cancel, the budget, an abort).
+
+    Only the strong model's answers are final then: a cheap answer counts only above a
+    threshold the calibration chose, and there is none. Every other row fails as the stop says
+    (its cheap answer is in the result store, so a retry or a re-run buys nothing twice).
+    """
+    answers = Answers([o.name for o in stage.outputs], src.rows)
+    sources = Sources(src.rows)
+    by = np.full(src.rows, -1, dtype=np.int32)  # -1: no value
+    for outcome, positions in strong:
+        for k, position in enumerate(positions.tolist()):
+            if k in outcome.answers:
+                answers[position] = outcome.answers[k]
+                sources[position] = outcome.sources.get(k) or runner.spec.run_id
+                by[position] = 1
+    unresolved = np.flatnonzero(src.ok & ~answers.mask)
+    stop = runner.stop
+    kind: ErrorKind = "cancelled" if stop.cancelled else "not_run"
+    failures = [f for f in cheap.failures if f.kind == "upstream"]
+    if len(unresolved):
+        message = "cancelled" if stop.cancelled else f"not run: {stop.reason}"
+        rows = RowLabels(src.labels[unresolved])
+        failures.append(Failure(stage.id, f"{stage.id} (cascade)", kind, message, 0, rows))
+    frame = with_outputs(src.frame, stage.outputs, answers)
+    frame.attrs["apwa_answered_by"] = SourceList(by, (cascade.cheap, cascade.strong))
+    progress = runner.sink.stage(stage.id)
+    progress.phase = ""
+    progress.total, progress.done = src.rows, len(answers)
+    progress.failed, progress.skipped = src.rows - len(answers), 0
+    phases = [cheap, *(outcome for outcome, _ in strong)]
+    usage = Usage()
+    for outcome in phases:
+        usage = usage + outcome.spent
+    results = [r for outcome in phases for r in outcome.results]
+    return StageOutcome(
+        stage.id, frame, answers, src.rows, failures, results, sources=sources, usage=usage
+    )
+
+
 def _same(stage: MapStage, a: Answers, i: int, b: Answers, j: int) -> bool:
     """Whether two answers agree on the stage's outputs (not on a confidence beside them)."""
     if i not in a or j not in b:
@@ -217,16 +269,17 @@ def _assemble(
     cheap, calibrated, rest = phases
     answers = Answers([o.name for o in stage.outputs], src.rows)
     sources = Sources(src.rows)
-    by = np.zeros(src.rows, dtype=np.int32)  # 0: cheap, 1: strong
+    by = np.full(src.rows, -1, dtype=np.int32)  # 0: cheap, 1: strong, -1: no value
     for position in np.flatnonzero(src.ok & sure).tolist():
         if position in cheap.answers:
             answers[position] = cheap.answers[position]
             sources[position] = cheap.sources.get(position) or runner.spec.run_id
+            by[position] = 0
     failures: list[Failure] = []
     for outcome, positions in zip((calibrated, rest), strong_rows, strict=True):
         for k, position in enumerate(positions.tolist()):
-            by[position] = 1
             if k in outcome.answers:
+                by[position] = 1
                 answers[position] = outcome.answers[k]
                 sources[position] = outcome.sources.get(k) or runner.spec.run_id
         failures += outcome.failures

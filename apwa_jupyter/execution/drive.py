@@ -44,8 +44,9 @@ async def drive(work: Work) -> None:
             if key is not None and cache is not None and result.ok:
                 cache.save(key, result, runner.spec.run_id)
             work.record(result)
-        if gate.reason is not None:  # calls in flight finished; the rest is not run
-            runner.stop.abort(gate.reason)
+        reason = gate.stop_reason()
+        if reason is not None:  # calls in flight finished; the rest is not run
+            runner.stop.abort(reason)
     work.skip_rest()
 
 
