@@ -484,3 +484,45 @@ def test_a_cancelled_cascade_rerun_buys_no_answer_twice(fake_server, tmp_path):
     # a held request the cancel abandoned may have been answered but not stored: asked again
     assert strong_model.calls - len(strong_model.rows) <= 32
     assert again.cascade()["calibration_rows"] == 500
+
+
+def test_a_cascade_retries_a_failing_cheap_and_strong_server_and_loses_no_row(
+    fake_server, tmp_path
+):
+    """A 500 on the first try of every 10th row, at both models: retried, answered once each."""
+    import threading
+
+    from apwa_jupyter.testing import Reply
+    from apwa_jupyter.testing.fake_server import is_manager_request, worker_input
+
+    errors = {"cheap": 0, "strong": 0}
+
+    def flaky(model: ColourModel, name: str) -> Any:
+        seen: set[str] = set()
+        lock = threading.Lock()
+
+        def respond(body: dict[str, Any]) -> Any:
+            if not is_manager_request(body):
+                text = worker_input(body)["text"]
+                with lock:
+                    first = int(text.split()[1]) % 10 == 0 and text not in seen
+                    seen.add(text)
+                    errors[name] += first
+                if first:
+                    return Reply.error(500)
+            return model(body)
+
+        return respond
+
+    cheap_model, strong_model = ColourModel("informative"), ColourModel("strong")
+    cheap, strong = flaky(cheap_model, "cheap"), flaky(strong_model, "strong")
+    session = session_of(fake_server(cheap), fake_server(strong), tmp_path, logprobs=True)
+    frame = items(800)
+    run = session.run("Colour of {items}", {"items": frame}, cascade="default,strong", target=0.9)
+    assert run.state == "done", run.status
+    assert int(run.result["colour"].notna().sum()) == 800
+    assert cheap_model.calls == len(cheap_model.rows) == 800  # each answered once, after a 500
+    assert strong_model.calls == len(strong_model.rows)
+    assert errors["cheap"] == 80  # rows 0, 10, ..., 790 failed once
+    assert errors["strong"] == sum(int(t.split()[1]) % 10 == 0 for t in strong_model.rows) > 0
+    assert float((run.result["colour"] == frame["text"].map(truth)).mean()) >= 0.9
