@@ -233,13 +233,31 @@ def _stopped(
         message = "cancelled" if stop.cancelled else f"not run: {stop.reason}"
         rows = RowLabels(src.labels[unresolved])
         failures.append(Failure(stage.id, f"{stage.id} (cascade)", kind, message, 0, rows))
+    runner.sink.stage(stage.id).phase = ""
+    phases = [cheap, *(outcome for outcome, _ in strong)]
+    return _whole(runner, stage, src, cascade, phases, (answers, sources, by), failures)
+
+
+def _whole(
+    runner: StageRunner,
+    stage: MapStage,
+    src: StageInput,
+    cascade: Cascade,
+    phases: list[StageOutcome],
+    chosen: tuple[Answers, Sources, np.ndarray],
+    failures: list[Failure],
+) -> StageOutcome:
+    """The stage's outcome from its steps' answers, as one stage.
+
+    `chosen` holds the answer each row keeps, the run that computed it, and which model gave it
+    (0 cheap, 1 strong, -1 none).
+    """
+    answers, sources, by = chosen
     frame = with_outputs(src.frame, stage.outputs, answers)
     frame.attrs["apwa_answered_by"] = SourceList(by, (cascade.cheap, cascade.strong))
-    progress = runner.sink.stage(stage.id)
-    progress.phase = ""
+    progress = runner.sink.stage(stage.id)  # the steps restarted the counters: the whole now
     progress.total, progress.done = src.rows, len(answers)
     progress.failed, progress.skipped = src.rows - len(answers), 0
-    phases = [cheap, *(outcome for outcome, _ in strong)]
     usage = Usage()
     for outcome in phases:
         usage = usage + outcome.spent
@@ -283,20 +301,10 @@ def _assemble(
                 answers[position] = outcome.answers[k]
                 sources[position] = outcome.sources.get(k) or runner.spec.run_id
         failures += outcome.failures
-    frame = with_outputs(src.frame, stage.outputs, answers)
-    progress = runner.sink.stage(stage.id)  # the phases restarted the counters: the whole now
-    progress.total, progress.done = src.rows, len(answers)
-    progress.failed, progress.skipped = src.rows - len(answers), 0
-    frame.attrs["apwa_answered_by"] = SourceList(by, (cascade.cheap, cascade.strong))
+    outcome = _whole(runner, stage, src, cascade, list(phases), (answers, sources, by), failures)
     report = _report(runner, cascade, phases, strong_rows, chosen, int(src.ok.sum()))
-    frame.attrs["apwa_cascade"] = report
-    usage = Usage()
-    for outcome in phases:
-        usage = usage + outcome.spent
-    results = [r for outcome in phases for r in outcome.results]
-    return StageOutcome(
-        stage.id, frame, answers, src.rows, failures, results, sources=sources, usage=usage
-    )
+    outcome.frame.attrs["apwa_cascade"] = report
+    return outcome
 
 
 def _report(
