@@ -143,37 +143,37 @@ def _with_confidence(
     """
     fields = [o.name for o in ctx.outputs]
     scores = [s for s in steps if isinstance(s, ScoreStep)]
+    last = next((s for s in reversed(steps) if isinstance(s, ModelStep)), None)
     found: list[float | None]
     if scores:
         found = [
-            min(
-                (
-                    scored_confidence(
-                        {c: v - (s.adjustment or {}).get(c, 0.0) for c, v in s.scores.items()},
-                        s.choice,
-                    )
-                    for s in scores
-                    if len(outputs) == 1 or s.row == row
-                ),
-                default=None,
-            )
+            _least_scored([s for s in scores if len(outputs) == 1 or s.row == row])
             for row in range(1, len(outputs) + 1)
         ]
+    elif last is None:
+        found = [None] * len(outputs)
+    elif len(outputs) == 1:
+        response = last.response
+        found = [answer_confidence(response.content, response.token_logprobs, outputs[0], fields)]
     else:
-        last = next((s for s in reversed(steps) if isinstance(s, ModelStep)), None)
-        if last is None:
-            found = [None] * len(outputs)
-        elif len(outputs) == 1:
-            response = last.response
-            found = [
-                answer_confidence(response.content, response.token_logprobs, outputs[0], fields)
-            ]
-        else:
-            response = last.response
-            found = batch_confidences(response.content, response.token_logprobs, outputs, fields)
+        response = last.response
+        found = batch_confidences(response.content, response.token_logprobs, outputs, fields)
     return [
         {**answer, CONFIDENCE_COLUMN: sure} for answer, sure in zip(outputs, found, strict=True)
     ]
+
+
+def _least_scored(scores: list[ScoreStep]) -> float | None:
+    """The least sure of one row's scored fields, their calibration taken off (None: none)."""
+    return min(
+        (
+            scored_confidence(
+                {c: v - (s.adjustment or {}).get(c, 0.0) for c, v in s.scores.items()}, s.choice
+            )
+            for s in scores
+        ),
+        default=None,
+    )
 
 
 def _last_rate_headers(steps: list[Step]) -> dict[str, str] | None:

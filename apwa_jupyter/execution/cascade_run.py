@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -216,16 +216,10 @@ def _stopped(
     threshold the calibration chose, and there is none. Every other row fails as the stop says
     (its cheap answer is in the result store, so a retry or a re-run buys nothing twice).
     """
-    answers = Answers([o.name for o in stage.outputs], src.rows)
-    sources = Sources(src.rows)
-    by = np.full(src.rows, -1, dtype=np.int32)  # -1: no value
+    kept = _Kept.empty(stage, src.rows, runner.spec.run_id)
     for outcome, positions in strong:
-        for k, position in enumerate(positions.tolist()):
-            if k in outcome.answers:
-                answers[position] = outcome.answers[k]
-                sources[position] = outcome.sources.get(k) or runner.spec.run_id
-                by[position] = 1
-    unresolved = np.flatnonzero(src.ok & ~answers.mask)
+        kept.take(outcome, enumerate(positions.tolist()), STRONG)
+    unresolved = np.flatnonzero(src.ok & ~kept.answers.mask)
     stop = runner.stop
     kind: ErrorKind = "cancelled" if stop.cancelled else "not_run"
     failures = [f for f in cheap.failures if f.kind == "upstream"]
@@ -235,7 +229,33 @@ def _stopped(
         failures.append(Failure(stage.id, f"{stage.id} (cascade)", kind, message, 0, rows))
     runner.sink.stage(stage.id).phase = ""
     phases = [cheap, *(outcome for outcome, _ in strong)]
-    return _whole(runner, stage, src, cascade, phases, (answers, sources, by), failures)
+    return _whole(runner, stage, src, cascade, phases, kept, failures)
+
+
+CHEAP, STRONG, NOBODY = 0, 1, -1  # which model gave a row's answer (`apwa_answered_by`)
+
+
+@dataclasses.dataclass
+class _Kept:
+    """The answer each row of a cascade keeps, the run that computed it, and which model."""
+
+    answers: Answers
+    sources: Sources
+    by: np.ndarray
+    run_id: str
+
+    @classmethod
+    def empty(cls, stage: MapStage, rows: int, run_id: str) -> _Kept:
+        answers = Answers([o.name for o in stage.outputs], rows)
+        return cls(answers, Sources(rows), np.full(rows, NOBODY, dtype=np.int32), run_id)
+
+    def take(self, step: StageOutcome, pairs: Iterable[tuple[int, int]], model: int) -> None:
+        """Keep `step`'s answer k at row `position` for each (k, position) it answered."""
+        for k, position in pairs:
+            if k in step.answers:
+                self.answers[position] = step.answers[k]
+                self.sources[position] = step.sources.get(k) or self.run_id
+                self.by[position] = model
 
 
 def _whole(
@@ -244,17 +264,13 @@ def _whole(
     src: StageInput,
     cascade: Cascade,
     phases: list[StageOutcome],
-    chosen: tuple[Answers, Sources, np.ndarray],
+    kept: _Kept,
     failures: list[Failure],
 ) -> StageOutcome:
-    """The stage's outcome from its steps' answers, as one stage.
-
-    `chosen` holds the answer each row keeps, the run that computed it, and which model gave it
-    (0 cheap, 1 strong, -1 none).
-    """
-    answers, sources, by = chosen
+    """The stage's outcome from the answers its steps gave and the rows kept them, as one stage."""
+    answers = kept.answers
     frame = with_outputs(src.frame, stage.outputs, answers)
-    frame.attrs["apwa_answered_by"] = SourceList(by, (cascade.cheap, cascade.strong))
+    frame.attrs["apwa_answered_by"] = SourceList(kept.by, (cascade.cheap, cascade.strong))
     progress = runner.sink.stage(stage.id)  # the steps restarted the counters: the whole now
     progress.total, progress.done = src.rows, len(answers)
     progress.failed, progress.skipped = src.rows - len(answers), 0
@@ -263,7 +279,7 @@ def _whole(
         usage = usage + outcome.spent
     results = [r for outcome in phases for r in outcome.results]
     return StageOutcome(
-        stage.id, frame, answers, src.rows, failures, results, sources=sources, usage=usage
+        stage.id, frame, answers, src.rows, failures, results, sources=kept.sources, usage=usage
     )
 
 
@@ -285,23 +301,14 @@ def _assemble(
     chosen: tuple[float | None, int],
 ) -> StageOutcome:
     cheap, calibrated, rest = phases
-    answers = Answers([o.name for o in stage.outputs], src.rows)
-    sources = Sources(src.rows)
-    by = np.full(src.rows, -1, dtype=np.int32)  # 0: cheap, 1: strong, -1: no value
-    for position in np.flatnonzero(src.ok & sure).tolist():
-        if position in cheap.answers:
-            answers[position] = cheap.answers[position]
-            sources[position] = cheap.sources.get(position) or runner.spec.run_id
-            by[position] = 0
+    kept = _Kept.empty(stage, src.rows, runner.spec.run_id)
+    sure_rows = np.flatnonzero(src.ok & sure).tolist()
+    kept.take(cheap, zip(sure_rows, sure_rows, strict=True), CHEAP)
     failures: list[Failure] = []
-    for outcome, positions in zip((calibrated, rest), strong_rows, strict=True):
-        for k, position in enumerate(positions.tolist()):
-            if k in outcome.answers:
-                by[position] = 1
-                answers[position] = outcome.answers[k]
-                sources[position] = outcome.sources.get(k) or runner.spec.run_id
-        failures += outcome.failures
-    outcome = _whole(runner, stage, src, cascade, list(phases), (answers, sources, by), failures)
+    for step, positions in zip((calibrated, rest), strong_rows, strict=True):
+        kept.take(step, enumerate(positions.tolist()), STRONG)
+        failures += step.failures
+    outcome = _whole(runner, stage, src, cascade, list(phases), kept, failures)
     report = _report(runner, cascade, phases, strong_rows, chosen, int(src.ok.sum()))
     outcome.frame.attrs["apwa_cascade"] = report
     return outcome

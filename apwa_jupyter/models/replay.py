@@ -15,9 +15,9 @@ order of a second run differs from the first. The model name is not part of the 
 recording made against one server replays under any configuration. A run's named models (the
 roster: a stage's `model`, a cascade's strong step) are recorded into the same file, each
 exchange marked with its roster name (`"member"`), which is part of the hash: a cheap and a
-strong model asked the very same messages are two recordings, never one answer for both. When the same request was
-recorded more than once, replay always answers with the first recording: the same file gives the
-same outputs every time, in every process.
+strong model asked the very same messages are two recordings, never one answer for both. When
+the same request was recorded more than once, replay always answers with the first recording:
+the same file gives the same outputs every time, in every process.
 
 Where workers run in other processes (Ray actors), both sides name the file by absolute path:
 - Recording: a worker's stage context carries a `RecordingEndpoint` (an `EndpointConfig` with the
